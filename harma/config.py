@@ -1,0 +1,156 @@
+"""Typed configuration for the model and its adapters.
+
+Dataclasses are the single source of truth: YAML/JSON files and ``key=value`` overrides only fill
+them in, and unknown keys are an error. Defaults follow the released HarMA code (method.md §1) and
+the PE-RSITR MRS-Adapter (method.md §6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+METHODS = ("harma", "mrs", "full", "zeroshot")
+SHARE_MODES = ("text_only", "shared", "none")
+TOWERS = ("image", "text")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid."""
+
+
+@dataclass
+class HarmaConfig:
+    """HarMA adapters: one MGA per block of each tower, plus the MMS mini-adapters."""
+
+    bottleneck: int = 128  # MGA down-projection width
+    attn_heads: int = 8  # heads of the MGA self-attention (head dim = bottleneck / heads)
+    mms_dim: int = 64  # MMS mini-adapter inner width
+    mms_heads: int = 8  # heads of the MMS self-attention
+    gate_init: float = 0.6  # raw value of every gate; sigmoid(0.6) = 0.6457
+    share_mode: str = "text_only"  # text_only: as released; shared: as in the paper; none: no MMS
+    tie_attn: bool = True  # released code applies the same MGA attention twice
+    mms_gelu: bool = False  # released MMS computes GELU(p) and discards it; True applies it
+    text_causal: bool = False  # released text adapters attend bidirectionally (no mask)
+    towers: tuple[str, ...] = TOWERS  # which towers get adapters
+    layers: Optional[list[int]] = None  # block indices to adapt (None = all)
+
+    def __post_init__(self) -> None:
+        self.towers = tuple(self.towers)
+        _check_choice("harma.share_mode", self.share_mode, SHARE_MODES)
+        for t in self.towers:
+            _check_choice("harma.towers", t, TOWERS)
+        if self.bottleneck % self.attn_heads:
+            raise ConfigError(
+                f"harma.bottleneck ({self.bottleneck}) must be divisible by harma.attn_heads ({self.attn_heads})"
+            )
+        if self.mms_dim % self.mms_heads:
+            raise ConfigError(f"harma.mms_dim ({self.mms_dim}) must be divisible by harma.mms_heads ({self.mms_heads})")
+        if self.share_mode == "shared" and set(self.towers) != set(TOWERS):
+            raise ConfigError("harma.share_mode='shared' needs adapters in both towers")
+
+
+@dataclass
+class MRSConfig:
+    """PE-RSITR MRS-Adapter: one instance shared by every block of both towers."""
+
+    bottleneck: int = 64  # modality-specific down-projection width
+    shared_dim: int = 64  # width of the cross-modal shared up-projection
+    dropout: float = 0.5  # dropout after ReLU in the adapter
+    aug_dropout: float = 0.2  # dropout on input tokens for the augmented views of the HMMC loss
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout < 1 or not 0 <= self.aug_dropout < 1:
+            raise ConfigError("mrs.dropout and mrs.aug_dropout must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone + method. Every comparison (zero-shot, full, harma, mrs) runs through this one config."""
+
+    model_name: str = "ViT-B-32"  # open_clip architecture name
+    pretrained: Optional[str] = None  # open_clip pretrained tag, e.g. "laion2b_s34b_b79k" or "openai"
+    base_weights: Optional[str] = None  # local file loaded after `pretrained` (GeoRSCLIP, RemoteCLIP, ours)
+    method: str = "harma"  # harma | mrs | full | zeroshot
+    temperature_init: float = 0.07  # learnable divisor of the contrastive logits (released: raw, no exp)
+    learn_temperature: bool = True  # released code trains it
+    harma: HarmaConfig = field(default_factory=HarmaConfig)
+    mrs: MRSConfig = field(default_factory=MRSConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("model.method", self.method, METHODS)
+        if isinstance(self.harma, dict):
+            self.harma = from_dict(HarmaConfig, self.harma, "model.harma")
+        if isinstance(self.mrs, dict):
+            self.mrs = from_dict(MRSConfig, self.mrs, "model.mrs")
+        if self.temperature_init <= 0:
+            raise ConfigError("model.temperature_init must be > 0")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> plain JSON/YAML-ready dict (tuples become lists)."""
+
+    def convert(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+
+    return convert(cfg)
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; nested dataclasses are filled recursively.
+
+    Unknown keys raise ``ConfigError`` naming the key and the valid ones.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        ftype = names[key].type
+        sub = _dataclass_type(ftype)
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value, f"{where}.{key}" if where else key)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass arity errors
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+_DATACLASSES: dict[str, type] = {}
+
+
+def register_config(cls: type) -> type:
+    """Make a dataclass findable by name when nested configs are parsed from strings."""
+    _DATACLASSES[cls.__name__] = cls
+    return cls
+
+
+for _cls in (HarmaConfig, MRSConfig, ModelConfig):
+    register_config(_cls)
+
+
+def _dataclass_type(annotation: Any) -> Optional[type]:
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return annotation
+    if isinstance(annotation, str):  # postponed annotations (from __future__ import annotations)
+        return _DATACLASSES.get(annotation)
+    return None
