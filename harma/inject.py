@@ -1,0 +1,162 @@
+"""Attach adapters to an open_clip CLIP by wrapping modules (PEFT-style), and remove them again.
+
+The only module that knows open_clip internals: towers expose ``.transformer.resblocks`` (image:
+``visual.transformer``; text: ``transformer`` on ``CLIP`` or ``text.transformer`` on
+``CustomTextCLIP``), each block has ``mlp`` and ``ln_2``, and each transformer says whether its
+residual stream is ``batch_first``. HarMA wraps ``block.mlp`` (method.md §1.2); the MRS-Adapter
+wraps the whole block because it reads the post-attention stream (method.md §6.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.nn as nn
+from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+
+from .adapters import MGA, GatedMLP, MMSAdapter, MRSAdapter, ParallelAdapterBlock, _Wrapper
+from .config import HarmaConfig, MRSConfig
+
+
+class UnsupportedModelError(ValueError):
+    """The open_clip model has no tower structure the adapters can attach to."""
+
+
+@dataclass
+class Tower:
+    name: str  # "image" | "text"
+    path: str  # qualified name of the transformer, e.g. "visual.transformer"
+    transformer: nn.Module
+
+    @property
+    def width(self) -> int:
+        return self.transformer.width
+
+    @property
+    def batch_first(self) -> bool:
+        return getattr(self.transformer, "batch_first", True)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.resblocks
+
+
+def find_towers(clip: nn.Module) -> dict[str, Tower]:
+    """Locate the image and text transformers of an open_clip model."""
+    towers: dict[str, Tower] = {}
+    visual = getattr(clip, "visual", None)
+    if _is_transformer(getattr(visual, "transformer", None)):
+        towers["image"] = Tower("image", "visual.transformer", visual.transformer)
+    if _is_transformer(getattr(clip, "transformer", None)):
+        towers["text"] = Tower("text", "transformer", clip.transformer)
+    elif _is_transformer(getattr(getattr(clip, "text", None), "transformer", None)):
+        towers["text"] = Tower("text", "text.transformer", clip.text.transformer)
+    return towers
+
+
+def _is_transformer(module: Optional[nn.Module]) -> bool:
+    return module is not None and isinstance(getattr(module, "resblocks", None), nn.ModuleList)
+
+
+def _require_towers(clip: nn.Module, wanted: tuple[str, ...]) -> list[Tower]:
+    towers = find_towers(clip)
+    missing = [t for t in wanted if t not in towers]
+    if missing:
+        parts = {"image": type(getattr(clip, "visual", None)).__name__,
+                 "text": type(getattr(clip, "text", getattr(clip, "transformer", None))).__name__}
+        detail = ", ".join(f"{t} tower is {parts[t]}" for t in missing)
+        raise UnsupportedModelError(
+            f"{type(clip).__name__}: cannot attach adapters ({detail}); HarMA needs open_clip transformer "
+            "towers with `.transformer.resblocks` (ViT-*/text transformer configs)"
+        )
+    if any(isinstance(b, _Wrapper) or isinstance(getattr(b, "mlp", None), _Wrapper)
+           for t in towers.values() for b in t.blocks):
+        raise UnsupportedModelError("this model already has adapters; call remove_adapters() first")
+    return [towers[t] for t in wanted]
+
+
+def _selected(blocks: nn.ModuleList, layers: Optional[list[int]], tower: str) -> list[int]:
+    n = len(blocks)
+    if layers is None:
+        return list(range(n))
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise UnsupportedModelError(f"layer indices {bad} out of range for the {tower} tower ({n} blocks)")
+    return sorted({i % n for i in layers})
+
+
+def inject_harma(clip: nn.Module, cfg: HarmaConfig) -> tuple[list[str], Optional[nn.ModuleList]]:
+    """Wrap ``mlp`` of the selected blocks with HarMA's gated MGA.
+
+    Returns the qualified names of the wrapped modules and the per-layer MMS adapters (None when
+    ``share_mode == "none"``). The caller owns the MMS list (it is shared across towers in
+    ``shared`` mode, and used by the text tower only in ``text_only`` mode, as released).
+    """
+    towers = _require_towers(clip, cfg.towers)
+    for tower in towers:
+        for block in tower.blocks:
+            if not isinstance(block, (ResidualAttentionBlock, CustomResidualAttentionBlock)) or not hasattr(block, "mlp"):
+                raise UnsupportedModelError(f"{tower.path}: block type {type(block).__name__} is not supported")
+    mms_towers = {"text_only": {"text"}, "shared": {"image", "text"}, "none": set()}[cfg.share_mode]
+    mms_towers &= set(cfg.towers)
+    mms = None
+    if mms_towers:
+        depth = max(len(t.blocks) for t in towers if t.name in mms_towers)
+        layouts = {t.batch_first for t in towers if t.name in mms_towers}
+        if len(layouts) > 1:
+            raise UnsupportedModelError("shared MMS adapters need both towers in the same batch_first layout")
+        batch_first = layouts.pop()
+        mms = nn.ModuleList(
+            MMSAdapter(cfg.bottleneck, cfg.mms_dim, cfg.mms_heads, cfg.gate_init, batch_first, cfg.mms_gelu)
+            for _ in range(depth)
+        )
+    names = []
+    for tower in towers:
+        for i in _selected(tower.blocks, cfg.layers, tower.name):
+            block = tower.blocks[i]
+            ref = block.mlp.c_fc.weight
+            mga = MGA(tower.width, cfg.bottleneck, cfg.attn_heads,
+                      mms=mms[i] if tower.name in mms_towers else None, gate_init=cfg.gate_init,
+                      batch_first=tower.batch_first, tie_attn=cfg.tie_attn,
+                      causal=cfg.text_causal and tower.name == "text")
+            block.mlp = GatedMLP(block.mlp, mga.to(device=ref.device, dtype=ref.dtype), cfg.gate_init)
+            names.append(f"{tower.path}.resblocks.{i}.mlp")
+    if mms is not None:
+        ref = towers[0].blocks[0].ln_2.weight
+        mms.to(device=ref.device, dtype=ref.dtype)
+    return names, mms
+
+
+def inject_mrs(clip: nn.Module, cfg: MRSConfig) -> tuple[list[str], MRSAdapter]:
+    """Wrap every block of both towers so one shared MRS-Adapter runs in parallel with each MLP."""
+    image, text = _require_towers(clip, ("image", "text"))
+    adapter = MRSAdapter(image.width, text.width, cfg.bottleneck, cfg.shared_dim, cfg.dropout)
+    adapter.to(device=image.blocks[0].ln_2.weight.device)  # kept fp32, as released
+    names = []
+    for tower in (image, text):
+        for i, block in enumerate(tower.blocks):
+            if type(block) is not ResidualAttentionBlock:
+                raise UnsupportedModelError(f"{tower.path}: MRS-Adapter needs ResidualAttentionBlock, got {type(block).__name__}")
+            tower.blocks[i] = ParallelAdapterBlock(block, adapter, tower.name)
+            names.append(f"{tower.path}.resblocks.{i}")
+    return names, adapter
+
+
+def adapter_wrappers(clip: nn.Module) -> list[tuple[str, _Wrapper]]:
+    """All wrappers this module created, with their qualified names."""
+    return [(n, m) for n, m in clip.named_modules() if isinstance(m, _Wrapper)]
+
+
+def remove_adapters(clip: nn.Module) -> int:
+    """Put every wrapped module's ``base_layer`` back (PEFT ``unload``). Returns how many were removed."""
+    removed = 0
+    for tower in find_towers(clip).values():
+        for i, block in enumerate(tower.blocks):
+            if isinstance(block, ParallelAdapterBlock):
+                tower.blocks[i] = block = block.base_layer
+                removed += 1
+            if isinstance(getattr(block, "mlp", None), GatedMLP):
+                block.mlp = block.mlp.base_layer
+                removed += 1
+    return removed

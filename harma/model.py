@@ -1,0 +1,189 @@
+"""``HarmaModel``: an open_clip CLIP plus the adapters of one method, and the factory that builds it.
+
+One class serves every method so that all comparisons run through the same code:
+``harma`` (MGA + MMS adapters), ``mrs`` (PE-RSITR MRS-Adapter), ``full`` (all backbone weights
+trained) and ``zeroshot`` (nothing trained). Trainability is set by structure (the modules the
+injector created), never by parameter-name substrings (method.md §7.5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .inject import adapter_wrappers, find_towers, inject_harma, inject_mrs, remove_adapters
+
+log = logging.getLogger(__name__)
+
+
+class HarmaModel(nn.Module):
+    """A CLIP with adapters. ``forward`` returns a dict of normalised features and the temperature.
+
+    Args:
+        clip: an open_clip ``CLIP``/``CustomTextCLIP`` with its base weights already loaded.
+        cfg: the model config (method and adapter settings).
+        base_info: identity of the base weights (model name, tag, file hash), stored in checkpoints.
+    """
+
+    def __init__(self, clip: nn.Module, cfg: ModelConfig, base_info: Optional[dict] = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.base_info = dict(base_info or {"model_name": cfg.model_name, "pretrained": cfg.pretrained})
+        self.targeted_modules: list[str] = []
+        # Shared adapters are registered here *before* `clip`, so their canonical parameter names
+        # are `mms.*` / `mrs.*` and each is saved once.
+        self.mms: Optional[nn.ModuleList] = None
+        self.mrs: Optional[nn.Module] = None
+        if cfg.method == "harma":
+            self.targeted_modules, self.mms = inject_harma(clip, cfg.harma)
+        elif cfg.method == "mrs":
+            self.targeted_modules, self.mrs = inject_mrs(clip, cfg.mrs)
+        self.clip = clip
+        device = next(clip.parameters()).device
+        self.temperature = nn.Parameter(torch.tensor(float(cfg.temperature_init), device=device))
+        self._augment = False
+        self._hooks = [t.transformer.register_forward_pre_hook(self._token_dropout) for t in find_towers(clip).values()]
+        self._trainable = self._select_trainable()
+        self.requires_grad_(False)
+        for p in self._trainable.values():
+            p.requires_grad_(True)
+
+    # -- trainability -------------------------------------------------------------------------
+    def _select_trainable(self) -> dict[str, nn.Parameter]:
+        method = self.config.method
+        chosen: list[nn.Module | nn.Parameter] = []
+        if method == "harma":
+            chosen += [w.adapter for _, w in adapter_wrappers(self.clip)] + [w.gate for _, w in adapter_wrappers(self.clip)]
+            if self.mms is not None:
+                chosen.append(self.mms)
+        elif method == "mrs":
+            chosen.append(self.mrs)
+        elif method == "full":
+            frozen = {id(getattr(self.clip, n, None)) for n in ("logit_scale", "logit_bias")}
+            chosen += [p for p in self.clip.parameters() if id(p) not in frozen]
+        if self.config.learn_temperature and method != "zeroshot":
+            chosen.append(self.temperature)
+        ids = set()
+        for item in chosen:
+            ids.update(id(p) for p in (item.parameters() if isinstance(item, nn.Module) else [item]))
+        return {n: p for n, p in self.named_parameters() if id(p) in ids}  # named_parameters de-duplicates
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint stores: exactly the trainable parameters, each shared one once."""
+        return {n: p.detach() for n, p in self._trainable.items()}
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = self._trainable.values() if trainable_only else self.parameters()
+        return sum(p.numel() for p in params)
+
+    def trainable_summary(self) -> str:
+        """PEFT-style one-liner: ``trainable params: 5,934,397 of 157,211,710 (3.7748%)``."""
+        n, total = self.num_parameters(True), self.num_parameters()
+        return f"trainable params: {n:,} of {total:,} ({100 * n / max(total, 1):.4f}%)"
+
+    # -- encoding -------------------------------------------------------------------------------
+    def _token_dropout(self, module: nn.Module, args: tuple) -> Optional[tuple]:
+        if not self._augment:
+            return None
+        return (F.dropout(args[0], self.config.mrs.aug_dropout, training=True),) + tuple(args[1:])
+
+    @contextlib.contextmanager
+    def augmented(self) -> Iterator[None]:
+        """Inside this context the token sequences entering both towers go through dropout
+        (``mrs.aug_dropout``): PE-RSITR's augmented views for the intra-modal loss terms."""
+        self._augment = True
+        try:
+            yield
+        finally:
+            self._augment = False
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.clip.encode_text(tokens, normalize=normalize)
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, augmented_views: bool = False) -> dict[str, Any]:
+        out = {
+            "image_features": self.encode_image(images),
+            "text_features": self.encode_text(texts),
+            "temperature": self.temperature,
+        }
+        if augmented_views:
+            with self.augmented():
+                out["image_features_aug"] = self.encode_image(images)
+                out["text_features_aug"] = self.encode_text(texts)
+        return out
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+
+    def unload(self) -> nn.Module:
+        """Remove hooks and adapters and return the plain open_clip model (PEFT ``unload``)."""
+        for h in self._hooks:
+            h.remove()
+        remove_adapters(self.clip)
+        return self.clip
+
+
+def model_arch_config(model_name: str) -> Optional[dict]:
+    import open_clip
+
+    return open_clip.get_model_config(model_name)
+
+
+def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Create the open_clip backbone with its base weights; returns the model and its identity."""
+    import open_clip
+
+    if cfg.model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {cfg.model_name!r}; see open_clip.list_models() "
+                         "or register a config with harma.register_model_config()")
+    clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device)
+    info = {"model_name": cfg.model_name, "pretrained": cfg.pretrained,
+            "model_cfg": model_arch_config(cfg.model_name)}
+    if cfg.base_weights:
+        from .weights import load_base_weights
+
+        report = load_base_weights(clip, cfg.base_weights)
+        info.update(base_weights=str(cfg.base_weights), base_weights_sha256=report.sha256)
+        log.info("loaded %d base tensors from %s", report.loaded, cfg.base_weights)
+    return clip, info
+
+
+def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[HarmaModel, Callable, Callable, Callable]:
+    """open_clip-style factory: ``(model, preprocess_train, preprocess_val, tokenizer)``.
+
+    The backbone comes from ``cfg.pretrained`` (an open_clip tag) and/or ``cfg.base_weights`` (a
+    local file), loaded *before* the adapters are injected. Preprocessing follows the released
+    recipe (method.md §3): RandomResizedCrop + flip + RandAugment for training, a plain square
+    bicubic resize for evaluation.
+    """
+    import open_clip
+
+    from .data.transforms import eval_transform, train_transform
+
+    clip, info = build_clip(cfg, device)
+    model = HarmaModel(clip, cfg, info)
+    pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
+    size = clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean, std = pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), pp.get("std", (0.26862954, 0.26130258, 0.27577711))
+    return model, train_transform(size, mean, std), eval_transform(size, mean, std), open_clip.get_tokenizer(cfg.model_name)
+
+
+def register_model_config(name: str, arch: dict) -> None:
+    """Register an open_clip architecture dict under ``name`` (e.g. the project's small RS CLIP)."""
+    import json
+
+    from open_clip import factory
+
+    # open_clip's registry (add_model_config() only takes files); JSON round trip so the stored copy
+    # compares equal to the one read back from adapter_config.json
+    factory._MODEL_CONFIGS[name] = json.loads(json.dumps(arch))

@@ -1,0 +1,108 @@
+"""Load base CLIP weights from a local file (GeoRSCLIP, RemoteCLIP, our own backbones) strictly.
+
+Files are read safely: safetensors directly, ``.pt``/``.bin``/``.pth`` with
+``torch.load(weights_only=True)``. Keys are matched after removing a common wrapper prefix
+(``module.``, ``model.``, ``clip.``); anything missing, unexpected or of the wrong shape is an error
+that names the keys (the released HarMA code loads with ``strict=False``, method.md §7.19).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+PREFIXES = ("module.", "model.", "clip.", "state_dict.")
+IGNORED_KEYS = {"logit_bias"}  # optional scalars some checkpoints carry and open_clip may not
+
+
+class BaseWeightsError(ValueError):
+    """A base-weights file cannot be read or does not match the model."""
+
+
+@dataclass
+class LoadReport:
+    path: str
+    sha256: str
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+
+def file_sha256(path: Union[str, Path], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a pickled torch file (weights only), unwrapping
+    ``{"state_dict": ...}``-style containers and a shared key prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise BaseWeightsError(f"base weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - turn any unpickling failure into one clear message
+            raise BaseWeightsError(
+                f"{path}: not a weights-only torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                "TorchScript archives (e.g. OpenAI JIT files) are not supported: use the open_clip "
+                "pretrained tag instead, or re-save the state dict"
+            ) from e
+    for key in ("state_dict", "model", "module", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BaseWeightsError(f"{path}: expected a mapping of parameter names to tensors")
+    return _strip_prefix(sd)
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed and sd:
+        changed = False
+        for p in PREFIXES:
+            if all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def load_base_weights(clip: nn.Module, path: Union[str, Path], strict: bool = True) -> LoadReport:
+    """Load ``path`` into an open_clip model (before adapters are injected).
+
+    Raises:
+        BaseWeightsError: unreadable file, or (when ``strict``) any missing, unexpected or
+            shape-mismatched key; the message lists up to 10 of each.
+    """
+    sd = read_state_dict(path)
+    own = clip.state_dict()
+    missing = sorted(k for k in own if k not in sd and k not in IGNORED_KEYS)
+    unexpected = sorted(k for k in sd if k not in own and k not in IGNORED_KEYS)
+    mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in sd if k in own and sd[k].shape != own[k].shape)
+    report = LoadReport(str(path), file_sha256(path), 0, missing, unexpected, mismatched)
+    if strict and (missing or unexpected or mismatched):
+        lines = [f"{path} does not match {type(clip).__name__}:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                more = f" (+{len(keys) - 10} more)" if len(keys) > 10 else ""
+                lines.append(f"  {len(keys)} {label}: {', '.join(keys[:10])}{more}")
+        lines.append("  check that the open_clip model name matches the file (e.g. ViT-B-32-quickgelu for GeoRSCLIP)")
+        raise BaseWeightsError("\n".join(lines))
+    usable = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    clip.load_state_dict(usable, strict=False)
+    report.loaded = len(usable)
+    return report

@@ -1,0 +1,123 @@
+"""Injection into open_clip models: identity at init, targets, removal, counts on real architectures."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from harma import HarmaModel, ModelConfig, UnsupportedModelError, remove_adapters
+from harma.adapters import GatedMLP, ParallelAdapterBlock
+from tests.conftest import TINY_NAME, tiny_config
+
+
+def _pair(method, device, **harma):
+    torch.manual_seed(0)
+    base = open_clip.create_model(TINY_NAME).to(device).eval()
+    ref = open_clip.create_model(TINY_NAME).to(device).eval()
+    ref.load_state_dict(base.state_dict())
+    return ref, HarmaModel(base, tiny_config(method, **harma)).eval()
+
+
+@pytest.mark.parametrize("method,share", [("harma", "text_only"), ("harma", "shared"), ("harma", "none"),
+                                          ("mrs", None), ("full", None), ("zeroshot", None)])
+def test_identity_at_init(method, share, device, tiny_inputs):
+    ref, model = _pair(method, device, **({"share_mode": share} if share else {}))
+    images, tokens = tiny_inputs
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(images), ref.encode_image(images, normalize=True), atol=1e-5)
+        assert torch.allclose(model.encode_text(tokens), ref.encode_text(tokens, normalize=True), atol=1e-5)
+
+
+def test_targets_and_sharing(device):
+    _, model = _pair("harma", device, share_mode="text_only")
+    assert model.targeted_modules == [f"visual.transformer.resblocks.{i}.mlp" for i in range(2)] + [
+        f"transformer.resblocks.{i}.mlp" for i in range(2)]
+    image_mlp = model.clip.visual.transformer.resblocks[0].mlp
+    text_mlp = model.clip.transformer.resblocks[0].mlp
+    assert isinstance(image_mlp, GatedMLP) and image_mlp.adapter.mms is None  # as released
+    assert text_mlp.adapter.mms is model.mms[0]
+    _, shared = _pair("harma", device, share_mode="shared")
+    assert shared.clip.visual.transformer.resblocks[1].mlp.adapter.mms is shared.mms[1]
+    assert shared.clip.transformer.resblocks[1].mlp.adapter.mms is shared.mms[1]
+    _, none = _pair("harma", device, share_mode="none")
+    assert none.mms is None
+
+
+def test_layer_and_tower_selection(device):
+    _, model = _pair("harma", device, towers=["image"], layers=[-1])
+    assert model.targeted_modules == ["visual.transformer.resblocks.1.mlp"]
+    with pytest.raises(UnsupportedModelError, match="out of range"):
+        _pair("harma", device, layers=[5])
+
+
+def test_mrs_wraps_blocks_with_one_shared_adapter(device):
+    _, model = _pair("mrs", device)
+    blocks = list(model.clip.visual.transformer.resblocks) + list(model.clip.transformer.resblocks)
+    assert all(isinstance(b, ParallelAdapterBlock) for b in blocks)
+    assert all(b.adapter is model.mrs for b in blocks)
+
+
+def test_adapter_names_do_not_leak_into_base_keys(device):
+    ref, model = _pair("harma", device)
+    base_keys = set(ref.state_dict())
+    plain = model.unload()
+    assert set(plain.state_dict()) == base_keys
+    assert remove_adapters(plain) == 0
+
+
+@pytest.mark.parametrize("method", ["harma", "mrs"])
+def test_unload_restores_outputs_after_training(method, device, tiny_inputs):
+    from tests.conftest import perturb_
+
+    ref, model = _pair(method, device)
+    perturb_(model)
+    images, tokens = tiny_inputs
+    with torch.no_grad():
+        assert not torch.allclose(model.encode_text(tokens), ref.encode_text(tokens, normalize=True), atol=1e-4)
+        plain = model.unload()
+        assert torch.allclose(plain.encode_text(tokens, normalize=True), ref.encode_text(tokens, normalize=True), atol=1e-6)
+
+
+def test_double_injection_refused(device):
+    _, model = _pair("harma", device)
+    with pytest.raises(UnsupportedModelError, match="already has adapters"):
+        HarmaModel(model.clip, tiny_config("harma"))
+
+
+def test_unsupported_text_tower_is_a_clear_error():
+    class NotClip(torch.nn.Module):
+        pass
+
+    with pytest.raises(UnsupportedModelError, match="transformer towers"):
+        HarmaModel(NotClip(), ModelConfig(method="harma"))
+
+
+def _meta(name, method="harma", share="text_only"):
+    clip = open_clip.create_model(name, device="meta")
+    return HarmaModel(clip, ModelConfig(model_name=name, method=method, harma={"share_mode": share}))
+
+
+@pytest.mark.parametrize("share", ["text_only", "shared"])
+def test_vit_b_32_released_parameter_count(share):
+    """method.md §1.6: 12 image MGAs + 12 text MGAs + 12 MMS + 24 block gates + temperature."""
+    model = _meta("ViT-B-32", share=share)
+    assert model.num_parameters(trainable_only=True) == 5_934_397
+    assert model.trainable_summary().startswith("trainable params: 5,934,397 of ")
+
+
+def test_vit_b_32_mrs_parameter_count():
+    assert _meta("ViT-B-32", "mrs").num_parameters(trainable_only=True) == 161_088 + 1
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-L-14", "ViT-B-32-quickgelu", "ViT-B-16-quickgelu"])
+def test_other_architectures(name):
+    cfg = open_clip.get_model_config(name)
+    model = _meta(name)
+    v, t = cfg["vision_cfg"]["width"], cfg["text_cfg"]["width"]
+    lv, lt = cfg["vision_cfg"]["layers"], cfg["text_cfg"]["layers"]
+    mha128 = 4 * 128 * 128 + 4 * 128
+    mga = lambda d: (d * 128 + 128) + (128 * d + d) + mha128 + 1  # noqa: E731
+    expected = lv * mga(v) + lt * mga(t) + lt * 33_217 + lv + lt + 1
+    assert model.num_parameters(trainable_only=True) == expected
+    assert len(model.targeted_modules) == lv + lt
