@@ -1,0 +1,181 @@
+"""Adapter-only checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT layout).
+
+The JSON says which base model the adapters belong to (open_clip name, pretrained tag, base-weights
+file hash, architecture), so loading them onto another backbone is refused with a message naming
+the one they need. Only trainable tensors are stored; a shared module is stored once. Writes are
+atomic (temporary file + rename), so an interrupted save never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .config import ModelConfig, from_dict, to_dict
+from .model import HarmaModel, create_model
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """An adapter directory is missing, malformed, or belongs to another base model."""
+
+
+def _versions() -> dict[str, str]:
+    import open_clip
+
+    from . import __version__
+
+    return {"harma": __version__, "open_clip": open_clip.__version__, "torch": torch.__version__}
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapters(model: HarmaModel, directory: Union[str, Path], extra: Optional[dict[str, Any]] = None,
+                  dtype: Optional[torch.dtype] = None) -> Path:
+    """Save the trainable tensors and the config describing model + base weights.
+
+    Args:
+        model: the adapted model.
+        directory: created if needed; existing files are replaced atomically.
+        extra: JSON-serialisable metadata (metrics, epoch, run name) stored under ``"extra"``.
+        dtype: optionally cast floating tensors (e.g. ``torch.float16`` for a shipped backbone).
+    """
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in model.trainable_state_dict().items():
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[name] = t.contiguous()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": model.config.method,
+        "model": to_dict(model.config),
+        "base": model.base_info,
+        "trainable_params": model.num_parameters(trainable_only=True),
+        "versions": _versions(),
+        "extra": extra or {},
+    }
+    # Weights first, config last: a directory with a config always has matching weights.
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    return directory
+
+
+def read_adapter_config(directory: Union[str, Path]) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME} (is this an adapter directory?)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    for key in ("method", "model", "base"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: missing field {key!r}")
+    return meta
+
+
+def _base_mismatch(needed: dict, have: dict) -> list[str]:
+    problems = []
+    for key in ("model_name", "pretrained", "base_weights_sha256"):
+        if needed.get(key) != have.get(key):
+            problems.append(f"{key}: needs {needed.get(key)!r}, model has {have.get(key)!r}")
+    if needed.get("model_cfg") and have.get("model_cfg") and needed["model_cfg"] != have["model_cfg"]:
+        problems.append("model_cfg: the architecture differs from the one the adapters were trained on")
+    return problems
+
+
+def load_adapter_weights(model: HarmaModel, directory: Union[str, Path], check_base: bool = True) -> None:
+    """Load saved tensors into ``model`` (same method and base), strictly."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    if meta["method"] != model.config.method:
+        raise CheckpointError(f"{directory}: adapters are for method {meta['method']!r}, model uses {model.config.method!r}")
+    if check_base and (problems := _base_mismatch(meta["base"], model.base_info)):
+        need = meta["base"]
+        raise CheckpointError(
+            f"{directory}: these adapters need base model {need.get('model_name')} "
+            f"(pretrained={need.get('pretrained')}, base_weights={need.get('base_weights')}); "
+            + "; ".join(problems)
+        )
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: {WEIGHTS_NAME} is missing")
+    tensors = load_file(str(weights))
+    own = model.trainable_state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    bad = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"{weights}: does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].dtype))
+
+
+def load_adapters(directory: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                  base_weights: Optional[str] = None, pretrained: Optional[str] = "__saved__"):
+    """Rebuild the base model described in ``adapter_config.json`` and load the adapters.
+
+    Args:
+        directory: an adapter directory written by :func:`save_adapters`.
+        device: where to build the model.
+        base_weights: local path of the base-weights file when it lives elsewhere on this machine
+            (its hash must match the one recorded).
+        pretrained: override the open_clip tag (default: the saved one).
+
+    Returns:
+        ``(model, preprocess_train, preprocess_val, tokenizer)`` as :func:`harma.create_model`.
+    """
+    meta = read_adapter_config(directory)
+    cfg: ModelConfig = from_dict(ModelConfig, meta["model"], "model")
+    if base_weights is not None:
+        cfg.base_weights = base_weights
+    if pretrained != "__saved__":
+        cfg.pretrained = pretrained
+    if cfg.base_weights and not Path(cfg.base_weights).is_file():
+        raise CheckpointError(f"{directory}: base weights {cfg.base_weights} not found on this machine; "
+                              "pass base_weights=PATH (sha256 " + str(meta["base"].get("base_weights_sha256")) + ")")
+    _register_saved_arch(meta["base"])
+    out = create_model(cfg, device)
+    load_adapter_weights(out[0], directory)
+    return out
+
+
+def _register_saved_arch(base: dict) -> None:
+    """Custom architectures (tests, the project's own backbone) are re-registered from the JSON."""
+    import open_clip
+
+    from .model import register_model_config
+
+    name, arch = base.get("model_name"), base.get("model_cfg")
+    if arch and name not in open_clip.list_models():
+        register_model_config(name, arch)

@@ -1,0 +1,117 @@
+"""Adapter-only checkpoints: exact round trip, shared modules once, refusal on another base."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harma import CheckpointError, HarmaModel, load_adapter_weights, load_adapters, save_adapters
+from harma.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from tests.conftest import TINY_NAME, perturb_, tiny_config
+
+
+def _model(method="harma", seed=0, **harma):
+    torch.manual_seed(seed)
+    return HarmaModel(open_clip.create_model(TINY_NAME), tiny_config(method, **harma)).eval()
+
+
+@pytest.mark.parametrize("method,share", [("harma", "text_only"), ("harma", "shared"), ("mrs", None), ("full", None)])
+def test_save_load_reproduces_embeddings_exactly(method, share, tmp_path, tiny_inputs):
+    kw = {"share_mode": share} if share else {}
+    model = _model(method, **kw)
+    perturb_(model)
+    images, tokens = tiny_inputs
+    with torch.no_grad():
+        before_i, before_t = model.encode_image(images), model.encode_text(tokens)
+    save_adapters(model, tmp_path / "ad")
+    # Same base weights (seed 0), adapters freshly initialised from another seed, then loaded.
+    other = _model(method, seed=0, **kw)
+    perturb_(other, seed=123)
+    with torch.no_grad():
+        assert not torch.equal(other.encode_text(tokens), before_t)
+    load_adapter_weights(other, tmp_path / "ad")
+    with torch.no_grad():
+        assert torch.equal(other.encode_image(images), before_i)
+        assert torch.equal(other.encode_text(tokens), before_t)
+
+
+def test_only_trainable_tensors_saved_and_shared_once(tmp_path):
+    model = _model("harma", share_mode="shared")
+    save_adapters(model, tmp_path)
+    tensors = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert set(tensors) == set(model.trainable_state_dict())
+    assert sum(t.numel() for t in tensors.values()) == model.num_parameters(trainable_only=True)
+    mms_keys = [k for k in tensors if ".mms." in k or k.startswith("mms.")]
+    assert mms_keys and all(k.startswith("mms.") for k in mms_keys)  # canonical name, stored once
+    assert not any(k.endswith(("c_fc.weight", "c_proj.weight")) for k in tensors)  # no frozen backbone
+
+
+def test_config_json_describes_model(tmp_path):
+    model = _model("harma")
+    save_adapters(model, tmp_path, extra={"val_mR": 12.5})
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["method"] == "harma"
+    assert meta["base"]["model_name"] == TINY_NAME
+    assert meta["model"]["harma"]["share_mode"] == "text_only"
+    assert meta["trainable_params"] == model.num_parameters(trainable_only=True)
+    assert {"harma", "open_clip", "torch"} <= set(meta["versions"])
+    assert meta["extra"] == {"val_mR": 12.5}
+
+
+def test_load_adapters_rebuilds_from_directory(tmp_path, tiny_inputs):
+    model = _model("harma")
+    model.base_info["model_cfg"] = open_clip.get_model_config(TINY_NAME)
+    perturb_(model)
+    save_adapters(model, tmp_path)
+    images, _ = tiny_inputs
+    loaded, _, preprocess_val, tokenizer = load_adapters(tmp_path)
+    loaded.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=True)  # same base weights
+    with torch.no_grad():
+        assert torch.equal(loaded.eval().encode_image(images), model.encode_image(images))
+    assert callable(preprocess_val) and tokenizer(["x"]).shape == (1, 77)
+
+
+def test_refuses_other_base_model(tmp_path):
+    model = _model("harma")
+    save_adapters(model, tmp_path)
+    other = _model("harma")
+    other.base_info = {"model_name": "ViT-B-32", "pretrained": "openai"}
+    with pytest.raises(CheckpointError, match=f"need base model {TINY_NAME}"):
+        load_adapter_weights(other, tmp_path)
+    with pytest.raises(CheckpointError, match="method 'harma'"):
+        load_adapter_weights(_model("mrs"), tmp_path)
+
+
+def test_refuses_different_adapter_shapes(tmp_path):
+    save_adapters(_model("harma"), tmp_path)
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_adapter_weights(_model("harma", bottleneck=8), tmp_path)
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        load_adapters(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text('{"method": "harma",\n oops}')
+    with pytest.raises(CheckpointError, match="line 2"):
+        load_adapters(tmp_path)
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    model = _model("harma")
+    save_adapters(model, tmp_path)
+    good = (tmp_path / WEIGHTS_NAME).read_bytes()
+    import harma.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.os, "fsync", boom)
+    perturb_(model)
+    with pytest.raises(OSError):
+        save_adapters(model, tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
