@@ -1,0 +1,29 @@
+"""Retrieval data: annotation readers, the split type, caption cleaning, datasets, transforms."""
+
+from __future__ import annotations
+
+from harma.data.captions import clean_caption
+from harma.data.datasets import ImageDataset, PairDataset
+from harma.data.errors import DatasetError
+from harma.data.images import IMAGE_EXTENSIONS, open_image
+from harma.data.readers import FORMATS, detect_format, load_split
+from harma.data.split import RetrievalSplit, carve_split
+from harma.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "FORMATS",
+    "IMAGE_EXTENSIONS",
+    "DatasetError",
+    "ImageDataset",
+    "PairDataset",
+    "RetrievalSplit",
+    "carve_split",
+    "clean_caption",
+    "detect_format",
+    "eval_transform",
+    "load_split",
+    "open_image",
+    "train_transform",
+]

@@ -1,0 +1,86 @@
+"""Format-independent annotations: captions grouped by image reference, and split-file lookup.
+
+Every format reader fills an :class:`Annotations`; ``load_split`` then resolves the references to
+image files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from harma.data.errors import DatasetError
+
+
+@dataclass
+class Annotations:
+    """Images (as references relative to the dataset folder) in first-appearance order."""
+
+    source: str  # annotation file(s), for messages
+    refs: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    text_to_image: list[int] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def add(self, ref: str, captions: Sequence[str], label: str | None = None) -> int:
+        """Append captions to image ``ref`` (created on first sight); return its index."""
+        idx = self._index.get(ref)
+        if idx is None:  # first sight of this spelling: normalise ("./a.jpg" is "a.jpg")
+            key = os.path.normpath(ref)
+            idx = self._index.get(key)
+            if idx is None:
+                idx = self._index[key] = len(self.refs)
+                self.refs.append(key)
+                self.labels.append(label)
+            self._index[ref] = idx
+        elif self.labels[idx] is None:
+            self.labels[idx] = label
+        self.captions.extend(captions)
+        self.text_to_image.extend([idx] * len(captions))
+        return idx
+
+    def label_list(self) -> list[str] | None:
+        """Per-image labels when every image has one, else ``None``."""
+        if not self.labels or any(label is None for label in self.labels):
+            return None
+        return [str(label) for label in self.labels]
+
+
+def read_text(path: Path) -> str:
+    """Read a UTF-8 text file (a leading BOM is dropped) or raise :class:`DatasetError`."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def pick_split_file(
+    root: Path, split: str, fmt: str, matches: Sequence[Path], available: Sequence[str]
+) -> Path:
+    """Return the single annotation file of ``split``, or explain what exists instead.
+
+    Args:
+        root: Dataset folder.
+        split: Requested split name.
+        fmt: Format name, for messages.
+        matches: Files of that format that belong to ``split``.
+        available: Split names that do exist in ``root`` for this format.
+
+    Returns:
+        The one matching file.
+    """
+    if not matches:
+        found = ", ".join(sorted(set(available))) or "none"
+        raise DatasetError(f"no {split!r} split in {root} (format {fmt}); found: {found}")
+    if len(matches) > 1:
+        names = ", ".join(p.name for p in matches)
+        raise DatasetError(
+            f"{split!r} split in {root} is ambiguous ({names}); keep one file per split "
+            "or pass a more specific split name"
+        )
+    return matches[0]

@@ -1,0 +1,114 @@
+"""Flat caption tables: ``<split>.csv`` / ``<split>.tsv`` and ``<split>.jsonl``.
+
+One row per caption with an image column (``image``/``filepath``/``path``) and a caption column
+(``caption``/``text``/``title``); rows that share an image are its captions. The csv delimiter is
+a tab when the header holds one, else a comma. An optional ``label_name`` column gives labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from harma.data.annotations import Annotations, pick_split_file, read_text
+from harma.data.errors import DatasetError
+from harma.data.json_format import record_captions, record_image
+
+IMAGE_KEYS = ("image", "filepath", "path")
+CAPTION_KEYS = ("caption", "text", "title")
+LABEL_KEY = "label_name"
+CSV_SUFFIXES = (".csv", ".tsv")
+
+
+def _files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    return [p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in suffixes]
+
+
+def csv_splits(root: Path) -> list[str]:
+    """Split names of the csv/tsv files in ``root``."""
+    return [p.stem for p in _files(root, CSV_SUFFIXES)]
+
+
+def jsonl_splits(root: Path) -> list[str]:
+    """Split names of the jsonl files in ``root``."""
+    return [p.stem for p in _files(root, (".jsonl",))]
+
+
+def _column(header: list[str], keys: tuple[str, ...], path: Path) -> int:
+    for key in keys:
+        if key in header:
+            return header.index(key)
+    raise DatasetError(
+        f"{path}: no column named {' / '.join(keys)}; header has: {', '.join(header)}"
+    )
+
+
+def read_csv(root: Path, split: str) -> Annotations:
+    """Read ``<split>.csv`` (or ``.tsv``) in ``root``.
+
+    Args:
+        root: Dataset folder.
+        split: Split name (the file stem).
+
+    Returns:
+        The grouped annotations.
+    """
+    files = _files(root, CSV_SUFFIXES)
+    path = pick_split_file(root, split, "csv", [p for p in files if p.stem == split], csv_splits(root))
+    text = read_text(path)
+    first = text.split("\n", 1)[0]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if "\t" in first else ",")
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise DatasetError(f"{path}: empty file, expected a header row") from None
+    i_img, i_cap = _column(header, IMAGE_KEYS, path), _column(header, CAPTION_KEYS, path)
+    i_lab = header.index(LABEL_KEY) if LABEL_KEY in header else None
+    ann = Annotations(source=str(path))
+    try:
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            where = f"{path}: line {reader.line_num}"
+            if len(row) <= max(i_img, i_cap):
+                raise DatasetError(f"{where}: {len(row)} fields, expected {len(header)}")
+            image = row[i_img].strip()
+            if not image:
+                raise DatasetError(f"{where}: empty {header[i_img]!r}")
+            label = row[i_lab].strip() if i_lab is not None and i_lab < len(row) else None
+            ann.add(image, [row[i_cap].strip()], label or None)
+    except csv.Error as e:
+        raise DatasetError(f"{path}: line {reader.line_num}: {e}") from None
+    return ann
+
+
+def read_jsonl(root: Path, split: str) -> Annotations:
+    """Read ``<split>.jsonl`` in ``root``: one JSON object per line.
+
+    Args:
+        root: Dataset folder.
+        split: Split name (the file stem).
+
+    Returns:
+        The grouped annotations.
+    """
+    files = _files(root, (".jsonl",))
+    path = pick_split_file(root, split, "jsonl", [p for p in files if p.stem == split], jsonl_splits(root))
+    ann = Annotations(source=str(path))
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}, column {e.colno}: invalid JSON: {e.msg}") from None
+        if not isinstance(record, dict):
+            raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
+        image = record_image(record, IMAGE_KEYS, where)
+        captions = record_captions(record, CAPTION_KEYS, where)
+        label = record.get(LABEL_KEY)
+        ann.add(image, captions, None if label is None else str(label))
+    return ann

@@ -1,0 +1,62 @@
+"""PE-RSITR txt annotations: ``<split>_filename.txt`` + ``<split>_caps.txt`` (method.md §4.3).
+
+Two variants: one filename line per image (the caps file has k lines per image, caption line c
+belongs to image c // k), or one filename line per caption (same line count; lines naming the same
+file, consecutive or not, are one image).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harma.data.annotations import Annotations, pick_split_file, read_text
+from harma.data.errors import DatasetError
+
+_NAMES, _CAPS = "_filename.txt", "_caps.txt"
+
+
+def txt_splits(root: Path) -> list[str]:
+    """Split names with both a ``_filename.txt`` and a ``_caps.txt`` file in ``root``."""
+    return [
+        p.name[: -len(_NAMES)]
+        for p in sorted(root.glob("*" + _NAMES))
+        if (root / (p.name[: -len(_NAMES)] + _CAPS)).is_file()
+    ]
+
+
+def _lines(path: Path) -> list[str]:
+    lines = [line.strip() for line in read_text(path).splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def read_pe_rsitr_txt(root: Path, split: str) -> Annotations:
+    """Read the PE-RSITR filename/caption pair of ``split`` in ``root``.
+
+    Args:
+        root: Dataset folder.
+        split: Split name (the file prefix).
+
+    Returns:
+        The grouped annotations (no labels in this format).
+    """
+    names_path = root / (split + _NAMES)
+    matches = [names_path] if split in txt_splits(root) else []
+    pick_split_file(root, split, "pe_rsitr_txt", matches, txt_splits(root))
+    caps_path = root / (split + _CAPS)
+    names, caps = _lines(names_path), _lines(caps_path)
+    n_f, n_c = len(names), len(caps)
+    if n_f == 0 or n_c % n_f != 0:
+        raise DatasetError(
+            f"{names_path.name} has {n_f} lines and {caps_path.name} has {n_c} lines in {root}; "
+            "expected one filename per caption or an equal number of captions per filename"
+        )
+    blank = next((i for i, name in enumerate(names) if not name), None)
+    if blank is not None:
+        raise DatasetError(f"{names_path}: line {blank + 1} is empty")
+    k = n_c // n_f
+    ann = Annotations(source=f"{names_path} + {caps_path.name}")
+    for c, caption in enumerate(caps):
+        ann.add(names[c // k], [caption])
+    return ann

@@ -1,0 +1,53 @@
+"""Load the real shared datasets (UCM PE-RSITR txt, RSICD HarMA JSON); skipped when absent.
+
+The folder is ``<repo>/../shared/datasets`` or ``$HARMA_SHARED_DATASETS``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harma.data import PairDataset, carve_split, clean_caption, detect_format, eval_transform, load_split
+
+DATASETS = Path(
+    os.environ.get("HARMA_SHARED_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" / "datasets")
+)
+
+
+def _root(name: str) -> Path:
+    root = DATASETS / name
+    if not root.is_dir():
+        pytest.skip(f"real dataset folder {root} not present")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "fmt", "n_images"),
+    [("ucm", "train", "pe_rsitr_txt", 1890), ("rsicd", "train", "harma_json", 7173), ("rsicd", "val", "harma_json", 1800)],
+)
+def test_real_split_counts(name: str, split: str, fmt: str, n_images: int) -> None:
+    root = _root(name)
+    assert detect_format(root) == fmt
+    data = load_split(root, split, expected_captions_per_image=5)  # checks every image exists
+    assert (data.num_images, data.num_captions) == (n_images, 5 * n_images)
+    assert all(p.is_file() for p in data.images)
+    assert all(p.is_relative_to(root / "images") for p in data.images)
+    if (name, split) == ("rsicd", "train"):
+        assert data.labels is not None and len(set(data.labels)) > 10
+
+
+def test_real_ucm_carve_and_read_one_pair() -> None:
+    train, val = carve_split(load_split(_root("ucm"), "train"), val_fraction=0.1, seed=0)
+    assert (train.num_images, val.num_images) == (1701, 189)
+    assert (train.num_captions, val.num_captions) == (1701 * 5, 189 * 5)
+    image, caption, index = PairDataset(val, eval_transform(224), caption_fn=clean_caption)[0]
+    assert image.shape == (3, 224, 224) and caption == caption.lower() and index == 0
+
+
+def test_real_missing_split_message() -> None:
+    root = _root("rsicd")
+    with pytest.raises(ValueError, match="no 'test' split .*found: train, val"):
+        load_split(root, "test")
