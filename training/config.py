@@ -1,0 +1,175 @@
+"""Training configuration: one typed ``TrainConfig``, filled from dataclass defaults <- YAML <- ``key=value``.
+
+Unknown keys are an error at every level; values given as strings on the command line are
+converted to the field's type (``run.epochs=3``, ``optim.lr=4e-4``, ``model.pretrained=null``).
+The resolved config is written to every run folder as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from harma.config import ConfigError, ModelConfig, from_dict, register_config, to_dict
+from harma.losses import LossConfig
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # dataset folder in any supported format, or "synthetic" (generated on the fly)
+    format: Optional[str] = None  # force a reader (harma_json, pe_rsitr_txt, csv, jsonl); None = detect
+    train_split: str = "train"
+    val_split: Optional[str] = "val"  # model selection split; None = carve val_fraction of train (seeded)
+    val_fraction: float = 0.1  # used when val_split is None
+    carve_seed: int = 0
+    clean_captions: bool = True  # released pre_caption: lower-case, strip punctuation
+    max_words: int = 30  # released caption cut
+    augment: str = "released"  # released (crop+flip+RandAugment) | rotations (+90° turns, v-flip) | none
+    num_workers: int = 2
+    test_split: Optional[str] = None  # if set, the best checkpoint is evaluated on it at the end (report only)
+    synthetic_images: int = 48  # size of the generated dataset when root == "synthetic"
+
+    def __post_init__(self) -> None:
+        if self.augment not in ("released", "rotations", "none"):
+            raise ConfigError(f"data.augment={self.augment!r} is not one of released, rotations, none")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("data.val_fraction must be in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4  # released: 4e-4 (CLIP ViT-B-32), 4e-6 (GeoRSCLIP)
+    weight_decay: float = 0.04
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    decay_scalars: bool = True  # released: gates and temperature get weight decay too (method.md §3)
+    warmup_fraction: float = 0.1  # linear warm-up over this fraction of all steps
+    schedule: str = "linear"  # linear (released: warm-up then linear decay to 0) | cosine | constant
+    grad_clip: float = 0.0  # max grad norm; 0 = off (released)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"optim.schedule={self.schedule!r} is not one of linear, cosine, constant")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("optim.warmup_fraction must be in [0, 1)")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs"  # parent folder of run folders
+    name: Optional[str] = None  # run folder name; default: <config stem>-<method>
+    epochs: int = 10
+    batch_size: int = 214  # per process; the contrastive loss sees batch_size x world_size
+    eval_batch_size: int = 128
+    seed: int = 3407  # released seed (+ rank for data workers)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    grad_checkpointing: bool = False  # recompute activations: less memory for large backbones
+    resume: str = "never"  # never | auto (continue the run folder's last checkpoint) | PATH to a run folder
+    max_steps: Optional[int] = None  # stop after this many optimiser steps (smoke tests, benchmarks)
+    save_every_steps: int = 0  # also write the resumable checkpoint every N steps (0 = end of epoch only)
+    log_every: int = 10  # steps between progress-bar loss updates
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"run.precision={self.precision!r} is not one of auto, fp32, bf16")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("run.epochs and run.batch_size must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+for _cls in (DataConfig, OptimConfig, RunConfig, TrainConfig):
+    register_config(_cls)
+
+
+def _set_override(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _coerce(cls: type, data: dict, where: str) -> dict:
+    """Convert strings/ints to the declared field types (YAML reads 4e-4 as a string)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in data.items():
+        hint = hints.get(key)
+        if hint is None:
+            out[key] = value  # unknown: from_dict reports it
+            continue
+        sub = hint if dataclasses.is_dataclass(hint) else None
+        if sub is not None and isinstance(value, dict):
+            out[key] = _coerce(sub, value, f"{where}.{key}")
+        else:
+            out[key] = _convert(value, hint, f"{where}.{key}")
+    return out
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, str):
+            return int(value)
+        if hint is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    except ValueError:
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    if hint in (int, float, bool, str) and not isinstance(value, hint) and value is not None:
+        if not (hint is float and isinstance(value, int)):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides; returns the validated ``TrainConfig``."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. run.epochs=3)")
+        key, raw = item.split("=", 1)
+        _set_override(tree, key.strip(), raw)
+    return from_dict(TrainConfig, _coerce(TrainConfig, tree, "config"), "")
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
