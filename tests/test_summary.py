@@ -1,0 +1,42 @@
+"""`python -m harma.summary` prints the PEFT-style line without downloading anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from harma.summary import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_summary_line_for_released_vit_b_32(capsys):
+    assert main(["--model", "ViT-B-32", "--method", "harma"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    assert line.startswith("trainable params: 5,934,397 of ")
+    total = int(line.split(" of ")[1].split(" ")[0].replace(",", ""))
+    assert total == 151_277_313 + 5_934_397  # open_clip ViT-B-32 + adapters (shared modules once)
+    assert line.endswith(f"({100 * 5_934_397 / total:.4f}%)")
+
+
+def test_summary_verbose_groups_and_errors(capsys):
+    assert main(["--model", "ViT-B-32", "--method", "mrs", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable params: 161,089 of " in out and "mrs" in out
+    assert main(["--model", "not-a-model"]) == 2
+    assert "unknown open_clip model" in capsys.readouterr().err
+
+
+def test_summary_runs_as_module_offline():
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "harma.summary", "--model", "ViT-B-32", "--method", "harma"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("trainable params: 5,934,397 of 157,211,710")
+
+
+def test_library_does_not_import_training_or_app():
+    code = "import sys, harma, harma.data, harma.summary; print(any(m.startswith(('training', 'app', 'gradio')) for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
