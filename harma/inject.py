@@ -3,8 +3,9 @@
 The only module that knows open_clip internals: towers expose ``.transformer.resblocks`` (image:
 ``visual.transformer``; text: ``transformer`` on ``CLIP`` or ``text.transformer`` on
 ``CustomTextCLIP``), each block has ``mlp`` and ``ln_2``, and each transformer says whether its
-residual stream is ``batch_first``. HarMA wraps ``block.mlp`` (method.md §1.2); the MRS-Adapter
-wraps the whole block because it reads the post-attention stream (method.md §6.1).
+residual stream is ``batch_first``. open_clip's HF text towers (BERT-style ``encoder.layer``) are
+supported too: their MLP output is ``layer.output.dense``. HarMA wraps the MLP (method.md §1.2);
+the MRS-Adapter wraps the whole block because it reads the post-attention stream (method.md §6.1).
 """
 
 from __future__ import annotations
@@ -25,34 +26,65 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class Tower:
+    """One tower's stack of blocks and where its MLP output (the adapter seam) lives."""
+
     name: str  # "image" | "text"
-    path: str  # qualified name of the transformer, e.g. "visual.transformer"
-    transformer: nn.Module
+    path: str  # qualified name of the block list, e.g. "visual.transformer.resblocks"
+    blocks: nn.ModuleList
+    width: int
+    batch_first: bool
+    mlp_attr: tuple[str, ...] = ("mlp",)  # open_clip: block.mlp; HF BERT: layer.output.dense
+    entry: Optional[nn.Module] = None  # module whose first input is the token sequence (open_clip transformer)
 
     @property
-    def width(self) -> int:
-        return self.transformer.width
+    def is_open_clip(self) -> bool:
+        return self.mlp_attr == ("mlp",)
 
-    @property
-    def batch_first(self) -> bool:
-        return getattr(self.transformer, "batch_first", True)
+    def get_mlp(self, i: int) -> nn.Module:
+        module = self.blocks[i]
+        for attr in self.mlp_attr:
+            module = getattr(module, attr)
+        return module
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.transformer.resblocks
+    def set_mlp(self, i: int, module: nn.Module) -> None:
+        parent = self.blocks[i]
+        for attr in self.mlp_attr[:-1]:
+            parent = getattr(parent, attr)
+        setattr(parent, self.mlp_attr[-1], module)
+
+    def mlp_name(self, i: int) -> str:
+        return ".".join((self.path, str(i)) + self.mlp_attr)
 
 
 def find_towers(clip: nn.Module) -> dict[str, Tower]:
-    """Locate the image and text transformers of an open_clip model."""
+    """Locate the image and text block stacks of an open_clip model (open_clip or HF text tower)."""
     towers: dict[str, Tower] = {}
     visual = getattr(clip, "visual", None)
     if _is_transformer(getattr(visual, "transformer", None)):
-        towers["image"] = Tower("image", "visual.transformer", visual.transformer)
+        towers["image"] = _open_clip_tower("image", "visual.transformer", visual.transformer)
     if _is_transformer(getattr(clip, "transformer", None)):
-        towers["text"] = Tower("text", "transformer", clip.transformer)
+        towers["text"] = _open_clip_tower("text", "transformer", clip.transformer)
     elif _is_transformer(getattr(getattr(clip, "text", None), "transformer", None)):
-        towers["text"] = Tower("text", "text.transformer", clip.text.transformer)
+        towers["text"] = _open_clip_tower("text", "text.transformer", clip.text.transformer)
+    elif (layers := _hf_layers(getattr(getattr(clip, "text", None), "transformer", None))) is not None:
+        # open_clip HFTextEncoder (e.g. BERT/MiniLM): the MLP output is layer.output.dense, added to
+        # the residual inside BertOutput's LayerNorm: the same seam HarMA adapts in CLIP blocks.
+        towers["text"] = Tower("text", "text.transformer.encoder.layer", layers,
+                               clip.text.transformer.config.hidden_size, True, ("output", "dense"))
     return towers
+
+
+def _open_clip_tower(name: str, path: str, transformer: nn.Module) -> Tower:
+    return Tower(name, f"{path}.resblocks", transformer.resblocks, transformer.width,
+                 getattr(transformer, "batch_first", True), entry=transformer)
+
+
+def _hf_layers(hf_model: Optional[nn.Module]) -> Optional[nn.ModuleList]:
+    layers = getattr(getattr(hf_model, "encoder", None), "layer", None)
+    if isinstance(layers, nn.ModuleList) and all(isinstance(getattr(getattr(l, "output", None), "dense", None),
+                                                             (nn.Linear, _Wrapper)) for l in layers):
+        return layers
+    return None
 
 
 def _is_transformer(module: Optional[nn.Module]) -> bool:
@@ -68,10 +100,10 @@ def _require_towers(clip: nn.Module, wanted: tuple[str, ...]) -> list[Tower]:
         detail = ", ".join(f"{t} tower is {parts[t]}" for t in missing)
         raise UnsupportedModelError(
             f"{type(clip).__name__}: cannot attach adapters ({detail}); HarMA needs open_clip transformer "
-            "towers with `.transformer.resblocks` (ViT-*/text transformer configs)"
+            "towers (`.transformer.resblocks`, ViT-* configs) or a BERT-style HF text tower (`encoder.layer`)"
         )
-    if any(isinstance(b, _Wrapper) or isinstance(getattr(b, "mlp", None), _Wrapper)
-           for t in towers.values() for b in t.blocks):
+    if any(isinstance(b, _Wrapper) or isinstance(t.get_mlp(i), _Wrapper)
+           for t in towers.values() for i, b in enumerate(t.blocks)):
         raise UnsupportedModelError("this model already has adapters; call remove_adapters() first")
     return [towers[t] for t in wanted]
 
@@ -96,7 +128,7 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig) -> tuple[list[str], Optional
     towers = _require_towers(clip, cfg.towers)
     for tower in towers:
         for block in tower.blocks:
-            if not isinstance(block, (ResidualAttentionBlock, CustomResidualAttentionBlock)) or not hasattr(block, "mlp"):
+            if tower.is_open_clip and not isinstance(block, (ResidualAttentionBlock, CustomResidualAttentionBlock)):
                 raise UnsupportedModelError(f"{tower.path}: block type {type(block).__name__} is not supported")
     mms_towers = {"text_only": {"text"}, "shared": {"image", "text"}, "none": set()}[cfg.share_mode]
     mms_towers &= set(cfg.towers)
@@ -114,16 +146,16 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig) -> tuple[list[str], Optional
     names = []
     for tower in towers:
         for i in _selected(tower.blocks, cfg.layers, tower.name):
-            block = tower.blocks[i]
-            ref = block.mlp.c_fc.weight
+            base = tower.get_mlp(i)
+            ref = next(base.parameters())
             mga = MGA(tower.width, cfg.bottleneck, cfg.attn_heads,
                       mms=mms[i] if tower.name in mms_towers else None, gate_init=cfg.gate_init,
                       batch_first=tower.batch_first, tie_attn=cfg.tie_attn,
                       causal=cfg.text_causal and tower.name == "text")
-            block.mlp = GatedMLP(block.mlp, mga.to(device=ref.device, dtype=ref.dtype), cfg.gate_init)
-            names.append(f"{tower.path}.resblocks.{i}.mlp")
+            tower.set_mlp(i, GatedMLP(base, mga.to(device=ref.device, dtype=ref.dtype), cfg.gate_init))
+            names.append(tower.mlp_name(i))
     if mms is not None:
-        ref = towers[0].blocks[0].ln_2.weight
+        ref = next(towers[0].blocks[0].parameters())
         mms.to(device=ref.device, dtype=ref.dtype)
     return names, mms
 
@@ -131,6 +163,9 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig) -> tuple[list[str], Optional
 def inject_mrs(clip: nn.Module, cfg: MRSConfig) -> tuple[list[str], MRSAdapter]:
     """Wrap every block of both towers so one shared MRS-Adapter runs in parallel with each MLP."""
     image, text = _require_towers(clip, ("image", "text"))
+    if not text.is_open_clip:
+        raise UnsupportedModelError("the MRS-Adapter needs open_clip transformer blocks in both towers "
+                                    "(it reads the post-attention stream); this text tower is a HF model")
     adapter = MRSAdapter(image.width, text.width, cfg.bottleneck, cfg.shared_dim, cfg.dropout)
     adapter.to(device=image.blocks[0].ln_2.weight.device)  # kept fp32, as released
     names = []
@@ -139,7 +174,7 @@ def inject_mrs(clip: nn.Module, cfg: MRSConfig) -> tuple[list[str], MRSAdapter]:
             if type(block) is not ResidualAttentionBlock:
                 raise UnsupportedModelError(f"{tower.path}: MRS-Adapter needs ResidualAttentionBlock, got {type(block).__name__}")
             tower.blocks[i] = ParallelAdapterBlock(block, adapter, tower.name)
-            names.append(f"{tower.path}.resblocks.{i}")
+            names.append(f"{tower.path}.{i}")
     return names, adapter
 
 
@@ -154,9 +189,9 @@ def remove_adapters(clip: nn.Module) -> int:
     for tower in find_towers(clip).values():
         for i, block in enumerate(tower.blocks):
             if isinstance(block, ParallelAdapterBlock):
-                tower.blocks[i] = block = block.base_layer
+                tower.blocks[i] = block.base_layer
                 removed += 1
-            if isinstance(getattr(block, "mlp", None), GatedMLP):
-                block.mlp = block.mlp.base_layer
+            if isinstance(mlp := tower.get_mlp(i), GatedMLP):
+                tower.set_mlp(i, mlp.base_layer)
                 removed += 1
     return removed

@@ -48,7 +48,9 @@ class HarmaModel(nn.Module):
         device = next(clip.parameters()).device
         self.temperature = nn.Parameter(torch.tensor(float(cfg.temperature_init), device=device))
         self._augment = False
-        self._hooks = [t.transformer.register_forward_pre_hook(self._token_dropout) for t in find_towers(clip).values()]
+        # Token dropout for PE-RSITR's augmented views, applied where the token sequence enters a tower.
+        self._hooks = [t.entry.register_forward_pre_hook(self._token_dropout)
+                       for t in find_towers(clip).values() if cfg.method == "mrs" and t.entry is not None]
         self._trainable = self._select_trainable()
         self.requires_grad_(False)
         for p in self._trainable.values():

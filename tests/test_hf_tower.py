@@ -1,0 +1,73 @@
+"""HarMA on an open_clip CLIP whose text tower is a HF BERT (e.g. MiniLM): adapters on layer.output.dense."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import open_clip  # noqa: E402
+
+from harma import HarmaModel, ModelConfig, UnsupportedModelError, register_model_config  # noqa: E402
+from harma.adapters import GatedMLP  # noqa: E402
+from tests.conftest import perturb_  # noqa: E402
+
+WORDS = ["planes", "parked", "airport", "river", "green", "farmland", "many", "a", "at", "an"]
+
+
+@pytest.fixture(scope="module")
+def hf_arch(tmp_path_factory):
+    """A 2-layer, 48-wide BERT config + vocabulary written locally (no hub), registered as an arch."""
+    d = tmp_path_factory.mktemp("tiny_bert")
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "bert", "architectures": ["BertModel"], "hidden_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 96, "vocab_size": 5 + len(WORDS),
+        "max_position_embeddings": 64, "type_vocab_size": 2}))
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    name = "harma-test-hf"
+    register_model_config(name, {
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {"hf_model_name": str(d), "hf_tokenizer_name": str(d), "hf_pooler_type": "mean_pooler",
+                     "hf_proj_type": "linear", "context_length": 16}})
+    return name
+
+
+def _build(name, method="harma"):
+    torch.manual_seed(0)
+    clip = open_clip.create_model(name, pretrained_hf=False)
+    ref = open_clip.create_model(name, pretrained_hf=False)
+    ref.load_state_dict(clip.state_dict())
+    cfg = ModelConfig(model_name=name, method=method,
+                      harma={"bottleneck": 16, "attn_heads": 4, "mms_dim": 8, "mms_heads": 2})
+    return ref.eval(), HarmaModel(clip, cfg).eval()
+
+
+def test_adapters_attach_to_bert_mlp_output(hf_arch):
+    ref, model = _build(hf_arch)
+    assert model.targeted_modules[-2:] == [f"text.transformer.encoder.layer.{i}.output.dense" for i in range(2)]
+    layer = model.clip.text.transformer.encoder.layer[0]
+    assert isinstance(layer.output.dense, GatedMLP) and layer.output.dense.adapter.mms is model.mms[0]
+    assert len(model.mms) == 2  # one MMS per text layer in text_only mode
+
+
+def test_identity_then_change_then_unload(hf_arch):
+    ref, model = _build(hf_arch)
+    tokens = open_clip.get_tokenizer(hf_arch)(["many planes parked at an airport", "a river"])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base_t = ref.encode_text(tokens, normalize=True)
+        assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-5)
+        assert torch.allclose(model.encode_image(images), ref.encode_image(images, normalize=True), atol=1e-5)
+        perturb_(model)
+        assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
+        plain = model.unload()
+        assert torch.allclose(plain.encode_text(tokens, normalize=True), base_t, atol=1e-6)
+
+
+def test_mrs_refuses_hf_text_tower(hf_arch):
+    with pytest.raises(UnsupportedModelError, match="HF model"):
+        _build(hf_arch, method="mrs")
