@@ -1,0 +1,90 @@
+"""Optimiser groups and the lr schedule (training/optim.py), against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from training.config import OptimConfig
+from training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        # total 10, warm-up 2: steps 0, 1 warm up; decay over the 8 steps 2..9; 0 at 10 and after
+        ("linear", {0: 0.0, 1: 0.5, 2: 1.0, 4: 0.75, 6: 0.5, 9: 0.125, 10: 0.0, 12: 0.0}),
+        ("cosine", {0: 0.0, 1: 0.5, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 10: 0.0, 12: 0.0}),
+        ("constant", {0: 0.0, 1: 0.5, 2: 1.0, 6: 1.0, 10: 1.0}),
+    ],
+)
+def test_lr_factor_key_steps(schedule, expected):
+    for step, value in expected.items():
+        assert lr_factor(step, 10, 2, schedule) == pytest.approx(value, abs=1e-12), (schedule, step)
+
+
+def test_lr_factor_without_warmup_and_released_example():
+    assert lr_factor(0, 4, 0, "linear") == 1.0
+    assert lr_factor(3, 4, 0, "linear") == 0.25
+    # RSITMD-vit released run: 40 real steps/epoch x 50 epochs, warm-up int(0.1 * 2000)
+    assert lr_factor(200, 2000, 200, "linear") == 1.0
+    assert lr_factor(1999, 2000, 200, "linear") == pytest.approx(1 / 1800)
+
+
+@pytest.mark.parametrize("bad", [dict(schedule="step"), dict(total=0), dict(warmup=11), dict(warmup=-1)])
+def test_lr_factor_rejects_bad_arguments(bad):
+    args = dict(step=0, total=10, warmup=2, schedule="linear") | bad
+    with pytest.raises(ValueError):
+        lr_factor(**args)
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)  # weight: decay, bias: no_decay
+        self.norm = nn.LayerNorm(3)  # weight and bias: no_decay
+        self.gate = nn.Parameter(torch.tensor(0.6))  # 0-d: scalars
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+
+@pytest.mark.parametrize("decay_scalars", [True, False])
+def test_param_groups(decay_scalars):
+    model = Toy()
+    groups = {g["name"]: g for g in param_groups(model, OptimConfig(weight_decay=0.04, decay_scalars=decay_scalars))}
+    assert set(groups) == {"decay", "no_decay", "scalars"}
+    ids = {k: {id(p) for p in g["params"]} for k, g in groups.items()}
+    assert ids["decay"] == {id(model.linear.weight)}
+    assert ids["no_decay"] == {id(model.linear.bias), id(model.norm.weight), id(model.norm.bias)}
+    assert ids["scalars"] == {id(model.gate)}
+    assert groups["decay"]["weight_decay"] == 0.04 and groups["no_decay"]["weight_decay"] == 0.0
+    assert groups["scalars"]["weight_decay"] == (0.04 if decay_scalars else 0.0)
+
+
+def test_param_groups_skip_empty_and_frozen():
+    model = nn.Linear(3, 3, bias=False)
+    assert [g["name"] for g in param_groups(model, OptimConfig())] == ["decay"]
+    model.requires_grad_(False)
+    assert param_groups(model, OptimConfig()) == []
+    with pytest.raises(ValueError, match="no trainable"):
+        build_optimizer(model, OptimConfig())
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_scheduler_drives_adamw_lr(schedule):
+    cfg = OptimConfig(lr=1e-3, warmup_fraction=0.25, schedule=schedule)
+    model = Toy()
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-8
+    total = 8  # warm-up int(0.25 * 8) = 2
+    sched = build_scheduler(opt, cfg, total)
+    for step in range(total + 2):
+        want = 1e-3 * lr_factor(step, total, 2, schedule)
+        for group in opt.param_groups:
+            assert group["lr"] == pytest.approx(want, abs=1e-15), (step, group["name"])
+        opt.step()
+        sched.step()

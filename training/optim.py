@@ -1,0 +1,91 @@
+"""Optimiser and learning-rate schedule of the released recipe (method.md §3).
+
+AdamW with decoupled weight decay, no decay for biases and norm weights, and a LambdaLR stepped
+once per optimiser step: linear warm-up from 0, then linear decay to 0 (or cosine / constant).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from training.config import OptimConfig
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base lr at optimiser step ``step`` (0-based; the value ``LambdaLR`` uses).
+
+    Warm-up rises linearly from 0 at step 0 to 1 at step ``warmup``. After it, ``linear`` (released)
+    decays linearly to 0 at ``total``, ``cosine`` follows a half cosine to 0 at ``total`` and
+    ``constant`` stays at 1. Steps at or past ``total`` give 0 (1 for ``constant``).
+
+    ``total`` must be the number of optimiser steps that really run, ``epochs * len(loader)``.
+    The released code used ``epochs * ceil(N / B)`` while its ``drop_last`` loader runs
+    ``floor(N / B)`` steps, so its lr never reached 0 (method.md §7.16); the caller fixes that by
+    passing the real count.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if total < 1 or not 0 <= warmup <= total:
+        raise ValueError(f"need total >= 1 and 0 <= warmup <= total, got total={total}, warmup={warmup}")
+    if step < warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    if step >= total:
+        return 0.0
+    progress = (step - warmup) / (total - warmup)  # in [0, 1); total > warmup here
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Split the trainable parameters into AdamW groups, each named by its ``"name"`` key.
+
+    - ``decay``: matrices and other >= 2-D tensors, weight decay ``cfg.weight_decay``.
+    - ``no_decay``: 1-D tensors (biases, LayerNorm weights, embedding-like vectors), no decay. The
+      released code matches names containing ``bias``/``norm``; the shape rule covers the same
+      tensors without relying on names (method.md §7.5).
+    - ``scalars``: 0-d tensors (the adapter gates and the temperature). Released: they are decayed
+      (method.md §7.14), kept here with ``cfg.decay_scalars=True``; ``False`` turns that off.
+
+    Empty groups are left out. Frozen parameters (``requires_grad=False``) are never included.
+    """
+    buckets: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "scalars": []}
+    for _, p in model.named_parameters():  # de-duplicates shared parameters
+        if not p.requires_grad:
+            continue
+        key = "scalars" if p.ndim == 0 else "no_decay" if p.ndim < 2 else "decay"
+        buckets[key].append(p)
+    decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "scalars": cfg.weight_decay if cfg.decay_scalars else 0.0}
+    return [{"name": k, "params": ps, "weight_decay": decay[k]} for k, ps in buckets.items() if ps]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over :func:`param_groups` (equivalent to the released transformers AdamW)."""
+    groups = param_groups(model, cfg)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (method 'zeroshot' cannot be trained)")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step ``LambdaLR`` following :func:`lr_factor`; call ``.step()`` after every optimiser step.
+
+    ``total_steps`` = ``epochs * len(train_loader)`` (the real count, see :func:`lr_factor`); the
+    warm-up is ``int(cfg.warmup_fraction * total_steps)`` steps, as released.
+    """
+    warmup = int(cfg.warmup_fraction * total_steps)
+    lr_factor(0, total_steps, warmup, cfg.schedule)  # validate now rather than at the first step
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, warmup, cfg.schedule)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
