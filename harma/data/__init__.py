@@ -8,6 +8,7 @@ from harma.data.errors import DatasetError
 from harma.data.images import IMAGE_EXTENSIONS, open_image
 from harma.data.readers import FORMATS, detect_format, load_split
 from harma.data.split import RetrievalSplit, carve_split
+from harma.data.synthetic import write_synthetic_dataset
 from harma.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "load_split",
     "open_image",
     "train_transform",
+    "write_synthetic_dataset",
 ]
