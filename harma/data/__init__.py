@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from harma.data.cache import ImageCache
 from harma.data.captions import clean_caption
 from harma.data.datasets import ImageDataset, PairDataset
 from harma.data.errors import DatasetError
@@ -17,6 +18,7 @@ __all__ = [
     "FORMATS",
     "IMAGE_EXTENSIONS",
     "DatasetError",
+    "ImageCache",
     "ImageDataset",
     "PairDataset",
     "RetrievalSplit",
