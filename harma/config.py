@@ -75,6 +75,7 @@ class ModelConfig:
     method: str = "harma"  # harma | mrs | full | zeroshot
     temperature_init: float = 0.07  # learnable divisor of the contrastive logits (released: raw, no exp)
     learn_temperature: bool = True  # released code trains it
+    lock_text: bool = False  # full: keep the whole text tower frozen and in eval mode (open_clip --lock-text)
     harma: HarmaConfig = field(default_factory=HarmaConfig)
     mrs: MRSConfig = field(default_factory=MRSConfig)
 
@@ -86,6 +87,8 @@ class ModelConfig:
             self.mrs = from_dict(MRSConfig, self.mrs, "model.mrs")
         if self.temperature_init <= 0:
             raise ConfigError("model.temperature_init must be > 0")
+        if self.lock_text and self.method != "full":
+            raise ConfigError("model.lock_text applies to method 'full' (adapter methods already freeze the backbone)")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -178,6 +178,23 @@ def inject_mrs(clip: nn.Module, cfg: MRSConfig) -> tuple[list[str], MRSAdapter]:
     return names, adapter
 
 
+def text_tower_parts(clip: nn.Module) -> list[nn.Module]:
+    """Submodules of the text tower (embeddings, blocks, final norm; the projection if a module)."""
+    if isinstance(getattr(clip, "text", None), nn.Module):  # CustomTextCLIP (HF or open_clip text tower)
+        return [clip.text]
+    names = ("token_embedding", "transformer", "ln_final", "text_projection")
+    return [m for n in names if isinstance(m := getattr(clip, n, None), nn.Module)]
+
+
+def text_tower_parameters(clip: nn.Module) -> list[nn.Parameter]:
+    """Every text-tower weight, including the bare parameters ``CLIP`` keeps on itself."""
+    params = [p for part in text_tower_parts(clip) for p in part.parameters()]
+    if not isinstance(getattr(clip, "text", None), nn.Module):
+        params += [p for n in ("positional_embedding", "text_projection")
+                   if isinstance(p := getattr(clip, n, None), nn.Parameter)]
+    return params
+
+
 def adapter_wrappers(clip: nn.Module) -> list[tuple[str, _Wrapper]]:
     """All wrappers this module created, with their qualified names."""
     return [(n, m) for n, m in clip.named_modules() if isinstance(m, _Wrapper)]

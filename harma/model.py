@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .inject import adapter_wrappers, find_towers, inject_harma, inject_mrs, remove_adapters
+from .inject import adapter_wrappers, find_towers, inject_harma, inject_mrs, remove_adapters, text_tower_parameters, text_tower_parts
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class HarmaModel(nn.Module):
             chosen.append(self.mrs)
         elif method == "full":
             frozen = {id(getattr(self.clip, n, None)) for n in ("logit_scale", "logit_bias")}
+            if self.config.lock_text:
+                frozen |= {id(p) for p in text_tower_parameters(self.clip)}
             chosen += [p for p in self.clip.parameters() if id(p) not in frozen]
         if self.config.learn_temperature and method != "zeroshot":
             chosen.append(self.temperature)
@@ -75,6 +77,19 @@ class HarmaModel(nn.Module):
         for item in chosen:
             ids.update(id(p) for p in (item.parameters() if isinstance(item, nn.Module) else [item]))
         return {n: p for n, p in self.named_parameters() if id(p) in ids}  # named_parameters de-duplicates
+
+    @property
+    def text_is_frozen(self) -> bool:
+        """True when text features cannot change during training (no trainable text weight, text
+        tower kept in eval mode): the trainer may then cache them."""
+        return self.config.method == "zeroshot" or (self.config.method == "full" and self.config.lock_text)
+
+    def train(self, mode: bool = True) -> "HarmaModel":
+        super().train(mode)
+        if mode and self.text_is_frozen:
+            for part in text_tower_parts(self.clip):
+                part.eval()  # e.g. BERT dropout off: a locked tower gives deterministic features
+        return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores: exactly the trainable parameters, each shared one once."""

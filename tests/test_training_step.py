@@ -56,3 +56,29 @@ def test_augmented_views_differ_only_inside_context(tiny_inputs):
             aug = model.encode_text(tokens)
         again = model.encode_text(tokens)
     assert not torch.allclose(plain, aug) and torch.equal(plain, again)
+
+
+def test_lock_text_trains_only_the_image_side(tiny_inputs):
+    from harma import ModelConfig
+    from harma.inject import text_tower_parameters, text_tower_parts
+
+    torch.manual_seed(0)
+    model = HarmaModel(open_clip.create_model(TINY_NAME), ModelConfig(model_name=TINY_NAME, method="full",
+                                                                      lock_text=True)).train()
+    text_ids = {id(p) for p in text_tower_parameters(model.clip)}
+    assert {id(model.clip.positional_embedding), id(model.clip.text_projection)} <= text_ids
+    assert text_ids and not any(p.requires_grad for p in model.clip.parameters() if id(p) in text_ids)
+    assert all(p.requires_grad for p in model.clip.visual.parameters())
+    assert model.text_is_frozen and all(not m.training for part in text_tower_parts(model.clip) for m in part.modules())
+    images, tokens = tiny_inputs
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tokens), model.encode_text(tokens))
+    n_text = sum(p.numel() for p in text_tower_parameters(model.clip))
+    assert model.num_parameters(True) == model.num_parameters() - n_text - 1  # minus text and logit_scale
+
+
+def test_lock_text_only_for_full():
+    from harma import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match="lock_text"):
+        ModelConfig(method="harma", lock_text=True)
