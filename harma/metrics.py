@@ -155,22 +155,33 @@ def retrieval_metrics(
     return out
 
 
-def format_table(metrics: Mapping[str, float]) -> str:
+def format_table(metrics: Mapping[str, float] | Mapping[str, Mapping[str, float]]) -> str:
     """Render retrieval metrics as a small aligned text table with 2 decimals.
 
     Args:
-        metrics: dict with (at least) the keys returned by :func:`retrieval_metrics`.
+        metrics: dict with (at least) the keys returned by :func:`retrieval_metrics`, or a dict
+            of such dicts keyed by row name (e.g. ``{"baseline": ..., "adapted": ...}``), which
+            adds a leading row-name column.
 
     Returns:
-        A two-line string: header and values, grouped as i2t | t2i | mR.
+        A header line and one line of values per row, grouped as i2t | t2i | mR.
     """
-    missing = [k for k in METRIC_KEYS if k not in metrics]
-    if missing:
-        raise ValueError(f"metrics is missing keys {missing}")
+    if metrics and all(isinstance(v, Mapping) for v in metrics.values()):
+        rows = dict(metrics)
+    else:
+        rows = {"": metrics}
+    for name, row in rows.items():
+        missing = [k for k in METRIC_KEYS if k not in row]
+        if missing:
+            where = f"metrics[{name!r}]" if name else "metrics"
+            raise ValueError(f"{where} is missing keys {missing}")
     groups = [[f"{d}_R@{k}" for k in KS] for d in ("i2t", "t2i")] + [["mR"]]
     width = 8
-    header = " | ".join(" ".join(k.replace("_", " ").rjust(width) for k in g) for g in groups)
-    values = " | ".join(
-        " ".join(f"{float(metrics[k]):.2f}".rjust(width) for k in g) for g in groups
-    )
-    return f"{header}\n{values}"
+    label = max(len(str(n)) for n in rows)
+    lead = (lambda text: f"{text:<{label}} | ") if label else (lambda text: "")
+    header = lead("") + " | ".join(" ".join(k.replace("_", " ").rjust(width) for k in g) for g in groups)
+    lines = [header]
+    for name, row in rows.items():
+        values = " | ".join(" ".join(f"{float(row[k]):.2f}".rjust(width) for k in g) for g in groups)
+        lines.append(lead(str(name)) + values)
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""Batched encoding of images and captions, and full-matrix evaluation of one retrieval split.
+
+Follows the HarMA evaluation (method.md §0.7, §4.1): every image and every caption of the split is
+encoded once, the full image x caption cosine matrix is scored with R@1/5/10 in both directions,
+and the modality-gap diagnostics of :mod:`harma.gap` are computed on the same embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from .data import ImageDataset, RetrievalSplit, clean_caption
+from .gap import modality_gap
+from .metrics import retrieval_metrics
+
+Progress = Callable[[int, int], None]  # (done, total)
+Device = Union[str, torch.device, None]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; every submodule's own train/eval flag is restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _device(model: nn.Module, device: Device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def encode_images(
+    model: nn.Module,
+    images: Sequence[Union[str, Path]],
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    batch_size: int = 128,
+    device: Device = None,
+    num_workers: int = 0,
+    progress: Optional[Progress] = None,
+) -> torch.Tensor:
+    """L2-normalised embeddings of image files, in order.
+
+    Args:
+        model: a :class:`harma.HarmaModel` (anything with ``encode_image(x, normalize=True)``).
+        images: image file paths.
+        transform: PIL image -> (3, H, W) tensor, e.g. the ``preprocess_val`` of ``create_model``.
+        batch_size: images per forward pass.
+        device: where to run; default: the model's device. The model is not moved.
+        num_workers: DataLoader worker processes decoding images.
+        progress: called as ``progress(done, total)`` after every batch.
+
+    Returns:
+        (N, D) float32 tensor on the CPU.
+    """
+    _check_batch_size(batch_size)
+    dev = _device(model, device)
+    loader = DataLoader(ImageDataset(images, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=dev.type == "cuda")
+    out: list[torch.Tensor] = []
+    done, total = 0, len(images)
+    with _eval_mode(model), torch.inference_mode():
+        for pixels, _ in loader:
+            emb = model.encode_image(pixels.to(dev, non_blocking=True), normalize=True)
+            out.append(_finish(emb))
+            done += pixels.shape[0]
+            if progress is not None:
+                progress(done, total)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def encode_texts(
+    model: nn.Module,
+    captions: Sequence[str],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    *,
+    batch_size: int = 256,
+    device: Device = None,
+    progress: Optional[Progress] = None,
+) -> torch.Tensor:
+    """L2-normalised embeddings of captions, in order (captions are used as given).
+
+    Args:
+        model: a :class:`harma.HarmaModel` (anything with ``encode_text(tokens, normalize=True)``).
+        captions: the texts.
+        tokenizer: list of strings -> (B, L) token ids, e.g. ``open_clip.get_tokenizer(name)``.
+        batch_size: captions per forward pass.
+        device: where to run; default: the model's device.
+        progress: called as ``progress(done, total)`` after every batch.
+
+    Returns:
+        (N, D) float32 tensor on the CPU.
+    """
+    _check_batch_size(batch_size)
+    dev = _device(model, device)
+    captions = list(captions)
+    out: list[torch.Tensor] = []
+    with _eval_mode(model), torch.inference_mode():
+        for b0 in range(0, len(captions), batch_size):
+            tokens = tokenizer(captions[b0 : b0 + batch_size]).to(dev)
+            out.append(_finish(model.encode_text(tokens, normalize=True)))
+            if progress is not None:
+                progress(min(b0 + batch_size, len(captions)), len(captions))
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def _finish(emb: torch.Tensor) -> torch.Tensor:
+    # Re-normalise in fp32, in case the model ran in half precision.
+    return torch.nn.functional.normalize(emb.float(), dim=-1).cpu()
+
+
+@dataclass
+class EvalResult:
+    """Retrieval metrics (percentages) and modality-gap diagnostics of one split."""
+
+    metrics: dict[str, float]  # i2t_R@1/5/10, t2i_R@1/5/10, mR
+    gap: dict[str, float]  # harma.gap.modality_gap keys; empty when not computed
+    num_images: int
+    num_captions: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The 7 metric keys at top level, the gap numbers under ``"gap"``, and the counts."""
+        return {**self.metrics, "gap": dict(self.gap), "num_images": self.num_images,
+                "num_captions": self.num_captions}
+
+
+def evaluate_split(
+    model: nn.Module,
+    split: RetrievalSplit,
+    transform: Callable[[Any], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    *,
+    clean_captions: bool = True,
+    max_words: Optional[int] = 30,
+    batch_size: int = 128,
+    device: Device = None,
+    num_workers: int = 0,
+    progress: Optional[Progress] = None,
+    gap: bool = True,
+) -> EvalResult:
+    """Encode a whole split and score the full image x caption similarity matrix.
+
+    Args:
+        model: a :class:`harma.HarmaModel`.
+        split: images, captions and the caption -> image map (e.g. 5 captions per image).
+        transform: evaluation image transform.
+        tokenizer: the model's tokenizer.
+        clean_captions: normalise captions with :func:`harma.data.clean_caption` first (the
+            released protocol does this for evaluation too).
+        max_words: caption word limit used when cleaning.
+        batch_size: images per batch; captions are encoded in batches twice this size.
+        device: where to run; default: the model's device.
+        num_workers: DataLoader workers for image decoding.
+        progress: ``progress(done, total)`` over images then captions (total = both counts).
+        gap: also compute :func:`harma.gap.modality_gap` (needs >= 2 images and captions).
+
+    Returns:
+        An :class:`EvalResult`.
+    """
+    if split.num_captions == 0:
+        raise ValueError(f"{split.name}: the split has no captions, so retrieval cannot be evaluated")
+    if split.num_images == 0:
+        raise ValueError(f"{split.name}: the split has no images")
+    captions = [clean_caption(c, max_words) for c in split.captions] if clean_captions else list(split.captions)
+    n_img, total = split.num_images, split.num_images + split.num_captions
+
+    def img_progress(done: int, _: int) -> None:
+        if progress is not None:
+            progress(done, total)
+
+    def txt_progress(done: int, _: int) -> None:
+        if progress is not None:
+            progress(n_img + done, total)
+
+    img = encode_images(model, split.images, transform, batch_size=batch_size, device=device,
+                        num_workers=num_workers, progress=img_progress)
+    txt = encode_texts(model, captions, tokenizer, batch_size=2 * batch_size, device=device,
+                       progress=txt_progress)
+    sim = img @ txt.T  # (N_img, N_txt) cosine similarities
+    metrics = retrieval_metrics(sim, split.text_to_image)
+    diag = modality_gap(img, txt, split.text_to_image) if gap else {}
+    return EvalResult(metrics=metrics, gap=diag, num_images=split.num_images, num_captions=split.num_captions)
