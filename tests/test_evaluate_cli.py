@@ -1,0 +1,175 @@
+"""``python -m training.evaluate`` called in process as ``main([...])`` on a synthetic csv split.
+
+The tiny backbone is saved as a base-weights file and recorded in the config, so the CLI's rebuilt
+model has exactly the backbone of the in-process reference (open_clip has no offline pretrained tag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harma import create_model, save_adapters
+from harma.data import carve_split, load_split
+from harma.encode import evaluate_split
+from harma.metrics import METRIC_KEYS
+from tests.conftest import TINY_NAME, perturb_, tiny_config
+from tests.test_encode import write_split
+from training.evaluate import main
+
+ROW_KEYS = set(METRIC_KEYS) | {"gap", "num_images", "num_captions", "checkpoint", "data", "split", "method"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Dataset folder, base-weights file, a perturbed HarMA adapter dir, and the reference models."""
+    tmp = tmp_path_factory.mktemp("evalcli")
+    data = write_split(tmp / "data", n_images=10)
+    torch.manual_seed(0)
+    base = tmp / "base.safetensors"
+    save_file(open_clip.create_model(TINY_NAME).state_dict(), str(base))
+    cfg = dataclasses.replace(tiny_config(), base_weights=str(base))
+    model, _, transform, tokenizer = create_model(cfg)
+    perturb_(model)
+    adapters = save_adapters(model, tmp / "adapters")
+    zeroshot = create_model(dataclasses.replace(cfg, method="zeroshot"))[0]
+    return dict(tmp=tmp, data=data, base=base, cfg=cfg, model=model, zeroshot=zeroshot,
+                adapters=adapters, transform=transform, tokenizer=tokenizer)
+
+
+def _args(checkpoint, data, out, *extra):
+    return ["--checkpoint", str(checkpoint), "--data", str(data), "--json", str(out), "--num-workers", "0",
+            "--batch-size", "4", *extra]
+
+
+def _reference(model, split, s):
+    return evaluate_split(model, split, s["transform"], s["tokenizer"], batch_size=4).to_dict()
+
+
+def _assert_row_equal(row, ref):
+    for k in METRIC_KEYS:
+        assert row[k] == pytest.approx(ref[k], abs=1e-9), k
+    assert row["num_images"] == ref["num_images"] and row["num_captions"] == ref["num_captions"]
+    assert row["gap"].keys() == ref["gap"].keys()
+    for k, v in ref["gap"].items():
+        assert row["gap"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
+def test_adapter_dir_with_baseline(setup, tmp_path, capsys):
+    s = setup
+    out = tmp_path / "sub" / "eval.json"
+    assert main(_args(s["adapters"], s["data"], out, "--split", "train", "--baseline")) == 0
+    res = json.loads(out.read_text())
+    assert ROW_KEYS <= set(res) and ROW_KEYS <= set(res["baseline"])
+    assert res["method"] == "harma" and res["baseline"]["method"] == "zeroshot"
+    assert res["split"] == "train" and res["num_images"] == 10 and res["num_captions"] == 50
+    assert Path(res["checkpoint"]) == s["adapters"].resolve()
+    for k in ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy"):
+        assert isinstance(res["gap"][k], float)
+
+    split = load_split(s["data"], "train")
+    _assert_row_equal(res, _reference(s["model"], split, s))
+    _assert_row_equal(res["baseline"], _reference(s["zeroshot"], split, s))
+    assert res["gap"]["centroid_distance"] != pytest.approx(res["baseline"]["gap"]["centroid_distance"])
+
+    printed = capsys.readouterr().out
+    assert "adapter directory" in printed
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if "i2t R@1" in line)
+    assert lines[header + 1].startswith("baseline") and lines[header + 2].startswith("adapted")
+    assert any("linear_probe_accuracy" in line for line in lines)
+
+
+def test_run_folder_best_then_last_and_carved_split(setup, tmp_path, capsys):
+    s = setup
+    run = tmp_path / "run"
+    save_adapters(s["model"], run / "last" / "adapters")
+    (run / "last" / "state.pt").write_bytes(b"")
+    out = tmp_path / "last.json"
+    assert main(_args(run, s["data"], out, "--split", "train:val", "--val-fraction", "0.3", "--carve-seed", "1")) == 0
+    res = json.loads(out.read_text())
+    assert Path(res["checkpoint"]) == (run / "last" / "adapters").resolve()
+    assert "(last;" in capsys.readouterr().out
+    _, val = carve_split(load_split(s["data"], "train"), 0.3, 1)
+    assert res["num_images"] == val.num_images == 3 and res["split"] == "train:val"
+    _assert_row_equal(res, _reference(s["model"], val, s))
+
+    save_adapters(s["model"], run / "best")
+    assert main(_args(run, s["data"], out, "--split", "train:train")) == 0  # default carving 0.1 / seed 0
+    res = json.loads(out.read_text())
+    assert Path(res["checkpoint"]) == (run / "best").resolve()
+    assert "(best;" in capsys.readouterr().out
+    assert res["num_images"] == 9 and "baseline" not in res
+
+
+def test_full_method_baseline_is_original_backbone(setup, tmp_path):
+    """A ``full`` checkpoint carries a changed backbone; the baseline row must not use it."""
+    s = setup
+    full, _, _, _ = create_model(dataclasses.replace(s["cfg"], method="full"))
+    perturb_(full, seed=3)
+    ckpt = save_adapters(full, tmp_path / "full")
+    out = tmp_path / "full.json"
+    assert main(_args(ckpt, s["data"], out, "--split", "train", "--baseline")) == 0
+    res = json.loads(out.read_text())
+    split = load_split(s["data"], "train")
+    _assert_row_equal(res, _reference(full, split, s))
+    _assert_row_equal(res["baseline"], _reference(s["zeroshot"], split, s))
+
+
+def test_recorded_data_defaults(setup, tmp_path):
+    """``extra.data`` written by the trainer supplies dataset, split and carving when flags are absent."""
+    s = setup
+    ckpt = save_adapters(s["model"], tmp_path / "ad", extra={"data": {
+        "root": str(s["data"]), "val_split": None, "train_split": "train", "val_fraction": 0.3, "carve_seed": 1}})
+    out = tmp_path / "o.json"
+    assert main(["--checkpoint", str(ckpt), "--json", str(out), "--num-workers", "0"]) == 0
+    res = json.loads(out.read_text())
+    assert res["split"] == "train:val" and res["num_images"] == 3
+    assert res["carve"] == {"val_fraction": 0.3, "seed": 1}
+    assert main(["--checkpoint", str(ckpt), "--json", str(out), "--num-workers", "0", "--val-fraction", "0.5"]) == 0
+    assert json.loads(out.read_text())["num_images"] == 5  # the flag wins
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "not_adapter_dir", "bad_json", "missing_data", "unknown_split",
+                                  "bad_split_form", "missing_base_weights", "bad_base_weights", "no_data"])
+def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, capsys, case):
+    s = setup
+    ckpt, data, split, extra = s["adapters"], s["data"], "train", []
+    if case == "missing_ckpt":
+        ckpt, expect = tmp_path / "nope", "does not exist"
+    elif case == "not_adapter_dir":
+        ckpt, expect = tmp_path, "adapter_config.json"
+    elif case == "bad_json":
+        ckpt = tmp_path / "ad"
+        ckpt.mkdir()
+        (ckpt / "adapter_config.json").write_text("{broken")
+        expect = "invalid JSON"
+    elif case == "missing_data":
+        data, expect = tmp_path / "nodata", "does not exist"
+    elif case == "unknown_split":
+        split, expect = "test", "test"
+    elif case == "bad_split_form":
+        split, expect = "train:holdout", "train:val"
+    elif case == "missing_base_weights":
+        extra, expect = ["--base-weights", str(tmp_path / "gone.safetensors")], "not found"
+    elif case == "bad_base_weights":
+        bad = tmp_path / "bad.safetensors"
+        save_file({"x": torch.zeros(1)}, str(bad))
+        extra, expect = ["--base-weights", str(bad)], "bad.safetensors"
+    else:  # no --data and nothing recorded
+        argv = ["--checkpoint", str(ckpt), "--split", "train"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--data is required" in err and "Traceback" not in err
+        return
+    assert main(_args(ckpt, data, tmp_path / "o.json", "--split", split, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and expect in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "o.json").exists()

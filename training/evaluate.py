@@ -1,0 +1,235 @@
+"""Evaluate saved adapters (and optionally the zero-shot backbone) on one retrieval split.
+
+    python -m training.evaluate --checkpoint runs/ucm-harma --data /data/ucm --split train:val \\
+        --json runs/ucm-harma/eval_val.json --baseline
+
+``--checkpoint`` is an adapter directory or a run folder (``RUN/best/``, else ``RUN/last/adapters/``).
+``--split NAME`` loads that split; ``--split train:val`` / ``train:train`` carves a seeded validation
+split from train as the trainer does for datasets without a val file. Protocol: method.md §0.7, §4.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from harma import BaseWeightsError, CheckpointError, ConfigError, ModelConfig, create_model, load_adapters
+from harma.checkpoint import CONFIG_NAME, atomic_write_bytes, read_adapter_config
+from harma.config import from_dict
+from harma.data import DatasetError, RetrievalSplit, carve_split, load_split
+from harma.encode import EvalResult, evaluate_split
+from harma.metrics import format_table
+
+GAP_COLUMNS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
+DEFAULTS = {"val_fraction": 0.1, "carve_seed": 0, "clean_captions": True, "max_words": 30}
+
+
+class CliError(Exception):
+    """A user-facing problem: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="adapter directory, or a run folder (uses best/, else last/adapters/)")
+    p.add_argument("--data", help="dataset folder (default: the one recorded in the checkpoint)")
+    p.add_argument("--split", help="split name, or train:val / train:train to carve val from train "
+                   "(default: the checkpoint's validation split)")
+    p.add_argument("--json", dest="json_out", help="write the results here (atomically)")
+    p.add_argument("--baseline", action="store_true", help="also evaluate the backbone without adapters (zero-shot)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch (captions: twice this)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--base-weights", help="local path of the base-weights file, if it moved")
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
+    p.add_argument("--no-clean-captions", dest="clean_captions", action="store_false", default=None,
+                   help="score raw captions (default: cleaned as in the released code)")
+    p.add_argument("--val-fraction", type=float, help="fraction of train images carved as val (default 0.1)")
+    p.add_argument("--carve-seed", type=int, help="seed of the val carving (default 0)")
+    return p
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """Adapter directory to load and what it is: ``"adapter directory"``, ``"best"`` or ``"last"``."""
+    path = Path(path)
+    if not path.exists():
+        raise CliError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CliError(f"checkpoint {path} is not a folder (expected an adapter directory or a run folder)")
+    if (path / CONFIG_NAME).is_file():
+        return path, "adapter directory"
+    for sub, kind in (("best", "best"), (Path("last") / "adapters", "last")):
+        if (path / sub / CONFIG_NAME).is_file():
+            return path / sub, kind
+    raise CliError(f"checkpoint {path}: no {CONFIG_NAME} in it, in {path / 'best'} or in "
+                   f"{path / 'last' / 'adapters'} (is this an adapter directory or a run folder?)")
+
+
+def data_defaults(meta: dict[str, Any]) -> dict[str, Any]:
+    """Data settings the trainer recorded under ``extra.data`` (or ``extra.config.data``), if any."""
+    extra = meta.get("extra") or {}
+    data = extra.get("data")
+    if not isinstance(data, dict):
+        data = (extra.get("config") or {}).get("data") if isinstance(extra.get("config"), dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def resolve_split(root: str | Path, spec: str, val_fraction: float, seed: int) -> RetrievalSplit:
+    """Load ``spec`` (a split name, or ``NAME:val`` / ``NAME:train`` carved from split NAME)."""
+    if ":" not in spec:
+        return load_split(root, spec)
+    base, part = spec.split(":", 1)
+    if not base or part not in ("train", "val"):
+        raise CliError(f"--split {spec!r}: expected NAME, NAME:val or NAME:train (e.g. train:val)")
+    try:
+        train, val = carve_split(load_split(root, base), val_fraction, seed)
+    except DatasetError:
+        raise
+    except ValueError as e:  # bad fraction, too few images
+        raise CliError(f"--split {spec}: {e}") from None
+    return val if part == "val" else train
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def format_gap_table(rows: dict[str, EvalResult]) -> str:
+    """The headline modality-gap numbers, one line per row, 4 decimals."""
+    label = max(len(n) for n in rows)
+    width = max(len(c) for c in GAP_COLUMNS)
+    lines = [f"{'':<{label}} | " + " ".join(c.rjust(width) for c in GAP_COLUMNS)]
+    for name, res in rows.items():
+        cells = [f"{res.gap[c]:.4f}" if c in res.gap else "-" for c in GAP_COLUMNS]
+        lines.append(f"{name:<{label}} | " + " ".join(c.rjust(width) for c in cells))
+    return "\n".join(lines)
+
+
+def _run(model: torch.nn.Module, split: RetrievalSplit, transform, tokenizer, args: argparse.Namespace,
+         device: torch.device, label: str) -> EvalResult:
+    from tqdm import tqdm
+
+    total = split.num_images + split.num_captions
+    with tqdm(total=total, desc=f"encode {label}", unit="item", file=sys.stderr, dynamic_ncols=True) as bar:
+        return evaluate_split(
+            model, split, transform, tokenizer, clean_captions=args.clean_captions, max_words=args.max_words,
+            batch_size=args.batch_size, device=device, num_workers=args.num_workers,
+            progress=lambda done, _: bar.update(done - bar.n),
+        )
+
+
+def _load(directory: Path, device: torch.device, base_weights: Optional[str]):
+    try:
+        return load_adapters(directory, device=device, base_weights=base_weights)
+    except (CheckpointError, BaseWeightsError, ConfigError):
+        raise
+    except (ValueError, OSError) as e:  # e.g. an open_clip model name this install does not know
+        raise CheckpointError(f"{directory}: cannot build the model: {e}") from None
+    except Exception as e:  # safetensors' own error type for a corrupt weights file
+        if type(e).__name__ == "SafetensorError":
+            raise CheckpointError(f"{directory}: unreadable weights file: {e}") from None
+        raise
+
+
+def _baseline(meta: dict, device: torch.device, base_weights: Optional[str]):
+    """The original backbone (pretrained tag / base weights) with no adapters."""
+    cfg: ModelConfig = from_dict(ModelConfig, meta["model"], "model")
+    cfg.method = "zeroshot"
+    if base_weights is not None:
+        cfg.base_weights = base_weights
+    return create_model(cfg, device)
+
+
+def _row(res: EvalResult, **info: Any) -> dict[str, Any]:
+    return {**res.to_dict(), **info}
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    return obj
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Resolve inputs, evaluate, print the tables; returns the JSON-ready results."""
+    directory, kind = resolve_checkpoint(args.checkpoint)
+    meta = read_adapter_config(directory)
+    recorded = data_defaults(meta)
+    for key, default in DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, recorded.get(key, default))
+    if args.data is None:
+        root = recorded.get("root")
+        if not root or root == "synthetic":
+            raise CliError("--data is required (the checkpoint records no dataset folder)")
+        args.data = root
+    if args.split is None:
+        val = recorded.get("val_split", "val") if recorded else "val"
+        args.split = val if val else f"{recorded.get('train_split', 'train')}:val"
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise CliError("--batch-size must be >= 1 and --num-workers >= 0")
+    device = pick_device(args.device)
+
+    print(f"checkpoint: {directory} ({kind}; method {meta['method']})", flush=True)
+    split = resolve_split(args.data, args.split, args.val_fraction, args.carve_seed)
+    if split.num_captions == 0:
+        raise CliError(f"{split.name}: the split has no captions, so retrieval cannot be evaluated")
+    print(f"split: {split.name} ({split.num_images} images, {split.num_captions} captions)", flush=True)
+
+    info = {"data": str(Path(args.data).resolve()), "split": args.split}
+    model, _, transform, tokenizer = _load(directory, device, args.base_weights)
+    adapted = _run(model, split, transform, tokenizer, args, device, "adapted")
+    del model
+    rows: dict[str, EvalResult] = {}
+    out = _row(adapted, checkpoint=str(directory.resolve()), method=meta["method"], **info)
+    out["checkpoint_kind"] = kind
+    out["clean_captions"] = bool(args.clean_captions)
+    if ":" in args.split:
+        out["carve"] = {"val_fraction": args.val_fraction, "seed": args.carve_seed}
+    if args.baseline:
+        base_model, _, base_transform, base_tokenizer = _baseline(meta, device, args.base_weights)
+        rows["baseline"] = _run(base_model, split, base_transform, base_tokenizer, args, device, "baseline")
+        out["baseline"] = _row(rows["baseline"], checkpoint=None, method="zeroshot", **info)
+        del base_model
+    rows["adapted"] = adapted
+    print(format_table({name: r.metrics for name, r in rows.items()}))
+    print(format_gap_table(rows))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = evaluate(args)
+        if args.json_out:
+            path = Path(args.json_out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, (json.dumps(_json_safe(out), indent=2) + "\n").encode())
+            print(f"wrote {path}")
+    except (CliError, DatasetError, CheckpointError, BaseWeightsError, ConfigError, OSError) as e:
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
