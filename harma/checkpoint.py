@@ -176,6 +176,10 @@ def _register_saved_arch(base: dict) -> None:
 
     from .model import register_model_config
 
+    from .presets import ARCHS, register_project_models, resolve_arch
+
     name, arch = base.get("model_name"), base.get("model_cfg")
-    if arch and name not in open_clip.list_models():
-        register_model_config(name, arch)
+    if name in ARCHS:
+        register_project_models()
+    elif arch and name not in open_clip.list_models():
+        register_model_config(name, resolve_arch(arch))

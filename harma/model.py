@@ -150,15 +150,22 @@ class HarmaModel(nn.Module):
 
 
 def model_arch_config(model_name: str) -> Optional[dict]:
+    """The open_clip architecture dict, with installed-package paths in portable ``pkg:`` form."""
     import open_clip
 
-    return open_clip.get_model_config(model_name)
+    from .presets import portable_arch
+
+    return portable_arch(open_clip.get_model_config(model_name))
 
 
 def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Create the open_clip backbone with its base weights; returns the model and its identity."""
     import open_clip
 
+    from .presets import ARCHS, register_project_models
+
+    if cfg.model_name in ARCHS and cfg.model_name not in open_clip.list_models():
+        register_project_models()
     if cfg.model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.model_name!r}; see open_clip.list_models() "
                          "or register a config with harma.register_model_config()")
@@ -168,10 +175,23 @@ def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
     if cfg.base_weights:
         from .weights import load_base_weights
 
+        _check_base_checkpoint_model(cfg)
         report = load_base_weights(clip, cfg.base_weights)
         info.update(base_weights=str(cfg.base_weights), base_weights_sha256=report.sha256)
         log.info("loaded %d base tensors from %s", report.loaded, cfg.base_weights)
     return clip, info
+
+
+def _check_base_checkpoint_model(cfg: ModelConfig) -> None:
+    """A checkpoint folder used as base weights must have been trained on the same architecture."""
+    import json
+    from pathlib import Path
+
+    meta_path = Path(cfg.base_weights) / "adapter_config.json"
+    if meta_path.is_file():
+        needed = json.loads(meta_path.read_text()).get("base", {}).get("model_name")
+        if needed and needed != cfg.model_name:
+            raise ValueError(f"{cfg.base_weights} was trained on {needed}, not {cfg.model_name}")
 
 
 def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[HarmaModel, Callable, Callable, Callable]:

@@ -83,10 +83,16 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_base_weights(clip: nn.Module, path: Union[str, Path], strict: bool = True) -> LoadReport:
     """Load ``path`` into an open_clip model (before adapters are injected).
 
+    ``path`` may also be a harma checkpoint directory of method ``full`` (e.g. the project's
+    backbone): its tensors replace the backbone's; weights it does not hold (a text tower that was
+    locked during that run) keep what the architecture loaded (e.g. the pretrained MiniLM).
+
     Raises:
         BaseWeightsError: unreadable file, or (when ``strict``) any missing, unexpected or
             shape-mismatched key; the message lists up to 10 of each.
     """
+    if Path(path).is_dir():
+        return _load_full_checkpoint(clip, Path(path))
     sd = read_state_dict(path)
     own = clip.state_dict()
     missing = sorted(k for k in own if k not in sd and k not in IGNORED_KEYS)
@@ -106,3 +112,28 @@ def load_base_weights(clip: nn.Module, path: Union[str, Path], strict: bool = Tr
     clip.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     return report
+
+
+def _load_full_checkpoint(clip: nn.Module, directory: Path) -> LoadReport:
+    import json
+
+    from safetensors.torch import load_file
+
+    config, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not config.is_file() or not weights.is_file():
+        raise BaseWeightsError(f"{directory}: a base-weights folder must hold adapter_config.json and "
+                               "adapter_model.safetensors (a checkpoint of method 'full')")
+    method = json.loads(config.read_text()).get("method")
+    if method != "full":
+        raise BaseWeightsError(f"{directory}: base weights must come from a 'full' checkpoint, this one is {method!r}")
+    sd = {k[len("clip."):]: v for k, v in load_file(str(weights)).items() if k.startswith("clip.")}
+    own = clip.state_dict()
+    unexpected = sorted(k for k in sd if k not in own)
+    mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in sd if k in own and sd[k].shape != own[k].shape)
+    if unexpected or mismatched:
+        raise BaseWeightsError(f"{directory} does not match {type(clip).__name__}: unexpected {unexpected[:10]}, "
+                               f"shape mismatch {mismatched[:10]}")
+    clip.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    missing = sorted(k for k in own if k not in sd)
+    return LoadReport(str(directory), file_sha256(weights), len(sd), missing=missing)

