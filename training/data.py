@@ -1,0 +1,156 @@
+"""Training data from a ``DataConfig``: the train/val(/test) splits, transforms and the train loader.
+
+Model selection uses a validation split, never the test split (method.md §7.13): a named one
+(RSITMD/RSICD ``val``) or, for datasets without one (UCM), a seeded image-level carve of train.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from harma.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DatasetError,
+    PairDataset,
+    RetrievalSplit,
+    carve_split,
+    clean_caption,
+    eval_transform,
+    load_split,
+    train_transform,
+)
+from training.config import DataConfig
+from training.sampler import ResumableBatchSampler, SeededDataset
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class Splits:
+    """The splits of one run and where they came from (stored with the best checkpoint)."""
+
+    train: RetrievalSplit
+    val: RetrievalSplit
+    test: Optional[RetrievalSplit]
+    root: Path
+
+    def info(self, cfg: DataConfig) -> dict[str, Any]:
+        """JSON-ready provenance: the data config with the resolved dataset folder, and the sizes;
+        enough for ``training.evaluate`` to rebuild exactly these splits."""
+        from harma.config import to_dict
+
+        return {**to_dict(cfg), "root": str(self.root.resolve()), "root_config": cfg.root,
+                "sizes": {name: [s.num_images, s.num_captions] for name, s in
+                          (("train", self.train), ("val", self.val), ("test", self.test)) if s is not None}}
+
+
+def prepare_root(cfg: DataConfig, run_dir: Path, seed: int, write: bool) -> Path:
+    """The dataset folder; for ``root: synthetic`` a generated dataset under ``<run_dir>/synthetic``.
+
+    Args:
+        cfg: data section.
+        run_dir: the run folder (synthetic data lives there, so a run is self-contained).
+        seed: generation seed of the synthetic images.
+        write: generate the synthetic dataset if missing (main rank only; others wait at a barrier).
+    """
+    if cfg.root != SYNTHETIC:
+        if not cfg.root:
+            raise DatasetError("data.root is empty: set it to a dataset folder or to 'synthetic'")
+        root = Path(cfg.root).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"data.root={cfg.root}: no such folder")
+        return root
+    root = run_dir / SYNTHETIC
+    if write:  # a no-op when the folder already holds this exact dataset (e.g. on resume)
+        from harma.data.synthetic import write_synthetic_dataset
+
+        write_synthetic_dataset(root, n_images=cfg.synthetic_images, seed=seed)
+    return root
+
+
+def _load(root: Path, cfg: DataConfig, split: str, role: str) -> RetrievalSplit:
+    try:
+        out = load_split(root, split, format=cfg.format)
+    except DatasetError as e:
+        hint = " (or data.val_split=null to carve a validation split from train)" if role == "val" else ""
+        raise DatasetError(f"data.{role}_split={split!r}: {e}{hint}") from None
+    if out.num_captions == 0:
+        raise DatasetError(f"data.{role}_split={split!r}: {out.name} has no captions; "
+                           "training needs image-caption pairs")
+    return out
+
+
+def build_splits(cfg: DataConfig, root: Path) -> Splits:
+    """Load train, val (named or carved from train) and the optional test split."""
+    train = _load(root, cfg, cfg.train_split, "train")
+    if cfg.val_split is None:
+        train, val = carve_split(train, cfg.val_fraction, cfg.carve_seed)
+    else:
+        if cfg.val_split == cfg.train_split:
+            raise DatasetError(f"data.val_split equals data.train_split ({cfg.train_split!r}); "
+                               "use data.val_split=null to carve a disjoint validation split")
+        val = _load(root, cfg, cfg.val_split, "val")
+    test = _load(root, cfg, cfg.test_split, "test") if cfg.test_split else None
+    return Splits(train=train, val=val, test=test, root=root)
+
+
+def image_spec(clip: torch.nn.Module) -> tuple[int, tuple, tuple]:
+    """(image size, mean, std) of an open_clip model's image tower (as ``harma.create_model``)."""
+    pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
+    size = clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return size, tuple(pp.get("mean", CLIP_MEAN)), tuple(pp.get("std", CLIP_STD))
+
+
+def build_transforms(augment: str, clip: torch.nn.Module) -> tuple[Callable, Callable]:
+    """(train transform, eval transform) for ``data.augment``: released | rotations | none."""
+    size, mean, std = image_spec(clip)
+    evaluate = eval_transform(size, mean, std)
+    if augment == "none":
+        return evaluate, evaluate
+    return train_transform(size, mean, std, rotations=augment == "rotations"), evaluate
+
+
+def caption_fn(cfg: DataConfig) -> Optional[Callable[[str], str]]:
+    """The released ``pre_caption`` (lower-case, no punctuation, ``max_words``), or None (raw)."""
+    return functools.partial(clean_caption, max_words=cfg.max_words) if cfg.clean_captions else None
+
+
+class Collate:
+    """Stack images, tokenise captions (in the worker, off the training process) and keep image ids."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch: list[tuple[torch.Tensor, str, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, captions, ids = zip(*batch)
+        return torch.stack(images), self.tokenizer(list(captions)), torch.tensor(ids, dtype=torch.long)
+
+
+def build_train_loader(split: RetrievalSplit, transform: Callable, tokenizer: Callable, cfg: DataConfig, *,
+                       batch_size: int, world_size: int, rank: int, seed: int,
+                       pin_memory: bool = False) -> tuple[DataLoader, ResumableBatchSampler]:
+    """The train loader and its sampler (call ``sampler.set_epoch(epoch, start_step)`` per epoch).
+
+    Yields ``(images (B,3,H,W), tokens (B,77), image_ids (B,))``; ``image_ids`` index the train
+    split's images and are the soft-target ids of the contrastive loss.
+    """
+    dataset = SeededDataset(PairDataset(split, transform, caption_fn(cfg)), seed)
+    sampler = ResumableBatchSampler(len(dataset), batch_size, world_size=world_size, rank=rank, seed=seed)
+    if sampler.steps_per_epoch == 0:
+        raise DatasetError(f"{split.name}: {len(dataset)} training pairs are fewer than one global batch "
+                           f"({batch_size} x {world_size} processes); lower run.batch_size")
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=Collate(tokenizer),
+        pin_memory=pin_memory,
+        # own generator: creating an iterator must not draw from the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(seed + rank),
+    )
+    return loader, sampler
