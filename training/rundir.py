@@ -1,0 +1,113 @@
+"""The run folder: where a run lives, whether it may be reused, its ``config.yaml`` and ``metrics.jsonl``.
+
+Layout of ``<run.out_dir>/<run.name>/``::
+
+    config.yaml        resolved TrainConfig (rewritten on resume)
+    metrics.jsonl      one JSON line per evaluated epoch
+    best/              adapters with the best validation mR (adapter_config.json + safetensors)
+    last/adapters/     adapters of the latest checkpoint
+    last/state.pt      optimiser, scheduler, counters, RNG states (for run.resume)
+    test_metrics.json  best/ on data.test_split, if set (report only, never used for selection)
+    synthetic/         generated dataset, when data.root is "synthetic"
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from harma.checkpoint import atomic_write_bytes
+from training.config import TrainConfig, config_to_yaml
+from training.state import config_differences, find_last
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.yaml"
+# A folder holding none of these has no training results (e.g. a run that failed during setup)
+# and may be reused without run.resume.
+RESULTS = (METRICS_NAME, "last", "best", ".last.old", "test_metrics.json")
+
+
+class RunError(ValueError):
+    """The run folder cannot be used as asked (exists without resume, nothing to resume, mismatch)."""
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    last: Optional[Path]  # checkpoint folder to resume from; None = start fresh
+    by_path: bool  # run.resume named the folder explicitly
+
+
+def default_name(config_path: Optional[str], cfg: TrainConfig) -> str:
+    stem = Path(config_path).stem if config_path else "run"
+    return f"{stem}-{cfg.model.method}"
+
+
+def plan_run(cfg: TrainConfig, config_path: Optional[str]) -> RunPlan:
+    """Decide the run folder and whether to resume (call on the main rank only: it may rename
+    an interrupted checkpoint swap back into place)."""
+    resume = cfg.run.resume
+    if resume not in ("never", "auto"):
+        run_dir = Path(resume).expanduser()
+        if not run_dir.is_dir():
+            raise RunError(f"run.resume={resume}: no such run folder (use run.resume=auto to continue "
+                           "the folder named by run.out_dir/run.name)")
+        last = find_last(run_dir)
+        if last is None:
+            raise RunError(f"run.resume={resume}: {run_dir} has no last/state.pt to resume from")
+        return RunPlan(run_dir, last, True)
+    run_dir = Path(cfg.run.out_dir).expanduser() / (cfg.run.name or default_name(config_path, cfg))
+    if resume == "auto":
+        return RunPlan(run_dir, find_last(run_dir) if run_dir.is_dir() else None, False)
+    if any((run_dir / name).exists() for name in RESULTS):
+        raise RunError(f"run folder {run_dir} already exists; pass run.resume=auto to continue it, "
+                       "or choose another run.name / run.out_dir")
+    return RunPlan(run_dir, None, False)
+
+
+def check_resumable(plan: RunPlan, cfg: TrainConfig) -> dict[str, Any]:
+    """The saved config of a resumed run; raises unless it equals ``cfg`` up to the resumable keys."""
+    from harma.config import to_dict
+
+    path = plan.run_dir / CONFIG_NAME
+    if not path.is_file():
+        raise RunError(f"{plan.run_dir}: has a checkpoint but no {CONFIG_NAME}; cannot check it belongs to this config")
+    saved = yaml.safe_load(path.read_text()) or {}
+    current = to_dict(cfg)
+    if plan.by_path:  # the folder is named by run.resume, so its name/out_dir may be given differently
+        for key in ("out_dir", "name"):
+            current["run"][key] = saved.get("run", {}).get(key)
+    diffs = config_differences(saved, current)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 6 else "")
+        raise RunError(f"{path}: the config differs from the run being resumed ({shown}); only "
+                       "run.epochs, run.max_steps, run.resume, data.num_workers and run.log_every may change")
+    return saved
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / CONFIG_NAME, config_to_yaml(cfg).encode())
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / METRICS_NAME, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trim_metrics(run_dir: Path, completed_epochs: int) -> None:
+    """On resume, drop lines of epochs that will run (again): partial or not yet checkpointed."""
+    kept = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= completed_epochs and not r.get("partial")]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    atomic_write_bytes(run_dir / METRICS_NAME, text.encode())
