@@ -156,6 +156,7 @@ def evaluate_split(
     num_workers: int = 0,
     progress: Optional[Progress] = None,
     gap: bool = True,
+    text_embeddings: Optional[torch.Tensor] = None,
 ) -> EvalResult:
     """Encode a whole split and score the full image x caption similarity matrix.
 
@@ -172,6 +173,8 @@ def evaluate_split(
         num_workers: DataLoader workers for image decoding.
         progress: ``progress(done, total)`` over images then captions (total = both counts).
         gap: also compute :func:`harma.gap.modality_gap` (needs >= 2 images and captions).
+        text_embeddings: precomputed normalised caption embeddings (N_txt, D) to use instead of
+            encoding the captions (a frozen text tower's features are the same every epoch).
 
     Returns:
         An :class:`EvalResult`.
@@ -193,8 +196,13 @@ def evaluate_split(
 
     img = encode_images(model, split.images, transform, batch_size=batch_size, device=device,
                         num_workers=num_workers, progress=img_progress)
-    txt = encode_texts(model, captions, tokenizer, batch_size=2 * batch_size, device=device,
-                       progress=txt_progress)
+    if text_embeddings is not None:
+        if text_embeddings.shape[0] != split.num_captions:
+            raise ValueError(f"{split.name}: {text_embeddings.shape[0]} text embeddings for {split.num_captions} captions")
+        txt = text_embeddings.float().cpu()
+    else:
+        txt = encode_texts(model, captions, tokenizer, batch_size=2 * batch_size, device=device,
+                           progress=txt_progress)
     sim = img @ txt.T  # (N_img, N_txt) cosine similarities
     metrics = retrieval_metrics(sim, split.text_to_image)
     diag = modality_gap(img, txt, split.text_to_image) if gap else {}

@@ -126,10 +126,13 @@ class HarmaModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.clip.encode_text(tokens, normalize=normalize)
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor, augmented_views: bool = False) -> dict[str, Any]:
+    def forward(self, images: torch.Tensor, texts: Optional[torch.Tensor], augmented_views: bool = False,
+                text_features: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        """Normalised features of a batch. ``text_features`` (already normalised) replaces encoding
+        ``texts``; valid only when :attr:`text_is_frozen` (the trainer's text cache)."""
         out = {
             "image_features": self.encode_image(images),
-            "text_features": self.encode_text(texts),
+            "text_features": text_features if text_features is not None else self.encode_text(texts),
             "temperature": self.temperature,
         }
         if augmented_views:

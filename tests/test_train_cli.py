@@ -160,3 +160,18 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path, one_
     two = _adapters(tmp_path / "two" / "debug_tiny-harma" / "last" / "adapters")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
     assert any(t.abs().max() > 1e-3 for t in one.values())  # the adapters did move
+
+
+def test_locked_text_uses_cached_features_and_image_cache(tmp_path, one_thread):
+    """full + lock_text: text features computed once, images decoded once; only the image side is saved."""
+    out = tmp_path / "runs"
+    code = main(["--config", TINY, f"run.out_dir={out}", "run.name=locked", "model.method=full",
+                 "model.lock_text=true", "data.cache_images=40", *SMALL])
+    assert code == 0
+    caches = list((out / ".image_cache").glob("images-40px-*.npy"))
+    assert len(caches) == 1
+    saved = load_file(str(out / "locked" / "last" / "adapters" / "adapter_model.safetensors"))
+    assert saved and not any(k.startswith(("clip.transformer.", "clip.token_embedding")) for k in saved)
+    assert any(k.startswith("clip.visual.") for k in saved)
+    lines = (out / "locked" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "mR" in lines[0]

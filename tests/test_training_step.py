@@ -82,3 +82,21 @@ def test_lock_text_only_for_full():
 
     with pytest.raises(ConfigError, match="lock_text"):
         ModelConfig(method="harma", lock_text=True)
+
+
+def test_cached_text_features_equal_encoding_in_train_mode(tiny_inputs):
+    """The trainer's text cache is exact: a locked text tower gives the same features in train mode."""
+    from harma import ModelConfig
+    from harma.encode import encode_texts
+
+    torch.manual_seed(0)
+    model = HarmaModel(open_clip.create_model(TINY_NAME), ModelConfig(model_name=TINY_NAME, method="full",
+                                                                      lock_text=True))
+    images, tokens = tiny_inputs
+    captions = ["many planes parked at an airport", "a river crosses green farmland", "dense residential area",
+                "a stadium"]
+    cache = encode_texts(model, captions, open_clip.get_tokenizer(TINY_NAME))
+    model.train()
+    live = model(images, tokens)["text_features"]
+    cached = model(images, None, text_features=cache)["text_features"]
+    assert torch.allclose(live, cached, atol=1e-6)

@@ -31,12 +31,15 @@ class DataConfig:
     max_words: int = 30  # released caption cut
     augment: str = "released"  # released (crop+flip+RandAugment) | rotations (+90° turns, v-flip) | none
     num_workers: int = 2
+    cache_images: int = 0  # >0: decode train images once, resized to this side, into <out_dir>/.image_cache
     test_split: Optional[str] = None  # if set, the best checkpoint is evaluated on it at the end (report only)
     synthetic_images: int = 48  # size of the generated dataset when root == "synthetic"
 
     def __post_init__(self) -> None:
         if self.augment not in ("released", "rotations", "none"):
             raise ConfigError(f"data.augment={self.augment!r} is not one of released, rotations, none")
+        if self.cache_images < 0:
+            raise ConfigError("data.cache_images must be >= 0 (0 = off)")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("data.val_fraction must be in (0, 1)")
 

@@ -124,31 +124,36 @@ def caption_fn(cfg: DataConfig) -> Optional[Callable[[str], str]]:
 
 
 class Collate:
-    """Stack images, tokenise captions (in the worker, off the training process) and keep image ids."""
+    """Stack images, tokenise captions (in the worker, off the training process), keep image ids and
+    caption (sample) ids. With ``tokenize=False`` (text features cached) tokens are an empty tensor."""
 
-    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor], tokenize: bool = True) -> None:
+        self.tokenizer, self.tokenize = tokenizer, tokenize
 
-    def __call__(self, batch: list[tuple[torch.Tensor, str, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, captions, ids = zip(*batch)
-        return torch.stack(images), self.tokenizer(list(captions)), torch.tensor(ids, dtype=torch.long)
+    def __call__(self, batch: list[tuple[torch.Tensor, str, int, int]]) -> tuple[torch.Tensor, ...]:
+        images, captions, ids, caption_ids = zip(*batch)
+        tokens = self.tokenizer(list(captions)) if self.tokenize else torch.empty(0, dtype=torch.long)
+        return (torch.stack(images), tokens, torch.tensor(ids, dtype=torch.long),
+                torch.tensor(caption_ids, dtype=torch.long))
 
 
 def build_train_loader(split: RetrievalSplit, transform: Callable, tokenizer: Callable, cfg: DataConfig, *,
-                       batch_size: int, world_size: int, rank: int, seed: int,
-                       pin_memory: bool = False) -> tuple[DataLoader, ResumableBatchSampler]:
+                       batch_size: int, world_size: int, rank: int, seed: int, pin_memory: bool = False,
+                       images: Optional[Any] = None, tokenize: bool = True) -> tuple[DataLoader, ResumableBatchSampler]:
     """The train loader and its sampler (call ``sampler.set_epoch(epoch, start_step)`` per epoch).
 
-    Yields ``(images (B,3,H,W), tokens (B,77), image_ids (B,))``; ``image_ids`` index the train
-    split's images and are the soft-target ids of the contrastive loss.
+    Yields ``(images (B,3,H,W), tokens (B,L), image_ids (B,), caption_ids (B,))``; ``image_ids``
+    index the train split's images and are the soft-target ids of the contrastive loss;
+    ``caption_ids`` index its captions. ``images``: an optional decoded-image source
+    (:class:`harma.data.ImageCache`); ``tokenize=False`` when text features are cached.
     """
-    dataset = SeededDataset(PairDataset(split, transform, caption_fn(cfg)), seed)
+    dataset = SeededDataset(PairDataset(split, transform, caption_fn(cfg), images=images), seed)
     sampler = ResumableBatchSampler(len(dataset), batch_size, world_size=world_size, rank=rank, seed=seed)
     if sampler.steps_per_epoch == 0:
         raise DatasetError(f"{split.name}: {len(dataset)} training pairs are fewer than one global batch "
                            f"({batch_size} x {world_size} processes); lower run.batch_size")
     loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=Collate(tokenizer),
+        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=Collate(tokenizer, tokenize),
         pin_memory=pin_memory,
         # own generator: creating an iterator must not draw from the global RNG (exact resume)
         generator=torch.Generator().manual_seed(seed + rank),

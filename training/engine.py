@@ -41,6 +41,7 @@ class StepSettings:
     autocast_dtype: Optional[torch.dtype] = None  # torch.bfloat16 for bf16 autocast; None = fp32
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     augmented_views: bool = False  # PE-RSITR intra-modal terms need dropout-augmented features
+    text_features: Optional[torch.Tensor] = None  # (N_captions, D) cached features of a frozen text tower
     slow_step_s: float = 0.0  # test hook (HARMA_TEST_SLOW_STEP_S): sleep after every step
 
 
@@ -95,7 +96,7 @@ def train_step(model: nn.Module, batch: tuple[torch.Tensor, ...], loss_fn: nn.Mo
 
     Args:
         model: the (possibly DDP-wrapped) ``HarmaModel``.
-        batch: ``(images, tokens, image_ids)`` from the train loader.
+        batch: ``(images, tokens, image_ids, caption_ids)`` from the train loader.
         global_step: number of steps done before this one (for error messages).
 
     Returns:
@@ -104,9 +105,10 @@ def train_step(model: nn.Module, batch: tuple[torch.Tensor, ...], loss_fn: nn.Mo
     Raises:
         NonFiniteLossError: before the backward pass, so the parameters are left as they were.
     """
-    images, tokens, image_ids = (t.to(settings.device, non_blocking=True) for t in batch)
+    images, tokens, image_ids, caption_ids = (t.to(settings.device, non_blocking=True) for t in batch)
+    cached = settings.text_features[caption_ids] if settings.text_features is not None else None
     with _autocast(settings.device, settings.autocast_dtype):
-        out = model(images, tokens, augmented_views=settings.augmented_views)
+        out = model(images, tokens, augmented_views=settings.augmented_views, text_features=cached)
     # Loss in fp32 on the global batch: every rank sees all B*world pairs (released all-gather).
     feats = {k: gather_features(v.float()) for k, v in out.items() if k.endswith(("_features", "_features_aug"))}
     terms = loss_fn(**feats, temperature=out["temperature"].float(), image_ids=gather_tensor(image_ids))

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -19,8 +20,9 @@ from harma.checkpoint import atomic_write_bytes
 from harma.config import to_dict
 from harma.data import RetrievalSplit
 from harma.encode import evaluate_split
+from training.caches import image_cache, text_features
 from training.config import TrainConfig
-from training.data import Splits, build_train_loader, build_transforms
+from training.data import Splits, build_train_loader, build_transforms, caption_fn
 from training.distributed import DistInfo, barrier
 from training.engine import EpochResult, StepSettings, train_one_epoch
 from training.optim import build_optimizer, build_scheduler
@@ -50,9 +52,14 @@ class Trainer:
         self.main = dist.rank == 0
         self.model, self.tokenizer, self.splits = model, tokenizer, splits
         self.train_tf, self.eval_tf = build_transforms(cfg.data.augment, model.clip)
+        # Frozen text tower (full + lock_text): its features never change, so compute them once.
+        fn, bs = caption_fn(cfg.data), 2 * cfg.run.eval_batch_size
+        settings.text_features = text_features(model, splits.train, tokenizer, fn, bs, dist.device, "train")
+        self.val_text = text_features(model, splits.val, tokenizer, fn, bs, dist.device, "val")
         self.loader, self.sampler = build_train_loader(
             self.splits.train, self.train_tf, tokenizer, cfg.data, batch_size=cfg.run.batch_size,
-            world_size=dist.world_size, rank=dist.rank, seed=cfg.run.seed, pin_memory=dist.device.type == "cuda")
+            world_size=dist.world_size, rank=dist.rank, seed=cfg.run.seed, pin_memory=dist.device.type == "cuda",
+            images=image_cache(cfg, splits.train, self.main), tokenize=settings.text_features is None)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = cfg.run.epochs * self.steps_per_epoch
         if cfg.run.max_steps is not None:  # a capped run still warms up and decays over its own length
@@ -142,7 +149,7 @@ class Trainer:
     def _end_of_epoch(self, result: EpochResult) -> None:
         complete = result.steps >= self.steps_per_epoch
         if self.main:
-            val = self._evaluate(self.splits.val, "val")
+            val = self._evaluate(self.splits.val, "val", self.val_text)
             record = {"epoch": self.epoch + 1, "step": self.global_step, **({} if complete else {"partial": True}),
                       "train": result.loss, "lr": result.lr, "samples_per_s": round(result.samples_per_s, 2),
                       "epoch_s": round(result.seconds, 2), "val": val.metrics, "val_gap": val.gap}
@@ -177,13 +184,14 @@ class Trainer:
         write_last(self.model, self.run_dir / "last", state,
                    extra={"epoch": epoch, "step_in_epoch": progress.steps, "global_step": self.global_step})
 
-    def _evaluate(self, split: RetrievalSplit, name: str):
+    def _evaluate(self, split: RetrievalSplit, name: str, text_embeddings: Optional[torch.Tensor] = None):
         d = self.cfg.data
         with tqdm(total=split.num_images + split.num_captions, desc=name, leave=False, dynamic_ncols=True) as bar:
             return evaluate_split(self.model, split, self.eval_tf, self.tokenizer, clean_captions=d.clean_captions,
                                   max_words=d.max_words, batch_size=self.cfg.run.eval_batch_size,
                                   device=self.dist.device, num_workers=d.num_workers,
-                                  progress=lambda done, _total: bar.update(done - bar.n))
+                                  progress=lambda done, _total: bar.update(done - bar.n),
+                                  text_embeddings=text_embeddings)
 
     def _finish(self) -> None:
         best = self.run_dir / "best"

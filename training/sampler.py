@@ -105,7 +105,8 @@ def seeded_rng(seed: int) -> Iterator[None]:
 class SeededDataset(Dataset):
     """Wrap a map-style dataset so item ``(epoch, i)`` is produced under an RNG seeded from
     ``(seed, epoch, i)``: torchvision's random transforms draw from torch's global RNG, and the
-    right-angle rotation from Python's ``random``; both are seeded.
+    right-angle rotation from Python's ``random``; both are seeded. Items are ``(*base[i], i)``:
+    the sample index travels with the sample (the trainer's text-feature cache is indexed by it).
 
     Args:
         base: dataset indexed by sample index (e.g. :class:`harma.data.PairDataset`).
@@ -122,4 +123,4 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: SampleKey) -> Any:
         epoch, index = key
         with seeded_rng(mix_seed(self.seed, _AUGMENT_STREAM, epoch, index)):
-            return self.base[index]
+            return (*self.base[index], index)
