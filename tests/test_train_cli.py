@@ -170,6 +170,7 @@ def test_locked_text_uses_cached_features_and_image_cache(tmp_path, one_thread):
     assert code == 0
     caches = list((out / ".image_cache").glob("images-40px-*.npy"))
     assert len(caches) == 1
+    assert len(list((out / ".text_cache").glob("text-*.safetensors"))) == 2  # train and val captions
     saved = load_file(str(out / "locked" / "last" / "adapters" / "adapter_model.safetensors"))
     assert saved and not any(k.startswith(("clip.transformer.", "clip.token_embedding")) for k in saved)
     assert any(k.startswith("clip.visual.") for k in saved)

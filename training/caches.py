@@ -8,6 +8,8 @@ the same every time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -40,12 +42,42 @@ def image_cache(cfg: TrainConfig, split: RetrievalSplit, main: bool) -> Optional
 
 
 def text_features(model: HarmaModel, split: RetrievalSplit, tokenizer: Callable, caption_fn: Optional[Callable],
-                  batch_size: int, device: Any, desc: str) -> Optional[torch.Tensor]:
-    """Normalised features of every caption of ``split`` on ``device``, or None if the text tower trains."""
+                  batch_size: int, device: Any, desc: str, cache_dir: Optional[Path] = None) -> Optional[torch.Tensor]:
+    """Normalised features of every caption of ``split`` on ``device``, or None if the text tower trains.
+
+    With ``cache_dir`` the features are also kept on disk, keyed by the text tower's weights and
+    the exact captions, so a resumed or repeated run does not encode them again.
+    """
     if not model.text_is_frozen:
         return None
     captions = [caption_fn(c) for c in split.captions] if caption_fn else list(split.captions)
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"text-{_text_key(model, captions)}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(path))["features"].to(device)
     with tqdm(total=len(captions), desc=f"text features ({desc})", leave=False, dynamic_ncols=True) as bar:
         feats = encode_texts(model, captions, tokenizer, batch_size=batch_size, device=device,
                              progress=lambda d, _t: bar.update(d - bar.n))
+    if path is not None:
+        from safetensors.torch import save
+
+        from harma.checkpoint import atomic_write_bytes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, save({"features": feats.contiguous()}))
     return feats.to(device)
+
+
+def _text_key(model: HarmaModel, captions: list[str]) -> str:
+    """Hash of the frozen text tower's weights and the captions (what the features depend on)."""
+    from harma.inject import text_tower_parameters
+
+    h = hashlib.sha256(json.dumps(model.base_info, sort_keys=True, default=str).encode())
+    for p in text_tower_parameters(model.clip):
+        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])  # a fingerprint, not all 90 MB
+        h.update(str(tuple(p.shape)).encode())
+    h.update("\n".join(captions).encode())
+    return h.hexdigest()[:20]

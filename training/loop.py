@@ -53,9 +53,9 @@ class Trainer:
         self.model, self.tokenizer, self.splits = model, tokenizer, splits
         self.train_tf, self.eval_tf = build_transforms(cfg.data.augment, model.clip)
         # Frozen text tower (full + lock_text): its features never change, so compute them once.
-        fn, bs = caption_fn(cfg.data), 2 * cfg.run.eval_batch_size
-        settings.text_features = text_features(model, splits.train, tokenizer, fn, bs, dist.device, "train")
-        self.val_text = text_features(model, splits.val, tokenizer, fn, bs, dist.device, "val")
+        fn, bs, folder = caption_fn(cfg.data), 2 * cfg.run.eval_batch_size, Path(cfg.run.out_dir) / ".text_cache"
+        settings.text_features = text_features(model, splits.train, tokenizer, fn, bs, dist.device, "train", folder)
+        self.val_text = text_features(model, splits.val, tokenizer, fn, bs, dist.device, "val", folder)
         self.loader, self.sampler = build_train_loader(
             self.splits.train, self.train_tf, tokenizer, cfg.data, batch_size=cfg.run.batch_size,
             world_size=dist.world_size, rank=dist.rank, seed=cfg.run.seed, pin_memory=dist.device.type == "cuda",

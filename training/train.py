@@ -70,8 +70,12 @@ def _check_model(cfg: TrainConfig) -> None:
 
     if cfg.model.method == "zeroshot":
         raise ConfigError("model.method=zeroshot has no trainable parameters; evaluate it instead of training")
-    if cfg.model.base_weights and not Path(cfg.model.base_weights).expanduser().is_file():
-        raise ConfigError(f"model.base_weights={cfg.model.base_weights}: file not found")
+    if cfg.model.base_weights and not Path(cfg.model.base_weights).expanduser().exists():
+        raise ConfigError(f"model.base_weights={cfg.model.base_weights}: file or checkpoint folder not found")
+    from harma.presets import ARCHS, register_project_models
+
+    if cfg.model.model_name in ARCHS:
+        register_project_models()
     if cfg.model.model_name not in open_clip.list_models():
         raise ConfigError(f"model.model_name={cfg.model.model_name!r} is not an open_clip architecture "
                           f"(nor a JSON in {ARCH_DIR})")
