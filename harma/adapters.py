@@ -188,3 +188,22 @@ class ParallelAdapterBlock(_Wrapper):
 
     def __repr__(self) -> str:
         return f"harma.ParallelAdapterBlock[{self.modality}](\n  (base_layer): {self.base_layer!r}\n)"
+
+
+class ParallelAdapterBertOutput(_Wrapper):
+    """The MRS-Adapter in a HF BERT layer (e.g. MiniLM): wraps ``layer.output`` (``BertOutput``), whose
+    ``input_tensor`` is the post-attention stream: ``LN(dropout(dense(h)) + x + A(x))``."""
+
+    def __init__(self, base_layer: nn.Module, adapter: MRSAdapter, modality: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.modality = modality
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer
+        h = b.dropout(b.dense(hidden_states))
+        return b.LayerNorm(h + input_tensor + self.adapter(input_tensor, self.modality).to(h.dtype))
+
+    def __repr__(self) -> str:
+        return f"harma.ParallelAdapterBertOutput[{self.modality}](\n  (base_layer): {self.base_layer!r}\n)"

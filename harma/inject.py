@@ -16,7 +16,7 @@ from typing import Optional
 import torch.nn as nn
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
-from .adapters import MGA, GatedMLP, MMSAdapter, MRSAdapter, ParallelAdapterBlock, _Wrapper
+from .adapters import MGA, GatedMLP, MMSAdapter, MRSAdapter, ParallelAdapterBertOutput, ParallelAdapterBlock, _Wrapper
 from .config import HarmaConfig, MRSConfig
 
 
@@ -35,6 +35,7 @@ class Tower:
     batch_first: bool
     mlp_attr: tuple[str, ...] = ("mlp",)  # open_clip: block.mlp; HF BERT: layer.output.dense
     entry: Optional[nn.Module] = None  # module whose first input is the token sequence (open_clip transformer)
+    embeddings: Optional[nn.Module] = None  # HF: module whose output is the token sequence entering the layers
 
     @property
     def is_open_clip(self) -> bool:
@@ -70,7 +71,8 @@ def find_towers(clip: nn.Module) -> dict[str, Tower]:
         # open_clip HFTextEncoder (e.g. BERT/MiniLM): the MLP output is layer.output.dense, added to
         # the residual inside BertOutput's LayerNorm: the same seam HarMA adapts in CLIP blocks.
         towers["text"] = Tower("text", "text.transformer.encoder.layer", layers,
-                               clip.text.transformer.config.hidden_size, True, ("output", "dense"))
+                               clip.text.transformer.config.hidden_size, True, ("output", "dense"),
+                               embeddings=getattr(clip.text.transformer, "embeddings", None))
     return towers
 
 
@@ -102,7 +104,7 @@ def _require_towers(clip: nn.Module, wanted: tuple[str, ...]) -> list[Tower]:
             f"{type(clip).__name__}: cannot attach adapters ({detail}); HarMA needs open_clip transformer "
             "towers (`.transformer.resblocks`, ViT-* configs) or a BERT-style HF text tower (`encoder.layer`)"
         )
-    if any(isinstance(b, _Wrapper) or isinstance(t.get_mlp(i), _Wrapper)
+    if any(isinstance(b, _Wrapper) or isinstance(t.get_mlp(i), _Wrapper) or isinstance(getattr(b, "output", None), _Wrapper)
            for t in towers.values() for i, b in enumerate(t.blocks)):
         raise UnsupportedModelError("this model already has adapters; call remove_adapters() first")
     return [towers[t] for t in wanted]
@@ -163,14 +165,19 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig) -> tuple[list[str], Optional
 def inject_mrs(clip: nn.Module, cfg: MRSConfig) -> tuple[list[str], MRSAdapter]:
     """Wrap every block of both towers so one shared MRS-Adapter runs in parallel with each MLP."""
     image, text = _require_towers(clip, ("image", "text"))
-    if not text.is_open_clip:
-        raise UnsupportedModelError("the MRS-Adapter needs open_clip transformer blocks in both towers "
-                                    "(it reads the post-attention stream); this text tower is a HF model")
+    if not image.is_open_clip:
+        raise UnsupportedModelError("the MRS-Adapter needs an open_clip transformer image tower")
     adapter = MRSAdapter(image.width, text.width, cfg.bottleneck, cfg.shared_dim, cfg.dropout)
     adapter.to(device=image.blocks[0].ln_2.weight.device)  # kept fp32, as released
     names = []
     for tower in (image, text):
         for i, block in enumerate(tower.blocks):
+            if not tower.is_open_clip:  # HF BERT layer: BertOutput gets the post-attention stream
+                if not hasattr(block.output, "LayerNorm"):
+                    raise UnsupportedModelError(f"{tower.path}: MRS-Adapter needs BERT-style layers (output.LayerNorm)")
+                block.output = ParallelAdapterBertOutput(block.output, adapter, tower.name)
+                names.append(f"{tower.path}.{i}.output")
+                continue
             if type(block) is not ResidualAttentionBlock:
                 raise UnsupportedModelError(f"{tower.path}: MRS-Adapter needs ResidualAttentionBlock, got {type(block).__name__}")
             tower.blocks[i] = ParallelAdapterBlock(block, adapter, tower.name)
@@ -207,6 +214,9 @@ def remove_adapters(clip: nn.Module) -> int:
         for i, block in enumerate(tower.blocks):
             if isinstance(block, ParallelAdapterBlock):
                 tower.blocks[i] = block.base_layer
+                removed += 1
+            if isinstance(getattr(block, "output", None), ParallelAdapterBertOutput):
+                block.output = block.output.base_layer
                 removed += 1
             if isinstance(mlp := tower.get_mlp(i), GatedMLP):
                 tower.set_mlp(i, mlp.base_layer)

@@ -48,9 +48,14 @@ class HarmaModel(nn.Module):
         device = next(clip.parameters()).device
         self.temperature = nn.Parameter(torch.tensor(float(cfg.temperature_init), device=device))
         self._augment = False
-        # Token dropout for PE-RSITR's augmented views, applied where the token sequence enters a tower.
-        self._hooks = [t.entry.register_forward_pre_hook(self._token_dropout)
-                       for t in find_towers(clip).values() if cfg.method == "mrs" and t.entry is not None]
+        # Token dropout for PE-RSITR's augmented views, applied where the token sequence enters a tower:
+        # the input of an open_clip transformer, or the output of a HF model's embeddings.
+        self._hooks = []
+        for t in find_towers(clip).values() if cfg.method == "mrs" else []:
+            if t.entry is not None:
+                self._hooks.append(t.entry.register_forward_pre_hook(self._token_dropout))
+            elif t.embeddings is not None:
+                self._hooks.append(t.embeddings.register_forward_hook(self._token_dropout_output))
         self._trainable = self._select_trainable()
         self.requires_grad_(False)
         for p in self._trainable.values():
@@ -109,6 +114,11 @@ class HarmaModel(nn.Module):
         if not self._augment:
             return None
         return (F.dropout(args[0], self.config.mrs.aug_dropout, training=True),) + tuple(args[1:])
+
+    def _token_dropout_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self._augment:
+            return None
+        return F.dropout(output, self.config.mrs.aug_dropout, training=True)
 
     @contextlib.contextmanager
     def augmented(self) -> Iterator[None]:
@@ -201,7 +211,8 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[
     """open_clip-style factory: ``(model, preprocess_train, preprocess_val, tokenizer)``.
 
     The backbone comes from ``cfg.pretrained`` (an open_clip tag) and/or ``cfg.base_weights`` (a
-    local file), loaded *before* the adapters are injected. Preprocessing follows the released
+    local file), loaded *before* the adapters are injected. Random initialisation is seeded by
+    ``cfg.init_seed``. Preprocessing follows the released
     recipe (method.md §3): RandomResizedCrop + flip + RandAugment for training, a plain square
     bicubic resize for evaluation.
     """
@@ -209,8 +220,12 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[
 
     from .data.transforms import eval_transform, train_transform
 
-    clip, info = build_clip(cfg, device)
-    model = HarmaModel(clip, cfg, info)
+    # Seeded in a forked RNG: the same config always builds the same model (a random backbone of a
+    # saved run included), and building consumes nothing from the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        clip, info = build_clip(cfg, device)
+        model = HarmaModel(clip, cfg, info)
     pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = clip.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size

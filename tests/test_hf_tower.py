@@ -41,7 +41,7 @@ def _build(name, method="harma"):
     clip = open_clip.create_model(name, pretrained_hf=False)
     ref = open_clip.create_model(name, pretrained_hf=False)
     ref.load_state_dict(clip.state_dict())
-    cfg = ModelConfig(model_name=name, method=method,
+    cfg = ModelConfig(model_name=name, method=method, mrs={"bottleneck": 8, "shared_dim": 8},
                       harma={"bottleneck": 16, "attn_heads": 4, "mms_dim": 8, "mms_heads": 2})
     return ref.eval(), HarmaModel(clip, cfg).eval()
 
@@ -68,6 +68,27 @@ def test_identity_then_change_then_unload(hf_arch):
         assert torch.allclose(plain.encode_text(tokens, normalize=True), base_t, atol=1e-6)
 
 
-def test_mrs_refuses_hf_text_tower(hf_arch):
-    with pytest.raises(UnsupportedModelError, match="HF model"):
-        _build(hf_arch, method="mrs")
+def test_mrs_on_bert_layers(hf_arch):
+    """PE-RSITR's adapter reads the post-attention stream: BertOutput's input_tensor."""
+    from harma.adapters import ParallelAdapterBertOutput
+
+    ref, model = _build(hf_arch, method="mrs")
+    layers = model.clip.text.transformer.encoder.layer
+    assert all(isinstance(l.output, ParallelAdapterBertOutput) and l.output.adapter is model.mrs for l in layers)
+    assert model.mrs.down["text"].in_features == 48
+    tokens = open_clip.get_tokenizer(hf_arch)(["many planes parked at an airport", "a river"])
+    with torch.no_grad():
+        base_t = ref.encode_text(tokens, normalize=True)
+        assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-5)  # zero-init identity
+        with model.augmented():  # token dropout on the embeddings' output
+            assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
+        perturb_(model)
+        assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
+        plain = model.unload()
+        assert torch.allclose(plain.encode_text(tokens, normalize=True), base_t, atol=1e-6)
+
+
+def test_hf_tower_refuses_double_injection(hf_arch):
+    _, model = _build(hf_arch, method="mrs")
+    with pytest.raises(UnsupportedModelError, match="already has adapters"):
+        HarmaModel(model.clip, ModelConfig(model_name=hf_arch, method="mrs", mrs={"bottleneck": 8, "shared_dim": 8}))
