@@ -161,7 +161,7 @@ def load_adapters(directory: Union[str, Path], device: Union[str, torch.device] 
         cfg.base_weights = base_weights
     if pretrained != "__saved__":
         cfg.pretrained = pretrained
-    if cfg.base_weights and not Path(cfg.base_weights).is_file():
+    if cfg.base_weights and not Path(cfg.base_weights).exists():
         raise CheckpointError(f"{directory}: base weights {cfg.base_weights} not found on this machine; "
                               "pass base_weights=PATH (sha256 " + str(meta["base"].get("base_weights_sha256")) + ")")
     _register_saved_arch(meta["base"])

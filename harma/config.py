@@ -76,6 +76,7 @@ class ModelConfig:
     temperature_init: float = 0.07  # learnable divisor of the contrastive logits (released: raw, no exp)
     learn_temperature: bool = True  # released code trains it
     lock_text: bool = False  # full: keep the whole text tower frozen and in eval mode (open_clip --lock-text)
+    init_seed: int = 0  # seeds every random initialisation (adapters, random backbones) in create_model
     harma: HarmaConfig = field(default_factory=HarmaConfig)
     mrs: MRSConfig = field(default_factory=MRSConfig)
 
