@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError, load_adapter_weights, load_adapters, read_adapter_config, save_adapters
 from .config import ConfigError, HarmaConfig, ModelConfig, MRSConfig
+from .index import EmbeddingIndex, Retriever
 from .inject import UnsupportedModelError, find_towers, remove_adapters
 from .losses import HarmaLoss, LossConfig
 from .model import HarmaModel, build_clip, create_model, register_model_config
@@ -21,6 +22,7 @@ __all__ = [
     "BaseWeightsError",
     "CheckpointError",
     "ConfigError",
+    "EmbeddingIndex",
     "HarmaConfig",
     "HarmaLoss",
     "HarmaModel",
@@ -37,5 +39,6 @@ __all__ = [
     "read_adapter_config",
     "register_model_config",
     "remove_adapters",
+    "Retriever",
     "save_adapters",
 ]
