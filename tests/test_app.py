@@ -1,0 +1,226 @@
+"""``app.py`` handlers on a tiny checkpoint and a synthetic gallery: results, messages for bad input, caching.
+
+The tiny checkpoint is HarMA adapters (perturbed off their zero init) on a random tiny backbone saved as a
+base-weights file, so the app's baseline (same backbone, zero-shot) and adapted model differ. The setup is
+built once per test session and shared with ``test_app_api.py`` and ``test_app_browser.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import app
+from harma import create_model, save_adapters
+from harma.data import load_split, write_synthetic_dataset
+from harma.encode import evaluate_split
+from tests.conftest import TINY_NAME, perturb_, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request is a warning
+
+
+def tiny_setup(base: Path) -> dict:
+    """Synthetic gallery (24 train images, 2 captions each) and a tiny adapter directory, built once per folder."""
+    data, adapters, weights = base / "data", base / "adapters", base / "base.safetensors"
+    if not (base / "ready").is_file():
+        write_synthetic_dataset(data, n_images=24, captions_per_image=2, image_size=32)
+        torch.manual_seed(0)
+        save_file(open_clip.create_model(TINY_NAME).state_dict(), str(weights))
+        model = create_model(dataclasses.replace(tiny_config(), base_weights=str(weights)))[0]
+        perturb_(model)
+        save_adapters(model, adapters)
+        (base / "ready").touch()
+    config = app.AppConfig(data=str(data), split="train", checkpoint=str(adapters), cache_dir=str(base / "cache"))
+    return dict(base=base, data=data, adapters=adapters, weights=weights, config=config)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.getbasetemp() / "harma-app")
+
+
+@pytest.fixture(scope="module")
+def state(setup):
+    return app.AppState(setup["config"])
+
+
+def _scores(tiles):
+    return [float(re.match(r"#(\d+) · (-?[\d.]+)", caption).group(2)) for _, caption in tiles]
+
+
+def test_import_is_cheap_and_loads_no_model(setup, monkeypatch):
+    """Executing app.py (its dependencies already imported) builds the UI only: no model, no UMAP."""
+    calls = []
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: calls.append(a))
+    monkeypatch.setenv("HARMA_DATA", str(setup["data"]))
+    monkeypatch.setenv("HARMA_CHECKPOINT", str(setup["adapters"]))
+    had_umap = "umap" in sys.modules
+    spec = importlib.util.spec_from_file_location("app_fresh", Path(app.__file__))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "app_fresh", module)  # dataclasses look their module up
+    t0 = time.perf_counter()
+    spec.loader.exec_module(module)
+    elapsed = time.perf_counter() - t0
+    assert calls == [] and module.demo.harma_state._models == {} and module.demo.harma_state._galleries == {}
+    assert had_umap or "umap" not in sys.modules
+    assert elapsed < 5, f"executing app.py took {elapsed:.1f}s"
+    assert module.demo.harma_state.default_model == f"checkpoint:{setup['adapters'].resolve()}"
+
+
+def test_parse_args_overrides_env(monkeypatch):
+    monkeypatch.setenv("HARMA_DATA", "/from/env")
+    monkeypatch.setenv("HARMA_UMAP_POINTS", "50")
+    cfg, args = app.parse_args(["--checkpoint", "ck", "--port", "7000"])
+    assert cfg.data == "/from/env" and cfg.checkpoint == "ck" and cfg.umap_points == 50 and args.port == 7000
+    assert app.parse_args(["--data", "d"])[0].data == "d"
+
+
+def test_missing_default_checkpoints_and_no_dataset_are_messages(tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "ROOT", tmp_path)  # a checkout without checkpoints/
+    st = app.AppState(app.AppConfig(cache_dir=str(tmp_path / "cache")))
+    assert st.default_model == "preset:rs-minilm-harma"
+    status = app.status_text(st, None, st.default_gallery)
+    assert "checkpoints/rs-backbone" in status and "checkpoints/ucm-harma" in status and "README" in status
+    assert "--checkpoint" in status and "No gallery yet" in status and "--data" in status
+    base, adapted, msg = app.search_text(st, "many planes parked at an airport", 5, None, "")
+    assert base == [] and adapted == [] and msg.startswith("⚠️") and "--data" in msg
+    st.default_gallery = "data"
+    st.config.data = str(tmp_path / "data")  # a gallery exists now; the model is what is missing
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a.png")
+    _, _, msg = app.search_text(st, "planes", 5, None, "data")
+    assert "checkpoints/ucm-harma" in msg
+    _, _, msg = app.search_text(st, "planes", 5, "preset:clip-vit-b-32-laion", "data")
+    assert "no trained adapters" in msg
+
+
+def test_search_text_both_models(setup, state):
+    base, adapted, status = app.search_text(state, "a red square on a grey field", 5, None, "data")
+    assert len(base) == len(adapted) == 5 and "⚠️" not in status
+    for tiles in (base, adapted):
+        assert all(Path(path).is_file() for path, _ in tiles)
+        assert [int(c.split()[0][1:]) for _, c in tiles] == [1, 2, 3, 4, 5]
+        assert _scores(tiles) == sorted(_scores(tiles), reverse=True)
+    assert _scores(base) != _scores(adapted)  # the adapters change the ranking scores
+    # the ✓ marks exactly the returned images with a matching ground-truth caption
+    split = load_split(setup["data"], "train")
+    truth = {i for c, i in zip(split.captions, split.text_to_image) if "a red square on a grey field" in c}
+    assert truth and "✓" in status + "".join(c for _, c in base + adapted)
+    all_tiles, _, _ = app.search_text(state, "a red square on a grey field", 24, None, "data")
+    marked = {split.images.index(Path(p)) for p, c in all_tiles if c.endswith("✓")}
+    assert marked == truth
+
+
+def test_image_to_text_upload_and_pick(setup, state):
+    split = load_split(setup["data"], "train")
+    preview, base, adapted, status = app.search_image(state, str(split.images[0]), 4, None, "data")
+    assert preview == str(split.images[0]) and len(base) == len(adapted) == 4 and "⚠️" not in status
+    for rows in (base, adapted):
+        scores = [r[1] for r in rows]
+        assert [r[0] for r in rows] == [1, 2, 3, 4] and scores == sorted(scores, reverse=True)
+    # picking tile 0 of the picker (image 0) ranks all captions from the stored embedding; ✓ = its own captions
+    n_pool = len(state.gallery("data").pool)
+    preview, base, adapted, _ = app.pick_image(state, 0, app.MAX_K, None, "data")
+    assert preview == str(split.images[0]) and len(base) == min(n_pool, app.MAX_K)
+    own = {c.lower().strip(" .") for c, i in zip(split.captions, split.text_to_image) if i == 0}
+    assert {r[2].lower().strip(" .") for r in base if r[3] == "✓"} == own
+    assert len(app.picker_items(state, "data")) == len(app.picker_indices(state.gallery("data"))) == 24
+
+
+def test_metrics_equal_evaluate_split(setup, state):
+    rows, note = app.metrics_table(state, None, "data")
+    assert [r[0] for r in rows] == ["baseline (zero-shot)", "adapted"] and "24 images" in note
+    pair = state.models(None)
+    split = load_split(setup["data"], "train")
+    for row, (model, preprocess, tokenizer) in zip(rows, (pair.baseline, pair.adapted)):
+        ref = evaluate_split(model, split, preprocess, tokenizer, gap=False).metrics
+        assert row[1:] == [round(ref[k], 2) for k in app.METRIC_KEYS]
+
+
+def test_embedding_view_is_cached(setup, state):
+    t0 = time.perf_counter()
+    base_fig, adapted_fig, rows, note = app.embedding_view(state, None, "data")
+    first = time.perf_counter() - t0
+    assert len(base_fig.data) == len(adapted_fig.data) == 2  # images and captions
+    assert len(base_fig.data[0].x) == 24 and base_fig.data[0].hovertext[0].endswith(".png")
+    assert [r[0] for r in rows] == [name for name, _ in app.GAP_ROWS]
+    assert "UMAP" in note and "random_state=0" in note
+    files = list((setup["base"] / "cache" / "projections").glob("*.json"))
+    assert len(files) == 2  # one per model, on disk
+    fresh = app.AppState(setup["config"])  # a restarted app: served from disk, no UMAP
+    t0 = time.perf_counter()
+    again = app.embedding_view(fresh, None, "data")
+    assert time.perf_counter() - t0 < max(2.0, first / 2)
+    assert list(again[0].data[0].x) == list(base_fig.data[0].x) and again[2] == rows
+
+
+def test_bad_inputs_give_messages(setup, state, tmp_path, monkeypatch):
+    for query in ("", "   ", None):
+        base, adapted, msg = app.search_text(state, query, 5, None, "data")
+        assert base == adapted == [] and msg.startswith("⚠️ type a query")
+    base, _, msg = app.search_text(state, "red " * 200, "not a number", None, "data")
+    assert len(base) == 8 and f"cut to {app.MAX_QUERY_CHARS} characters" in msg
+    assert app.search_text(state, "?!.", 5, None, "data")[2].startswith("⚠️")  # empty after cleaning
+    assert "unknown model" in app.search_text(state, "red", 5, "preset:nope", "data")[2]
+
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(Path(load_split(setup["data"], "train").images[0]).read_bytes()[:60])
+    for bad, expect in ((None, "upload an image"), (str(text), "cannot read image"),
+                        (str(corrupt), "cannot read image"), (str(tmp_path / "gone.png"), "not found")):
+        preview, base, adapted, msg = app.search_image(state, bad, 5, None, "data")
+        assert preview is None and base == adapted == [] and expect in msg, msg
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels is now a "bomb"
+    assert "decompression bomb" in app.search_image(state, str(big), 5, None, "data")[3]
+    monkeypatch.undo()
+
+    missing = app.AppState(dataclasses.replace(setup["config"], data=str(tmp_path / "nowhere")))
+    assert "does not exist" in app.search_text(missing, "red", 5, None, "data")[2]
+    assert "does not exist" in app.status_text(missing, None, "data")
+    assert app.picker_items(missing, "data") == []
+    # the app state still serves after all of that
+    assert len(app.search_text(state, "a blue circle", 3, None, "data")[0]) == 3
+
+
+def test_uploaded_gallery(setup, state, tmp_path):
+    images = load_split(setup["data"], "train").images[:3]
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\x00" * 10)
+    key, status, picker = app.use_uploads(state, [str(p) for p in images] + [str(junk)], None, "data")
+    assert key.startswith("upload:") and "3 images" in status and "junk.jpg" in status and len(picker) == 3
+    base, adapted, msg = app.search_text(state, "a green triangle", 5, None, key)
+    assert len(base) == len(adapted) == 3 and "⚠️" not in msg
+    assert "no captions" in app.search_image(state, str(images[0]), 3, None, key)[3]
+    assert "no captions" in app.metrics_table(state, None, key)[1]
+    again, _, _ = app.use_uploads(state, [str(p) for p in images], None, "data")
+    assert again == key  # same files, same gallery (and cached embeddings)
+    assert app.use_uploads(state, [str(junk)], None, "data")[0] == "data"  # nothing usable: keep the old gallery
+    assert app.use_dataset(state, None)[0] == "data"
+
+
+def test_cache_is_reused_across_restarts(setup, state):
+    state.retrievers(None, "data")
+    fresh = app.AppState(setup["config"])
+    base, adapted = fresh.retrievers(None, "data")
+    assert base.from_cache == adapted.from_cache == {"images": True, "captions": True}
+
+
+def test_demo_wires_stable_api_names(setup):
+    demo = app.build_demo(setup["config"])
+    names = {fn.api_name for fn in demo.fns.values()}
+    assert {"search_text", "search_image", "embedding_view", "metrics", "status"} <= names
+    opts = app.launch_options(demo)
+    assert str(setup["data"].resolve()) in opts["allowed_paths"] and "theme" in opts and "css" in opts

@@ -1,0 +1,82 @@
+"""End to end in headless Chromium (Playwright driving Debian's ``/usr/bin/chromium``): type a query, see both
+galleries fill, open the embedding tab and wait for the plots, save a screenshot.
+
+Skipped when ``/usr/bin/chromium`` is absent (``apt-get install chromium``); nothing is installed here.
+Screenshots go to ``tmp_path``; with ``HARMA_UPDATE_SCREENSHOT=1`` they replace ``assets/screenshot.png`` and
+``assets/screenshot-embedding.png``, and if ``HARMA_DATA`` is set too the app runs on the real configuration
+(``HARMA_DATA`` plus the default model, or ``HARMA_CHECKPOINT``) instead of the tiny test model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import app
+from tests.test_app import tiny_setup
+from tests.test_app_api import free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+QUERY = "many planes parked at an airport"
+K = 4
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium "
+                       "(apt-get install -y chromium)"),
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    update = os.environ.get("HARMA_UPDATE_SCREENSHOT") == "1"
+    if update and os.environ.get("HARMA_DATA"):
+        config = app.AppConfig.from_env()
+    else:
+        config = tiny_setup(tmp_path_factory.getbasetemp() / "harma-app")["config"]
+    demo = app.build_demo(config)
+    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                                  quiet=True, **app.launch_options(demo))
+    try:
+        yield local_url
+    finally:
+        demo.close()
+
+
+def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    update = os.environ.get("HARMA_UPDATE_SCREENSHOT") == "1"
+    out = app.ASSETS if update else tmp_path
+    slow = 1_200_000 if update else 180_000  # ms; a real gallery is encoded once (cached afterwards)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            box = page.locator("#query textarea")
+            box.wait_for(timeout=60_000)  # the SPA has hydrated
+            page.locator("input[type=number]").first.fill(str(K))
+            page.locator("input[type=number]").first.press("Enter")
+            box.fill(QUERY)
+            page.locator("#search").click()
+            for gallery in ("#baseline-gallery", "#adapted-gallery"):
+                page.locator(f"{gallery} img").nth(K - 1).wait_for(timeout=slow)
+            assert page.locator("#baseline-gallery img").count() >= K
+            assert page.locator("#adapted-gallery img").count() >= K
+            assert "⚠️" not in page.locator("#status").inner_text()
+            page.screenshot(path=str(out / "screenshot.png"), full_page=True)
+
+            page.get_by_role("tab", name="Embedding space").click()
+            for plot in ("#baseline-plot", "#adapted-plot"):  # UMAP: cached on disk after the first time
+                page.locator(f"{plot} .js-plotly-plot").wait_for(timeout=slow)
+            page.get_by_text("centroid_distance").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(out / "screenshot-embedding.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (out / "screenshot.png").stat().st_size > 10_000
