@@ -159,8 +159,7 @@ class Trainer:
                 write_adapters_dir(self.model, self.run_dir / "best", extra={
                     "epoch": self.epoch + 1, "step": self.global_step, "partial_epoch": not complete,
                     "val": val.metrics, "data": self.splits.info(self.cfg.data), "run": self.run_dir.name,
-                    # with model.pretrained null the backbone is random: torch.manual_seed(seed) before
-                    # building it reproduces the one these adapters were trained on
+                    # the run seed, for the record; a random backbone is rebuilt from model.init_seed
                     "seed": self.cfg.run.seed})
             log.info("epoch %d | step %d | loss %.4f | val mR %.2f (best %.2f, epoch %d) | %.1f samples/s",
                      self.epoch + 1, self.global_step, result.loss.get("loss", float("nan")), mr,
