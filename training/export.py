@@ -43,6 +43,11 @@ def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str
     model, data, extra = meta["model"], config.get("data", {}), meta.get("extra", {})
     base = meta["base"]
     init = ("open_clip tag " + str(base.get("pretrained"))) if base.get("pretrained") else "random initialisation"
+    hf_text = ((base.get("model_cfg") or {}).get("text_cfg") or {}).get("hf_model_name")
+    if hf_text and not base.get("pretrained"):
+        init = f"random initialisation, except the text tower: pretrained HF model `{hf_text}`"
+    if model.get("lock_text"):
+        init += " (text tower locked: not trained)"
     if base.get("base_weights"):
         init += f" + base weights {base['base_weights']} (sha256 {str(base.get('base_weights_sha256'))[:16]}...)"
     lines = [f"# {name}", "",
