@@ -52,3 +52,25 @@ def test_batches_do_not_depend_on_workers_resume_or_global_rng(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     torch.manual_seed(123)  # a different global RNG state changes nothing
     assert all(torch.equal(x, y) for x, y in zip(batches(0, 0)[0], plain[0]))
+
+
+def test_dihedral_augment_keeps_every_pixel_of_a_turned_image_and_skips_randaugment():
+    import pytest
+    from PIL import Image
+
+    from harma.config import ConfigError
+    from training.data import build_transforms, image_spec
+
+    clip = open_clip.create_model(TINY_NAME)
+    train, _ = build_transforms("dihedral", clip)
+    names = [type(t).__name__ for t in train.transforms]
+    assert "RandAugment" not in names and "RandomRightAngleRotation" in names
+    crop = next(t for t in train.transforms if type(t).__name__ == "RandomResizedCrop")
+    assert crop.scale == (0.8, 1.0)
+    # a constant image stays constant: no grey fill from rotations or RandAugment
+    out = train(Image.new("RGB", (40, 40), (200, 10, 90)))
+    size = image_spec(clip)[0]
+    assert out.shape == (3, size, size)
+    assert torch.allclose(out, out[:, :1, :1].expand_as(out), atol=1e-5)
+    with pytest.raises(ConfigError, match="dihedral"):
+        DataConfig(augment="dihedral4")

@@ -18,6 +18,8 @@ import yaml
 from harma.config import ConfigError, ModelConfig, from_dict, register_config, to_dict
 from harma.losses import LossConfig
 
+AUGMENTS = ("released", "rotations", "dihedral", "none")
+
 
 @dataclass
 class DataConfig:
@@ -29,15 +31,17 @@ class DataConfig:
     carve_seed: int = 0
     clean_captions: bool = True  # released pre_caption: lower-case, strip punctuation
     max_words: int = 30  # released caption cut
-    augment: str = "released"  # released (crop+flip+RandAugment) | rotations (+90° turns, v-flip) | none
+    # released: crop (0.5-1) + flip + RandAugment | rotations: released + 90° turns and v-flips |
+    # dihedral: the 8 flips/right-angle turns + a light crop (0.8-1), no RandAugment | none
+    augment: str = "released"
     num_workers: int = 2
     cache_images: int = 0  # >0: decode train images once, resized to this side, into <out_dir>/.image_cache
     test_split: Optional[str] = None  # if set, the best checkpoint is evaluated on it at the end (report only)
     synthetic_images: int = 48  # size of the generated dataset when root == "synthetic"
 
     def __post_init__(self) -> None:
-        if self.augment not in ("released", "rotations", "none"):
-            raise ConfigError(f"data.augment={self.augment!r} is not one of released, rotations, none")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"data.augment={self.augment!r} is not one of {', '.join(AUGMENTS)}")
         if self.cache_images < 0:
             raise ConfigError("data.cache_images must be >= 0 (0 = off)")
         if not 0 < self.val_fraction < 1:

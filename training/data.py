@@ -110,11 +110,13 @@ def image_spec(clip: torch.nn.Module) -> tuple[int, tuple, tuple]:
 
 
 def build_transforms(augment: str, clip: torch.nn.Module) -> tuple[Callable, Callable]:
-    """(train transform, eval transform) for ``data.augment``: released | rotations | none."""
+    """(train transform, eval transform) for ``data.augment``: released | rotations | dihedral | none."""
     size, mean, std = image_spec(clip)
     evaluate = eval_transform(size, mean, std)
     if augment == "none":
         return evaluate, evaluate
+    if augment == "dihedral":
+        return train_transform(size, mean, std, scale=(0.8, 1.0), randaugment=False, rotations=True), evaluate
     return train_transform(size, mean, std, rotations=augment == "rotations"), evaluate
 
 
