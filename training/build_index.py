@@ -1,0 +1,90 @@
+"""Embed an image folder of any size into a search index the app and the library load.
+
+    python -m training.build_index --checkpoint checkpoints/ucm-harma --images /data/archive --out indexes/archive
+
+Images are encoded in resumable shards (run the same command again after an interruption); the
+result is ``OUT/embeddings.safetensors`` + ``OUT/index.json`` (ids = paths relative to ``--images``),
+plus ``OUT/ann.faiss`` above the approximate-search threshold. Load it with
+``harma.index.EmbeddingIndex.load(OUT)`` or ``python app.py --index OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from harma import BaseWeightsError, CheckpointError, ConfigError
+from harma.checkpoint import read_adapter_config
+from harma.data import DatasetError
+from harma.index import model_identity
+from harma.indexing import build_image_index, list_images
+from training.evaluate import CliError, _baseline, _load, pick_device, resolve_checkpoint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.build_index", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="adapter directory, or a run folder (best/, else last/)")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="index folder to write")
+    p.add_argument("--baseline", action="store_true",
+                   help="index with the checkpoint's backbone without adapters (zero-shot)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--base-weights", help="local path of the base-weights file, if it moved")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing index or partial build at --out")
+    return p
+
+
+def run(args: argparse.Namespace) -> Path:
+    from tqdm import tqdm
+
+    if args.batch_size < 1 or args.shard_size < 1 or args.num_workers < 0:
+        raise CliError("--batch-size and --shard-size must be >= 1 and --num-workers >= 0")
+    directory, kind = resolve_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    images = list_images(args.images)
+    if not images:
+        raise CliError(f"--images {args.images}: no image files found (looked for .jpg .jpeg .png .tif .tiff .bmp .webp)")
+    if args.baseline:
+        model, _, preprocess, _ = _baseline(read_adapter_config(directory), device, args.base_weights)
+        checkpoint = None
+    else:
+        model, _, preprocess, _ = _load(directory, device, args.base_weights)
+        checkpoint = directory
+    label = "baseline (no adapters)" if args.baseline else f"{directory} ({kind})"
+    print(f"model: {label}; {len(images):,} images under {args.images}", flush=True)
+    start = time.perf_counter()
+    with tqdm(total=len(images), desc="embedding images", unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
+        index = build_image_index(
+            model, preprocess, images, args.out, root=args.images, identity=model_identity(model, checkpoint),
+            batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,
+            device=device, overwrite=args.overwrite, progress=lambda done, _t: bar.update(done - bar.n),
+            log=lambda msg: tqdm.write(msg, file=sys.stderr))
+    skipped = len(images) - len(index)
+    print(f"wrote {args.out}: {len(index):,} images x {index.dim} dims"
+          + (f", {skipped} unreadable skipped (listed in index.json)" if skipped else "")
+          + (", with a faiss index" if index.uses_ann else "") + f" in {time.perf_counter() - start:.1f}s")
+    return Path(args.out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (CliError, DatasetError, CheckpointError, BaseWeightsError, ConfigError, FileExistsError, OSError) as e:
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
