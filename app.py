@@ -4,6 +4,7 @@ Tabs: text -> image, image -> text, the embedding space (UMAP + modality-gap num
 
     python app.py --data /path/to/ucm                 # a dataset folder in any supported format (or HARMA_DATA)
     python app.py --checkpoint runs/x/best --data D   # any adapter directory (or HARMA_CHECKPOINT)
+    python app.py --checkpoint C --index indexes/A    # an image folder indexed by python -m training.build_index
 
 Ranking, caching and metrics live in the library (``harma.index``, ``harma.metrics``, ``harma.gap``);
 this file wires them to Gradio. Importing it loads no model and makes no network call.
@@ -35,7 +36,7 @@ from harma.checkpoint import atomic_write_bytes, read_adapter_config  # noqa: E4
 from harma.config import from_dict  # noqa: E402
 from harma.data import DatasetError, RetrievalSplit, load_split, open_image  # noqa: E402
 from harma.gap import modality_gap  # noqa: E402
-from harma.index import CaptionPool, Hit, Retriever  # noqa: E402
+from harma.index import CaptionPool, EmbeddingIndex, Hit, IndexFormatError, Retriever  # noqa: E402
 from harma.metrics import METRIC_KEYS, retrieval_metrics  # noqa: E402
 from harma.presets import ARCHS, PRESETS, Preset, PresetError, resolve_arch  # noqa: E402
 
@@ -47,6 +48,7 @@ DEFAULT_PRESET = "rs-minilm-harma"
 MAX_QUERY_CHARS = 300
 MAX_K = 50
 MAX_UPLOADS = 500
+MAX_ENCODE = 20_000  # images the app encodes itself for an --index gallery lacking one model's index
 PICKER_SIZE = 48
 MAX_METRIC_CELLS = 10**8  # image x caption similarities the Metrics tab computes in memory
 USER_ERRORS = (DatasetError, CheckpointError, BaseWeightsError, ConfigError, PresetError, ValueError, OSError)
@@ -89,6 +91,7 @@ class AppConfig:
     """Where the gallery and the models come from. CLI flags override the ``HARMA_*`` variables."""
 
     data: Optional[str] = None  # dataset folder (HARMA_DATA)
+    index: Optional[str] = None  # prebuilt image index folder(s), comma-separated (HARMA_INDEX)
     split: Optional[str] = None  # split name (HARMA_SPLIT); default: the first of test, val, train present
     checkpoint: Optional[str] = None  # adapter directory to offer first (HARMA_CHECKPOINT)
     model: Optional[str] = None  # preset name or model key selected at start (HARMA_MODEL)
@@ -118,6 +121,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
     base = AppConfig.from_env()
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", default=base.data, help="dataset folder (env HARMA_DATA)")
+    p.add_argument("--index", nargs="+", default=base.index.split(",") if base.index else None,
+                   help="image index folder(s) from python -m training.build_index (adapted and/or --baseline); "
+                   "the gallery is the indexed images (env HARMA_INDEX, comma-separated)")
     p.add_argument("--split", default=base.split, help="split to show (default: test, val or train, first present)")
     p.add_argument("--checkpoint", default=base.checkpoint, help="adapter directory (env HARMA_CHECKPOINT)")
     p.add_argument("--model", default=base.model, help="preset name or model key to select at start")
@@ -129,7 +135,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
     p.add_argument("--host", default=None, help="server name (default: Gradio's, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="server port (default: Gradio's, or GRADIO_SERVER_PORT)")
     args = p.parse_args(argv)
-    cfg = AppConfig(data=args.data, split=args.split, checkpoint=args.checkpoint, model=args.model,
+    cfg = AppConfig(data=args.data, index=",".join(args.index) if args.index else None, split=args.split, checkpoint=args.checkpoint, model=args.model,
                     cache_dir=args.cache_dir, umap_points=args.umap_points, allow_download=args.allow_download,
                     device=args.device, batch_size=base.batch_size)
     return cfg, args
@@ -289,6 +295,7 @@ class Gallery:
     name: str
     split: RetrievalSplit
     pool: Optional[CaptionPool]  # None: no captions (image-to-text and the metrics need them)
+    prebuilt: tuple = ()  # EmbeddingIndex(es) from training.build_index over these images
 
     @property
     def images(self) -> list[Path]:
@@ -316,6 +323,25 @@ def dataset_gallery(root: str, split: Optional[str] = None) -> Gallery:
         raise AppError(_oneline(errors[-1]))
     pool = CaptionPool.from_captions(s.captions, s.text_to_image) if s.num_captions else None
     return Gallery(s.name, s, pool)
+
+
+def index_gallery(folders: list[str]) -> Gallery:
+    """A gallery of the images of prebuilt indexes (all over the same images, e.g. adapted + baseline)."""
+    indexes = []
+    for folder in folders:
+        try:
+            indexes.append(EmbeddingIndex.load(Path(folder).expanduser()))
+        except IndexFormatError as e:
+            raise AppError(f"--index {folder}: {_oneline(e)}") from None
+    images = indexes[0].image_paths()
+    for folder, other in zip(folders[1:], indexes[1:]):
+        if other.image_paths() != images:
+            raise AppError(f"--index {folder} indexes other images than {folders[0]}")
+    if indexes[0].extra.get("kind") != "images":
+        raise AppError(f"--index {folders[0]} is not an image index from python -m training.build_index")
+    name = Path(folders[0]).name
+    split = RetrievalSplit(f"index {name}", Path(indexes[0].extra.get("root") or "."), images, [], [])
+    return Gallery(f"index {name}", split, None, tuple(indexes))
 
 
 def upload_gallery(files: list, cache_dir: Path) -> tuple[str, Gallery, list[str]]:
@@ -357,7 +383,7 @@ class AppState:
         self.cache_dir = Path(config.cache_dir).expanduser().resolve()
         self.sources = discover_sources(config)
         self.default_model = self._default_model()
-        self.default_gallery = "data" if config.data else ""
+        self.default_gallery = "index" if config.index else "data" if config.data else ""
         self._lock = threading.RLock()
         self._models: OrderedDict[str, ModelPair] = OrderedDict()
         self._galleries: dict[str, Gallery] = {}
@@ -406,6 +432,8 @@ class AppState:
             if key not in self._galleries:
                 if key == "data":
                     self._galleries[key] = dataset_gallery(self.config.data, self.config.split)
+                elif key == "index" and self.config.index:
+                    self._galleries[key] = index_gallery(self.config.index.split(","))
                 else:  # uploads of an earlier run stay in the cache folder
                     folder = self.cache_dir / "uploads" / key.partition(":")[2]
                     if not key.startswith("upload:") or not (folder / ".complete").is_file():
@@ -436,7 +464,8 @@ class AppState:
                     built.append(Retriever.build(
                         *bundle, gallery.images, pool.texts if pool else None, checkpoint=ckpt,
                         cache_dir=self.cache_dir / "index", progress=cb, batch_size=self.config.batch_size,
-                        caption_metadata=pool.metadata() if pool else None))
+                        caption_metadata=pool.metadata() if pool else None,
+                        prebuilt=gallery.prebuilt, max_encode=MAX_ENCODE if gallery.prebuilt else None))
                 self._retrievers[key] = (built[0], built[1])
                 while len(self._retrievers) > 4:
                     self._retrievers.popitem(last=False)

@@ -99,6 +99,7 @@ class EmbeddingIndex:
         self.ann_threshold = int(ann_threshold)
         self._ann: Optional[ANNIndex] = None
         self._ann_file: Optional[Path] = None  # a saved faiss index, read on first use
+        self.extra: dict = {}  # what ``save(extra=...)`` recorded (model identity, image root, ...)
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -161,7 +162,14 @@ class EmbeddingIndex:
             self._ann.save(path / ANN_FILE)
             meta["ann"] = {"file": ANN_FILE, "embeddings_sha256": sha, "config": dataclasses.asdict(self.ann_config)}
         atomic_write_bytes(path / INDEX_FILE, json.dumps(meta, default=str).encode())
+        self.extra = json.loads(json.dumps(extra or {}, default=str))
         return path
+
+    def image_paths(self) -> list[Path]:
+        """Image files of an image index: ids resolved against the recorded ``root`` (as written by
+        :func:`harma.indexing.build_image_index`), or the ids themselves without one."""
+        root = self.extra.get("root")
+        return [Path(root) / i for i in self.ids] if root else [Path(i) for i in self.ids]
 
     @classmethod
     def load(cls, path: Union[str, Path], **kwargs: Any) -> "EmbeddingIndex":
@@ -187,6 +195,7 @@ class EmbeddingIndex:
             raise IndexFormatError(f"{path}: embeddings have shape {tuple(emb.shape)}, "
                                    f"index says {(meta['count'], meta['dim'])}")
         index = cls(meta["ids"], emb, meta["metadata"], normalize=False, **kwargs)
+        index.extra = meta.get("extra") or {}
         ann = meta.get("ann")
         if ann and ann.get("embeddings_sha256") == meta["embeddings_sha256"] and (path / ANN_FILE).is_file():
             index._ann_file = path / ANN_FILE  # read lazily: exact-only users never pay for it
@@ -273,6 +282,16 @@ def cached_index(cache_dir: Optional[Union[str, Path]], parts: dict[str, Any],
     index = build()
     index.save(path, extra={"key": parts})
     return index, False
+
+
+def find_prebuilt(indexes: Sequence[EmbeddingIndex], identity: dict[str, Any],
+                  paths: Sequence[Path]) -> Optional[EmbeddingIndex]:
+    """The first of ``indexes`` built by the model ``identity`` describes over exactly ``paths``."""
+    want = json.loads(json.dumps(identity, default=str))
+    for index in indexes:
+        if index.extra.get("model") == want and len(index) == len(paths) and index.image_paths() == list(paths):
+            return index
+    return None
 
 
 # -- captions ------------------------------------------------------------------------------------
@@ -374,30 +393,44 @@ class Retriever:
               captions: Optional[Sequence[str]] = None, *, checkpoint: Optional[Union[str, Path]] = None,
               cache_dir: Optional[Union[str, Path]] = None, progress: Optional[StageProgress] = None,
               image_metadata: Optional[Sequence[dict]] = None, caption_metadata: Optional[Sequence[dict]] = None,
-              batch_size: int = 64, num_workers: int = 0, clean_queries: bool = True) -> "Retriever":
+              batch_size: int = 64, num_workers: int = 0, clean_queries: bool = True,
+              prebuilt: Sequence[EmbeddingIndex] = (), max_encode: Optional[int] = None) -> "Retriever":
         """Encode (or load from ``cache_dir``) the gallery images and the captions, as given.
 
         Args:
             checkpoint: the adapter directory ``model`` was loaded from (part of the cache key).
             cache_dir: folder of cached indexes; ``None`` disables caching.
             progress: ``progress(stage, done, total)`` while encoding.
+            prebuilt: image indexes written by :func:`harma.indexing.build_image_index`; one built
+                by this model over these images is used as is.
+            max_encode: refuse (``ValueError``) to encode more images than this when neither a
+                prebuilt index nor the cache has them.
         """
         paths = [Path(p) for p in image_paths]
         if not paths:
             raise ValueError("the gallery has no images")
         ident = model_identity(model, checkpoint)
         meta = image_metadata if image_metadata is not None else [{"path": str(p)} for p in paths]
+        match = find_prebuilt(prebuilt, ident, paths)
 
         def stage(name: str):
             return None if progress is None else (lambda done, total: progress(name, done, total))
 
         def build_images() -> EmbeddingIndex:
+            if max_encode is not None and len(paths) > max_encode:
+                raise ValueError(f"no index of these {len(paths):,} images was built with this model "
+                                 f"({'no adapters' if ident['adapters_sha256'] == 'none' else 'adapters'}); "
+                                 "build one with python -m training.build_index"
+                                 + (" --baseline" if ident["adapters_sha256"] == "none" else ""))
             emb = encode_images(model, paths, preprocess, batch_size=batch_size, num_workers=num_workers,
                                 progress=stage("images"))
             return EmbeddingIndex([str(p) for p in paths], emb.reshape(len(paths), -1), meta)
 
-        images, hit_i = cached_index(cache_dir, {"kind": "images", "model": ident,
-                                                 "images": paths_fingerprint(paths)}, build_images)
+        if match is not None:
+            images, hit_i = match, True
+        else:
+            images, hit_i = cached_index(cache_dir, {"kind": "images", "model": ident,
+                                                     "images": paths_fingerprint(paths)}, build_images)
         out_captions, hit_c = None, None
         if captions is not None:
             texts = list(captions)

@@ -224,3 +224,32 @@ def test_demo_wires_stable_api_names(setup):
     assert {"search_text", "search_image", "embedding_view", "metrics", "status"} <= names
     opts = app.launch_options(demo)
     assert str(setup["data"].resolve()) in opts["allowed_paths"] and "theme" in opts and "css" in opts
+
+
+def test_prebuilt_index_gallery_uses_the_matching_index(setup, tmp_path):
+    """``--index`` (from training.build_index): the adapted side reads the prebuilt embeddings, the
+    baseline side (no index given for it) is encoded by the app; an index for another model is not used."""
+    from harma import load_adapters
+    from harma.index import model_identity
+    from harma.indexing import build_image_index, list_images
+
+    images = setup["data"] / "images"
+    model, _, preprocess, _ = load_adapters(setup["adapters"])
+    built = build_image_index(model, preprocess, list_images(images), tmp_path / "idx", root=images,
+                              identity=model_identity(model, setup["adapters"]))
+    built.embeddings[:] = torch.roll(built.embeddings, 1, 0)  # a marker: results must come from this index
+    built.save(tmp_path / "idx", extra=built.extra)
+    cfg = app.AppConfig(index=str(tmp_path / "idx"), checkpoint=str(setup["adapters"]), cache_dir=str(tmp_path / "c"))
+    state = app.AppState(cfg)
+    assert state.default_gallery == "index"
+    base, adapted = state.retrievers(None, "index")
+    assert torch.equal(adapted.images.embeddings, built.embeddings) and adapted.from_cache["images"]
+    assert not base.from_cache["images"] and not torch.equal(base.images.embeddings, built.embeddings)
+    tiles_base, tiles_adapted, status = app.search_text(state, "a red square", 3, None, "index")
+    assert f"of {len(built)} images" in status
+    _, rows = built.search(adapted.encode_text("a red square"), 3)
+    assert [t[0] for t in tiles_adapted] == [str(built.image_paths()[r]) for r in rows.tolist()]
+    # a broken index folder is a message, not a traceback
+    cfg_bad = app.AppConfig(index=str(tmp_path / "nowhere"), cache_dir=str(tmp_path / "c"))
+    _, _, status = app.search_text(app.AppState(cfg_bad), "a red square", 3, None, "index")
+    assert "--index" in status and "cannot read the index" in status
