@@ -32,12 +32,12 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from harma import BaseWeightsError, CheckpointError, ConfigError, ModelConfig, create_model, load_adapters  # noqa: E402
-from harma.checkpoint import atomic_write_bytes, read_adapter_config  # noqa: E402
+from harma.checkpoint import read_adapter_config  # noqa: E402
 from harma.config import from_dict  # noqa: E402
 from harma.data import DatasetError, RetrievalSplit, load_split, open_image  # noqa: E402
-from harma.gap import modality_gap  # noqa: E402
 from harma.index import CaptionPool, EmbeddingIndex, Hit, IndexFormatError, Retriever  # noqa: E402
 from harma.metrics import METRIC_KEYS, retrieval_metrics  # noqa: E402
+from harma.projection import embedding_projection  # noqa: E402
 from harma.presets import ARCHS, PRESETS, Preset, PresetError, resolve_arch  # noqa: E402
 
 log = logging.getLogger("harma.app")
@@ -645,57 +645,15 @@ def use_dataset(app: AppState, model_key: Optional[str]) -> tuple[str, str, list
     return key, status_text(app, model_key, key), picker_items(app, key)
 
 
-def _umap_2d(x: "np.ndarray", seed: int) -> "np.ndarray":  # noqa: F821
-    """UMAP (cosine, seeded) to 2-D; PCA for sets too small for a neighbour graph."""
-    import warnings
-
-    import numpy as np
-
-    if len(x) < 16:
-        centred = x - x.mean(0)
-        _, _, v = np.linalg.svd(centred, full_matrices=False)
-        return centred @ v[:2].T
-    import umap  # ~13 s the first time: imported only when a projection is not cached
-
-    reducer = umap.UMAP(n_components=2, metric="cosine", n_neighbors=min(15, len(x) - 1), min_dist=0.1,
-                        random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "n_jobs overridden by random_state" and numba notices
-        return reducer.fit_transform(x)
-
-
-def _sample(n: int, m: int, seed: int) -> list[int]:
-    if n <= m:
-        return list(range(n))
-    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].tolist())
-
-
 def projection(r: Retriever, gallery: Gallery, max_points: int, cache_dir: Path, seed: int = 0) -> dict:
-    """2-D UMAP of a seeded sample (<= max_points per modality) and modality-gap numbers on all embeddings.
-
-    Cached on disk by a hash of the embeddings and the settings, so a warm start needs no UMAP at all.
-    """
-    img_rows = _sample(len(r.images), max_points, seed)
-    txt_rows = _sample(len(r.captions), max_points, seed + 1) if r.captions is not None else []
-    parts = [r.images.embeddings[img_rows]] + ([r.captions.embeddings[txt_rows]] if txt_rows else [])
-    x = torch.cat(parts).numpy()
-    h = hashlib.sha256(x.tobytes())
-    h.update(json.dumps({"v": 1, "seed": seed, "img": img_rows, "txt": txt_rows}).encode())
-    path = cache_dir / "projections" / f"{h.hexdigest()[:32]}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-    xy = _umap_2d(x, seed)
-    gap = {}
-    if gallery.pool is not None and len(r.images) >= 2 and gallery.split.num_captions >= 2:
-        txt_all = r.captions.embeddings[torch.tensor(gallery.pool.caption_to_text)]
-        gap = modality_gap(r.images.embeddings, txt_all, gallery.split.text_to_image, seed=seed)
-    out = {"xy": [[float(a), float(b)] for a, b in xy], "img_rows": img_rows, "txt_rows": txt_rows, "gap": gap}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(out).encode())
-    return out
+    """2-D UMAP of a seeded sample (<= max_points per modality) and modality-gap numbers on all embeddings,
+    cached on disk (:func:`harma.projection.embedding_projection`)."""
+    pool = gallery.pool if r.captions is not None else None
+    return embedding_projection(
+        r.images.embeddings, r.captions.embeddings if r.captions is not None else None,
+        caption_rows=pool.caption_to_text if pool else None,
+        text_to_image=gallery.split.text_to_image if pool else None,
+        max_points=max_points, cache_dir=cache_dir, seed=seed)
 
 
 def _figure(view: dict, r: Retriever, gallery: Gallery):
