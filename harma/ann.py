@@ -122,10 +122,13 @@ class ANNIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    @property
-    def nbytes(self) -> int:
-        """Size of the serialised index (vectors, lists, graph), a good estimate of its memory."""
-        return int(_faiss().serialize_index(self.index).nbytes)
+    def memory_bytes(self) -> int:
+        """Memory of the index: stored vectors plus ids and centroids (IVF) or graph links (HNSW)."""
+        n, d = int(self.index.ntotal), int(self.index.d)
+        if hasattr(self.index, "hnsw"):
+            return n * (4 * d + 4 * 2 * self.config.hnsw_m + 8)  # level-0 links dominate the graph
+        nlist = int(getattr(self.index, "nlist", 0))
+        return n * (4 * d + 8) + nlist * 4 * d
 
     def search(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, D) normalised queries -> ``(scores, indices)``, each (Q, k), best first.
