@@ -1,0 +1,28 @@
+"""``python -m benchmarks.run``: the command runs end to end on small sizes and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.run import format_rows, main
+
+
+def test_quick_search_benchmark_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--only", "search", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["sections"]["search"]["rows"]
+    assert {r["search"].split("IVF")[0] for r in rows} == {"exact", "faiss "}
+    assert all(r["p50 ms"] > 0 and 0 <= r["recall@10"] <= 1 for r in rows)
+    assert "| p50 ms |" in capsys.readouterr().out
+
+
+def test_unknown_section_is_an_error(capsys):
+    assert main(["--only", "speed"]) == 2
+    assert "unknown section" in capsys.readouterr().err
+
+
+def test_format_rows_aligns_union_of_keys():
+    text = format_rows([{"a": 1, "b": 0.5}, {"a": 1234567, "c": "x"}])
+    lines = text.splitlines()
+    assert lines[0].split(" | ") == ["a        ", "b    ", "c"] and "1,234,567" in lines[3]
