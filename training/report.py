@@ -1,0 +1,108 @@
+"""Collect evaluation JSONs and run folders into one results file and a markdown table.
+
+    python -m training.report --out results/ucm.json \\
+        "zero-shot=runs/results/harma.json:baseline" \\
+        "HarMA (as released)=runs/results/harma.json:runs/ucm_minilm_harma-harma" ...
+
+Each row is ``LABEL=EVAL_JSON:SOURCE``. ``SOURCE`` is a run folder (its ``metrics.jsonl`` gives the
+wall time, its ``best/`` checkpoint the trained-parameter count) or ``baseline`` for the
+``--baseline`` object of that evaluation (nothing trained). ``--markdown FILE`` turns a results
+file back into the table, so the README's table can be checked against the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from harma.checkpoint import WEIGHTS_NAME, atomic_write_bytes
+from harma.metrics import METRIC_KEYS
+
+GAP_KEYS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
+
+
+class ReportError(Exception):
+    pass
+
+
+def _trained_params(checkpoint: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / WEIGHTS_NAME), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def row(label: str, eval_json: Path, source: str) -> dict[str, Any]:
+    """One table row: metrics and gap numbers from the evaluation, cost from the run folder."""
+    try:
+        result = json.loads(Path(eval_json).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{eval_json}: cannot read the evaluation JSON ({e})") from None
+    if source == "baseline":
+        if "baseline" not in result:
+            raise ReportError(f"{eval_json}: no baseline object (evaluate with --baseline)")
+        res, params, minutes, method = result["baseline"], 0, 0.0, "zeroshot"
+    else:
+        run = Path(source)
+        metrics = run / "metrics.jsonl"
+        if not metrics.is_file() or not (run / "best").is_dir():
+            raise ReportError(f"{run}: not a run folder (needs metrics.jsonl and best/)")
+        epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        res, params, method = result, _trained_params(run / "best"), result.get("method")
+        minutes = sum(e.get("epoch_s", 0.0) for e in epochs) / 60
+    out = {"label": label, "method": method, "trained_params": params, "train_minutes": round(minutes, 1),
+           "split": result.get("split"), "num_images": result.get("num_images"),
+           "num_captions": result.get("num_captions")}
+    out.update({k: res[k] for k in METRIC_KEYS})
+    out["gap"] = {k: res["gap"].get(k) for k in GAP_KEYS}
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README table: R@K both ways, mR, gap numbers, trained parameters, training time."""
+    head = ("| method | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | mR | centroid gap | k-NN modality purity "
+            "| trained params | train time |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results["rows"]:
+        cells = [r["label"]] + [f"{r[k]:.2f}" for k in METRIC_KEYS]
+        cells += [f"{r['gap']['centroid_distance']:.3f}", f"{r['gap']['knn_modality_purity']:.3f}",
+                  f"{r['trained_params']:,}" if r["trained_params"] else "0",
+                  f"{r['train_minutes']:.0f} min" if r["train_minutes"] else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.report", description=__doc__.split("\n")[0])
+    p.add_argument("rows", nargs="*", help="LABEL=EVAL_JSON:SOURCE (SOURCE = run folder or 'baseline')")
+    p.add_argument("--out", help="results JSON to write")
+    p.add_argument("--markdown", help="print the table of an existing results JSON")
+    args = p.parse_args(argv)
+    try:
+        if args.markdown:
+            print(markdown(json.loads(Path(args.markdown).read_text())))
+            return 0
+        if not args.rows or not args.out:
+            raise ReportError("give rows and --out, or --markdown FILE")
+        rows = []
+        for spec in args.rows:
+            label, sep, rest = spec.partition("=")
+            eval_json, sep2, source = rest.rpartition(":")
+            if not sep or not sep2 or not label:
+                raise ReportError(f"{spec!r}: expected LABEL=EVAL_JSON:SOURCE")
+            rows.append(row(label, Path(eval_json), source))
+        results = {"rows": rows}
+        atomic_write_bytes(Path(args.out), (json.dumps(results, indent=1) + "\n").encode())
+        print(markdown(results))
+    except (ReportError, OSError, json.JSONDecodeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
