@@ -38,7 +38,9 @@ from harma.data import DatasetError, RetrievalSplit, load_split, open_image  # n
 from harma.index import CaptionPool, EmbeddingIndex, Hit, IndexFormatError, Retriever  # noqa: E402
 from harma.metrics import METRIC_KEYS, retrieval_metrics  # noqa: E402
 from harma.projection import embedding_projection  # noqa: E402
-from harma.presets import ARCHS, PRESETS, Preset, PresetError, resolve_arch  # noqa: E402
+from harma.presets import Preset, PresetError  # noqa: E402
+from harma.sources import ModelSource  # noqa: E402
+from harma.sources import discover_sources as find_sources  # noqa: E402
 
 log = logging.getLogger("harma.app")
 
@@ -142,118 +144,15 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
 
 
 # -- model sources -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSource:
-    """A choice in the model picker: an adapter directory (baseline = its backbone, zero-shot)."""
-
-    key: str
-    label: str
-    adapters: Optional[Path]
-    base_weights: Optional[str] = None  # local base-weights path overriding the recorded one
-    problem: Optional[str] = None  # why it cannot be loaded here; shown instead of a traceback
-
-
-def _pretrained_cached(model_name: str, tag: str) -> bool:
-    """Whether open_clip would find ``model_name``/``tag`` without a download (best effort)."""
-    import open_clip
-
-    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(hub)
-        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        names += [str(Path(n).with_suffix(".safetensors")) for n in names]
-        if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
-            return True
-    url = cfg.get("url", "")
-    return bool(url) and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()
-
-
-def _backbone_problem(model: dict, base: dict, allow_download: bool) -> Optional[str]:
-    name, tag = model.get("model_name"), model.get("pretrained")
-    if name in ARCHS:
-        try:
-            resolve_arch(ARCHS[name])
-        except PresetError as e:
-            return f"backbone {name} cannot be built here: {e}"
-    else:
-        import open_clip
-
-        if name not in open_clip.list_models() and not base.get("model_cfg"):
-            return f"unknown open_clip model {name!r} (not in open_clip.list_models())"
-    if tag and not allow_download and not _pretrained_cached(name, tag):
-        return (f"backbone {name} needs the open_clip weights `{tag}`, which are not in the local cache; "
-                "run the app with `--allow-download` (network access) to fetch them")
-    return None
-
-
-def _find_file(path: str, near: Path) -> Optional[Path]:
-    p = Path(path).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, ROOT / p, near / p]
-    return next((c.resolve() for c in candidates if c.exists()), None)
-
-
-def checkpoint_source(directory: Path, allow_download: bool, base_weights: Optional[str] = None,
-                      key: Optional[str] = None, label: Optional[str] = None) -> ModelSource:
-    """A model choice for an adapter directory, with the reason it cannot be loaded (if any)."""
-    directory = Path(directory).expanduser()
-    key = key or f"checkpoint:{directory.resolve()}"
-    try:
-        meta = read_adapter_config(directory)
-    except CheckpointError as e:
-        return ModelSource(key, label or directory.name, directory, None, _oneline(e))
-    label = label or f"{directory.name} ({meta['method']} on {meta['base'].get('model_name')})"
-    wanted = base_weights or meta["model"].get("base_weights")
-    found = _find_file(wanted, directory) if wanted else None
-    if wanted and found is None:
-        sha = meta["base"].get("base_weights_sha256")
-        return ModelSource(key, label, directory, None,
-                           f"{directory}: base weights `{wanted}` not found on this machine (sha256 {sha})")
-    problem = _backbone_problem(meta["model"], meta["base"], allow_download)
-    return ModelSource(key, label, directory, str(found) if found else None, problem)
-
-
-def preset_source(preset: Preset, allow_download: bool) -> ModelSource:
-    key, label = f"preset:{preset.name}", f"{preset.name} (preset)"
-    if preset.adapters is None:
-        needs = f" It also needs: {'; '.join(preset.needs)}." if preset.needs else ""
-        return ModelSource(key, label, None, None,
-                           f"preset {preset.name} ({preset.description}) has no trained adapters in this repository; "
-                           f"train some (README) and start with `--checkpoint DIR`.{needs}")
-    adapters = ROOT / preset.adapters
-    bw = preset.model.get("base_weights")
-    bw_path = (Path(bw) if Path(bw).is_absolute() else ROOT / bw) if bw else None
-    missing = [p for p in (bw_path, adapters) if p is not None and not p.exists()]
-    if missing:
-        names = " and ".join(f"`{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}`" for p in missing)
-        problem = (DEFAULT_MISSING.format(missing=names) if preset.name == DEFAULT_PRESET
-                   else f"preset {preset.name} needs {names}, which this checkout does not have")
-        return ModelSource(key, label, adapters, None, problem)
-    return checkpoint_source(adapters, allow_download, str(bw_path) if bw_path else None, key, label)
+def _missing_message(preset: Preset, names: str) -> str:
+    if preset.name == DEFAULT_PRESET:
+        return DEFAULT_MISSING.format(missing=names)
+    return f"preset {preset.name} needs {names}, which this checkout does not have"
 
 
 def discover_sources(config: AppConfig) -> dict[str, ModelSource]:
-    """``--checkpoint``, then the presets, then ``checkpoints/*/`` adapter directories (not ``full`` backbones)."""
-    sources: dict[str, ModelSource] = {}
-    if config.checkpoint:
-        src = checkpoint_source(Path(config.checkpoint), config.allow_download)
-        sources[src.key] = src
-    for preset in PRESETS.values():
-        src = preset_source(preset, config.allow_download)
-        sources[src.key] = src
-    seen = {s.adapters.resolve() for s in sources.values() if s.adapters is not None}
-    for cfg_file in sorted((ROOT / "checkpoints").glob("*/adapter_config.json")):
-        directory = cfg_file.parent
-        try:
-            if directory.resolve() in seen or read_adapter_config(directory)["method"] == "full":
-                continue
-        except CheckpointError:
-            pass  # listed, with its problem
-        src = checkpoint_source(directory, config.allow_download)
-        sources[src.key] = src
-    return sources
+    """``--checkpoint``, then the presets, then ``checkpoints/*/`` adapter folders (:mod:`harma.sources`)."""
+    return find_sources(ROOT, config.checkpoint, config.allow_download, _missing_message)
 
 
 # -- models and galleries ------------------------------------------------------------------------

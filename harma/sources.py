@@ -1,0 +1,143 @@
+"""Model choices for front ends: the presets, an adapter folder, and the folders under ``checkpoints/``.
+
+Each choice says, without loading anything, whether it can be loaded here and if not why (a
+missing file, an unknown architecture, weights that would need a download), so a UI can list it as
+unavailable with the reason instead of failing on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .checkpoint import CheckpointError, read_adapter_config
+from .presets import ARCHS, PRESETS, Preset, PresetError, resolve_arch
+
+
+def _oneline(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model choice: an adapter directory (the baseline is its backbone, zero-shot)."""
+
+    key: str
+    label: str
+    adapters: Optional[Path]
+    base_weights: Optional[str] = None  # local base-weights path overriding the recorded one
+    problem: Optional[str] = None  # why it cannot be loaded here; shown instead of a traceback
+
+
+def pretrained_cached(model_name: str, tag: str) -> bool:
+    """Whether open_clip would find ``model_name``/``tag`` without a download (best effort)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        names += [str(Path(n).with_suffix(".safetensors")) for n in names]
+        if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+            return True
+    url = cfg.get("url", "")
+    return bool(url) and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()
+
+
+def backbone_problem(model: dict, base: dict, allow_download: bool) -> Optional[str]:
+    """Why the backbone described by a checkpoint's ``model``/``base`` entries cannot be built here."""
+    name, tag = model.get("model_name"), model.get("pretrained")
+    if name in ARCHS:
+        try:
+            resolve_arch(ARCHS[name])
+        except PresetError as e:
+            return f"backbone {name} cannot be built here: {e}"
+    else:
+        import open_clip
+
+        if name not in open_clip.list_models() and not base.get("model_cfg"):
+            return f"unknown open_clip model {name!r} (not in open_clip.list_models())"
+    if tag and not allow_download and not pretrained_cached(name, tag):
+        return (f"backbone {name} needs the open_clip weights `{tag}`, which are not in the local cache; "
+                "run the app with `--allow-download` (network access) to fetch them")
+    return None
+
+
+def _find_file(path: str, near: Path, root: Path) -> Optional[Path]:
+    p = Path(path).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, root / p, near / p]
+    return next((c.resolve() for c in candidates if c.exists()), None)
+
+
+def checkpoint_source(directory: Path, allow_download: bool, base_weights: Optional[str] = None,
+                      key: Optional[str] = None, label: Optional[str] = None,
+                      root: Optional[Path] = None) -> ModelSource:
+    """A model choice for an adapter directory, with the reason it cannot be loaded (if any).
+
+    A relative base-weights path is looked up from the working directory, ``root`` (the project
+    folder) and the adapter directory, in that order.
+    """
+    directory = Path(directory).expanduser()
+    key = key or f"checkpoint:{directory.resolve()}"
+    try:
+        meta = read_adapter_config(directory)
+    except CheckpointError as e:
+        return ModelSource(key, label or directory.name, directory, None, _oneline(e))
+    label = label or f"{directory.name} ({meta['method']} on {meta['base'].get('model_name')})"
+    wanted = base_weights or meta["model"].get("base_weights")
+    found = _find_file(wanted, directory, root or Path.cwd()) if wanted else None
+    if wanted and found is None:
+        sha = meta["base"].get("base_weights_sha256")
+        return ModelSource(key, label, directory, None,
+                           f"{directory}: base weights `{wanted}` not found on this machine (sha256 {sha})")
+    problem = backbone_problem(meta["model"], meta["base"], allow_download)
+    return ModelSource(key, label, directory, str(found) if found else None, problem)
+
+
+def preset_source(preset: Preset, allow_download: bool, root: Path,
+                  missing: Optional[Callable[[Preset, str], str]] = None) -> ModelSource:
+    """A model choice for a preset whose files live under ``root``; ``missing(preset, names)`` words
+    the problem when its checkpoint folders are absent."""
+    key, label = f"preset:{preset.name}", f"{preset.name} (preset)"
+    if preset.adapters is None:
+        needs = f" It also needs: {'; '.join(preset.needs)}." if preset.needs else ""
+        return ModelSource(key, label, None, None,
+                           f"preset {preset.name} ({preset.description}) has no trained adapters in this repository; "
+                           f"train some (README) and start with `--checkpoint DIR`.{needs}")
+    adapters = root / preset.adapters
+    bw = preset.model.get("base_weights")
+    bw_path = (Path(bw) if Path(bw).is_absolute() else root / bw) if bw else None
+    absent = [p for p in (bw_path, adapters) if p is not None and not p.exists()]
+    if absent:
+        names = " and ".join(f"`{p.relative_to(root) if p.is_relative_to(root) else p}`" for p in absent)
+        problem = missing(preset, names) if missing else f"preset {preset.name} needs {names}, which this checkout does not have"
+        return ModelSource(key, label, adapters, None, problem)
+    return checkpoint_source(adapters, allow_download, str(bw_path) if bw_path else None, key, label, root)
+
+
+def discover_sources(root: Path, checkpoint: Optional[str] = None, allow_download: bool = False,
+                     missing: Optional[Callable[[Preset, str], str]] = None) -> dict[str, ModelSource]:
+    """``checkpoint``, then the presets, then ``root/checkpoints/*/`` adapter directories (not ``full`` backbones)."""
+    sources: dict[str, ModelSource] = {}
+    if checkpoint:
+        src = checkpoint_source(Path(checkpoint), allow_download, root=root)
+        sources[src.key] = src
+    for preset in PRESETS.values():
+        src = preset_source(preset, allow_download, root, missing)
+        sources[src.key] = src
+    seen = {s.adapters.resolve() for s in sources.values() if s.adapters is not None}
+    for cfg_file in sorted((root / "checkpoints").glob("*/adapter_config.json")):
+        directory = cfg_file.parent
+        try:
+            if directory.resolve() in seen or read_adapter_config(directory)["method"] == "full":
+                continue
+        except CheckpointError:
+            pass  # listed, with its problem
+        src = checkpoint_source(directory, allow_download, root=root)
+        sources[src.key] = src
+    return sources
