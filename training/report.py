@@ -54,7 +54,7 @@ def row(label: str, eval_json: Path, source: str) -> dict[str, Any]:
         epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         res, params, method = result, _trained_params(run / "best"), result.get("method")
         minutes = sum(e.get("epoch_s", 0.0) for e in epochs) / 60
-    out = {"label": label, "method": method, "trained_params": params, "train_minutes": round(minutes, 1),
+    out = {"label": label, "eval": Path(eval_json).stem, "method": method, "trained_params": params, "train_minutes": round(minutes, 1),
            "split": result.get("split"), "num_images": result.get("num_images"),
            "num_captions": result.get("num_captions")}
     out.update({k: res[k] for k in METRIC_KEYS})
