@@ -50,6 +50,7 @@ DEFAULT_PRESET = "rs-minilm-harma"
 MAX_QUERY_CHARS = 300
 MAX_K = 50
 MAX_UPLOADS = 500
+ENV_NAMES = {"cache_dir": "HARMA_CACHE"}  # AppConfig fields whose variable is not HARMA_<FIELD>
 MAX_ENCODE = 20_000  # images the app encodes itself for an --index gallery lacking one model's index
 PICKER_SIZE = 48
 MAX_METRIC_CELLS = 10**8  # image x caption similarities the Metrics tab computes in memory
@@ -108,7 +109,7 @@ class AppConfig:
         env = os.environ if env is None else env
         cfg = cls()
         for f in fields(cls):
-            value = env.get(f"HARMA_{f.name.upper()}")
+            value = env.get(ENV_NAMES.get(f.name, f"HARMA_{f.name.upper()}"))
             if value in (None, ""):
                 continue
             if f.name == "allow_download":
@@ -400,17 +401,26 @@ def _clamp_k(k: Any) -> int:
         return 8
 
 
-def _displayable(path: Path) -> Any:
-    """Browsers do not show TIFF: give Gradio a small PIL copy instead of the path."""
-    if path.suffix.lower() in (".tif", ".tiff"):
+def _displayable(path: Path, thumbs: Path) -> str:
+    """Browsers do not show TIFF: a JPEG copy (longest side <= 256) is written once under ``thumbs``
+    and served instead, so repeated queries cost no image encoding."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return str(path)
+    st = path.stat()
+    out = thumbs / (hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24] + ".jpg")
+    if not out.is_file():
         img = open_image(path)
         img.thumbnail((256, 256))
-        return img
-    return str(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.{os.getpid()}.{threading.get_ident()}.jpg")
+        img.save(tmp, quality=92)
+        os.replace(tmp, out)
+    return str(out)
 
 
-def _tiles(gallery: Gallery, hits: list[Hit], matches: set[int]) -> list[tuple[Any, str]]:
-    return [(_displayable(gallery.images[h.index]), f"#{h.rank} · {h.score:.3f}{' ✓' if h.index in matches else ''}")
+def _tiles(app: AppState, gallery: Gallery, hits: list[Hit], matches: set[int]) -> list[tuple[Any, str]]:
+    thumbs = app.cache_dir / "thumbs"
+    return [(_displayable(gallery.images[h.index], thumbs), f"#{h.rank} · {h.score:.3f}{' ✓' if h.index in matches else ''}")
             for h in hits]
 
 
@@ -465,7 +475,7 @@ def search_text(app: AppState, query: Optional[str], k: Any, model_key: Optional
             t0 = time.perf_counter()
             hits = r.search_text(query, k)
             times.append(1000 * (time.perf_counter() - t0))
-            out.append(_tiles(gallery, hits, matches))
+            out.append(_tiles(app, gallery, hits, matches))
         status = (f"Top {k} of {len(gallery.images):,} images for “{query}” — baseline {times[0]:.0f} ms, "
                   f"adapted {times[1]:.0f} ms.{note}")
         if matches:
@@ -520,7 +530,7 @@ def picker_items(app: AppState, gallery_key: Optional[str]) -> list[tuple[Any, s
         gallery = app.gallery(gallery_key)
     except (AppError, *USER_ERRORS):
         return []
-    return [(_displayable(gallery.images[i]), gallery.images[i].name) for i in picker_indices(gallery)]
+    return [(_displayable(gallery.images[i], app.cache_dir / "thumbs"), gallery.images[i].name) for i in picker_indices(gallery)]
 
 
 def use_uploads(app: AppState, files: Optional[list], model_key: Optional[str], current: Optional[str],

@@ -80,8 +80,10 @@ def test_import_is_cheap_and_loads_no_model(setup, monkeypatch):
 def test_parse_args_overrides_env(monkeypatch):
     monkeypatch.setenv("HARMA_DATA", "/from/env")
     monkeypatch.setenv("HARMA_UMAP_POINTS", "50")
+    monkeypatch.setenv("HARMA_CACHE", "/cache/from/env")  # the documented name (not HARMA_CACHE_DIR)
     cfg, args = app.parse_args(["--checkpoint", "ck", "--port", "7000"])
     assert cfg.data == "/from/env" and cfg.checkpoint == "ck" and cfg.umap_points == 50 and args.port == 7000
+    assert cfg.cache_dir == "/cache/from/env"
     assert app.parse_args(["--data", "d"])[0].data == "d"
 
 
@@ -253,3 +255,20 @@ def test_prebuilt_index_gallery_uses_the_matching_index(setup, tmp_path):
     cfg_bad = app.AppConfig(index=str(tmp_path / "nowhere"), cache_dir=str(tmp_path / "c"))
     _, _, status = app.search_text(app.AppState(cfg_bad), "a red square", 3, None, "index")
     assert "--index" in status and "cannot read the index" in status
+
+
+def test_tiff_tiles_are_converted_once_to_cached_jpegs(setup, tmp_path):
+    """Browsers cannot show TIFF (UCM's format): tiles point at JPEG copies written once in the cache."""
+    folder = tmp_path / "tifs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (300, 200), (40 * i, 90, 200)).save(folder / f"scene{i}.tif")
+    state = app.AppState(app.AppConfig(data=str(folder), checkpoint=str(setup["adapters"]), cache_dir=str(tmp_path / "c")))
+    base, adapted, status = app.search_text(state, "a scene", 3, None, "data")
+    paths = [Path(p) for p, _ in base + adapted]
+    assert len(paths) == 6 and all(p.suffix == ".jpg" and p.parent == tmp_path / "c" / "thumbs" for p in paths)
+    with Image.open(paths[0]) as img:
+        assert max(img.size) == 256
+    stamps = {p: p.stat().st_mtime_ns for p in paths}
+    again, _, _ = app.search_text(state, "a scene", 3, None, "data")
+    assert again and all(Path(p).stat().st_mtime_ns == stamps[Path(p)] for p, _ in again)  # not rewritten
