@@ -27,9 +27,9 @@ class ANNConfig:
 
     Attributes:
         kind: ``ivf`` (k-means inverted file, flat vectors) or ``hnsw`` (graph, flat vectors).
-        nlist: IVF clusters; ``None`` = about ``sqrt(N)`` rounded to a power of two (1,024 for 10^6).
+        nlist: IVF clusters; ``None`` = :func:`default_nlist` (4,096 for 10^6 vectors).
         nprobe: IVF clusters scanned per query (more = higher recall, slower).
-        train_size: vectors sampled (seeded) to train the IVF k-means.
+        train_size: vectors sampled (seeded) to train the IVF k-means (at least 39 per cluster).
         hnsw_m: HNSW neighbours per node.
         ef_construction: HNSW build-time beam width.
         ef_search: HNSW query-time beam width.
@@ -64,8 +64,9 @@ def _faiss() -> Any:
 
 
 def default_nlist(n: int) -> int:
-    """About sqrt(n) clusters, a power of two, at least 1 and at most n / 39 (faiss wants ~39 points per centroid)."""
-    target = 2 ** round(math.log2(max(1.0, math.sqrt(n))))
+    """About 4 sqrt(n) clusters (the low end of faiss's 4-16 sqrt(n) guideline), a power of two, at
+    least 1 and at most n / 39 (k-means wants ~39 training points per centroid): 4,096 for 10^6."""
+    target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
     return int(max(1, min(target, n // 39)))
 
 
@@ -100,7 +101,8 @@ class ANNIndex:
                 quantizer = faiss.IndexFlatIP(d)
                 index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
                 rng = np.random.default_rng(cfg.seed)
-                sample = x if n <= cfg.train_size else x[np.sort(rng.choice(n, cfg.train_size, replace=False))]
+                m = max(cfg.train_size, 39 * nlist)  # enough points for every centroid
+                sample = x if n <= m else x[np.sort(rng.choice(n, m, replace=False))]
                 index.cp.seed = cfg.seed
                 index.train(sample)
                 index.add(x)

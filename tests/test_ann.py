@@ -64,4 +64,4 @@ def test_ann_config_and_backend_errors():
         ANNConfig(nprobe=0)
     with pytest.raises(ValueError, match="backend"):
         EmbeddingIndex(["a"], torch.ones(1, 4), backend="fast")
-    assert default_nlist(1_000_000) == 1024 and default_nlist(10) == 1
+    assert default_nlist(1_000_000) == 4096 and default_nlist(100_000) == 1024 and default_nlist(10) == 1
