@@ -10,20 +10,18 @@ when the gallery is above the approximate-search threshold) and the shard folder
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_write_bytes
 from .data import DatasetError, open_image
-from .encode import _device, _eval_mode
-from .index import INDEX_FILE, EmbeddingIndex
+from .encode import _device, _eval_mode, _finish
+from .index import INDEX_FILE, EmbeddingIndex, texts_fingerprint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 SHARDS = ".shards"
@@ -63,13 +61,6 @@ def _collate(batch: list) -> tuple[Optional[torch.Tensor], list[int], list[tuple
     bad = [(i, why) for x, i, why in batch if x is None]
     pixels = torch.stack([x for x, _ in good]) if good else None
     return pixels, [i for _, i in good], bad
-
-
-def _list_sha(ids: Sequence[str]) -> str:
-    h = hashlib.sha256(b"ids-v1")
-    for i in ids:
-        h.update(i.encode() + b"\x00")
-    return h.hexdigest()
 
 
 def _shard_path(out: Path, s: int) -> Path:
@@ -120,7 +111,7 @@ def build_image_index(
         raise DatasetError(f"no images to index for {out}")
     ids = [p.relative_to(root).as_posix() if root is not None else str(p) for p in paths]
     identity = identity or {}
-    manifest = {"version": 1, "identity": identity, "ids_sha256": _list_sha(ids), "count": len(ids),
+    manifest = {"version": 1, "identity": identity, "ids_sha256": texts_fingerprint(ids), "count": len(ids),
                 "shard_size": shard_size}
     say = log or (lambda _m: None)
     if overwrite:
@@ -146,7 +137,7 @@ def build_image_index(
     if progress is not None:
         progress(done, len(paths))
     dev = _device(model, device)
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     with _eval_mode(model), torch.inference_mode():
         for s in range(n_shards):
@@ -159,7 +150,7 @@ def build_image_index(
             for pixels, idx, failed in loader:
                 if pixels is not None:
                     e = model.encode_image(pixels.to(dev), normalize=True)
-                    embs.append(F.normalize(e.float(), dim=-1).cpu())
+                    embs.append(_finish(e))
                     rows += [lo + i for i in idx]
                 bad += [(lo + i, why) for i, why in failed]
                 done += len(idx) + len(failed)
@@ -178,9 +169,9 @@ def build_image_index(
 
     embs, rows, skipped = [], [], []
     for s in range(n_shards):
-        shard = load_file(str(_shard_path(out, s)))
-        with safe_open(str(_shard_path(out, s)), "pt") as f:
+        with safe_open(str(_shard_path(out, s)), "pt") as f:  # tensors and skip reasons in one read
             reasons = json.loads(f.metadata()["bad_reasons"])
+            shard = {k: f.get_tensor(k) for k in f.keys()}
         if "embeddings" in shard:
             embs.append(shard["embeddings"])
         rows += shard["rows"].tolist()
