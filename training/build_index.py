@@ -17,12 +17,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from harma import BaseWeightsError, CheckpointError, ConfigError
 from harma.checkpoint import read_adapter_config
-from harma.data import DatasetError
 from harma.index import model_identity
 from harma.indexing import build_image_index, list_images
-from training.evaluate import CliError, _baseline, _load, pick_device, resolve_checkpoint
+from training.evaluate import USER_ERRORS, CliError, _baseline, _load, fail, pick_device, resolve_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,10 +77,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except (CliError, DatasetError, CheckpointError, BaseWeightsError, ConfigError, FileExistsError, OSError) as e:
-        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # FileExistsError (an index already at --out) is an OSError
+        return fail(e)
     return 0
 
 

@@ -35,6 +35,16 @@ class CliError(Exception):
     """A user-facing problem: printed as one line, exit code 2."""
 
 
+USER_ERRORS = (CliError, DatasetError, CheckpointError, BaseWeightsError, ConfigError, OSError)
+
+
+def fail(e: BaseException) -> int:
+    """Print a user-facing error as one ``error:`` line on stderr; returns exit code 2."""
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True,
@@ -224,10 +234,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, (json.dumps(_json_safe(out), indent=2) + "\n").encode())
             print(f"wrote {path}")
-    except (CliError, DatasetError, CheckpointError, BaseWeightsError, ConfigError, OSError) as e:
-        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     return 0
 
 
