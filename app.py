@@ -39,7 +39,7 @@ from harma.index import CaptionPool, EmbeddingIndex, Hit, IndexFormatError, Retr
 from harma.metrics import METRIC_KEYS, retrieval_metrics  # noqa: E402
 from harma.projection import embedding_projection  # noqa: E402
 from harma.presets import Preset, PresetError  # noqa: E402
-from harma.sources import ModelSource  # noqa: E402
+from harma.sources import ModelSource, one_line  # noqa: E402
 from harma.sources import discover_sources as find_sources  # noqa: E402
 
 log = logging.getLogger("harma.app")
@@ -82,10 +82,6 @@ CSS = "#status {font-size: 0.95em} .harma-note {color: var(--body-text-color-sub
 
 class AppError(Exception):
     """A problem to show to the user as it is (no traceback)."""
-
-
-def _oneline(e: BaseException) -> str:
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -180,11 +176,11 @@ def load_models(source: ModelSource, device: str = "cpu") -> ModelPair:
         cfg.method = "zeroshot"
         base, _, base_preprocess, base_tokenizer = create_model(cfg, device)
     except (*USER_ERRORS, RuntimeError) as e:
-        raise AppError(f"cannot load {source.label}: {_oneline(e)}") from None
+        raise AppError(f"cannot load {source.label}: {one_line(e)}") from None
     except Exception as e:  # safetensors' own error type for a corrupt weights file
         if type(e).__name__ != "SafetensorError":
             raise
-        raise AppError(f"cannot load {source.label}: unreadable weights ({_oneline(e)})") from None
+        raise AppError(f"cannot load {source.label}: unreadable weights ({one_line(e)})") from None
     model.eval()
     base.eval()
     return ModelPair(source, (model, preprocess, tokenizer), (base, base_preprocess, base_tokenizer), meta["method"])
@@ -220,7 +216,7 @@ def dataset_gallery(root: str, split: Optional[str] = None) -> Gallery:
         except DatasetError as e:
             errors.append(e)
     else:
-        raise AppError(_oneline(errors[-1]))
+        raise AppError(one_line(errors[-1]))
     pool = CaptionPool.from_captions(s.captions, s.text_to_image) if s.num_captions else None
     return Gallery(s.name, s, pool)
 
@@ -232,7 +228,7 @@ def index_gallery(folders: list[str]) -> Gallery:
         try:
             indexes.append(EmbeddingIndex.load(Path(folder).expanduser()))
         except IndexFormatError as e:
-            raise AppError(f"--index {folder}: {_oneline(e)}") from None
+            raise AppError(f"--index {folder}: {one_line(e)}") from None
     images = indexes[0].image_paths()
     for folder, other in zip(folders[1:], indexes[1:]):
         if other.image_paths() != images:
@@ -256,7 +252,7 @@ def upload_gallery(files: list, cache_dir: Path) -> tuple[str, Gallery, list[str
         try:
             img = open_image(p)
         except DatasetError as e:
-            skipped.append(f"{Path(p).name} ({_oneline(e).split(': ', 1)[-1]})")
+            skipped.append(f"{Path(p).name} ({one_line(e).split(': ', 1)[-1]})")
             continue
         good.append((Path(p).stem, img))
         h.update(Path(p).read_bytes())
@@ -388,7 +384,7 @@ def _progress_cb(progress: Any) -> Callable[[str, str, int, int], None]:
 
 def _fail(e: BaseException) -> str:
     """Log, show a warning toast, and return the message for the status box."""
-    msg = str(e) if isinstance(e, AppError) else _oneline(e)
+    msg = str(e) if isinstance(e, AppError) else one_line(e)
     log.warning("%s", msg)
     gr.Warning(msg)
     return f"⚠️ {msg}"
@@ -452,7 +448,7 @@ def status_text(app: AppState, model_key: Optional[str], gallery_key: Optional[s
     try:
         lines.append("**Gallery:** " + app.gallery(gallery_key).describe())
     except (AppError, *USER_ERRORS) as e:
-        lines.append(f"**Gallery:** ⚠️ {e if isinstance(e, AppError) else _oneline(e)}")
+        lines.append(f"**Gallery:** ⚠️ {e if isinstance(e, AppError) else one_line(e)}")
     return "\n\n".join(lines)
 
 

@@ -16,7 +16,8 @@ from .checkpoint import CheckpointError, read_adapter_config
 from .presets import ARCHS, PRESETS, Preset, PresetError, resolve_arch
 
 
-def _oneline(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (its type name if it has none), for a UI status."""
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
@@ -87,7 +88,7 @@ def checkpoint_source(directory: Path, allow_download: bool, base_weights: Optio
     try:
         meta = read_adapter_config(directory)
     except CheckpointError as e:
-        return ModelSource(key, label or directory.name, directory, None, _oneline(e))
+        return ModelSource(key, label or directory.name, directory, None, one_line(e))
     label = label or f"{directory.name} ({meta['method']} on {meta['base'].get('model_name')})"
     wanted = base_weights or meta["model"].get("base_weights")
     found = _find_file(wanted, directory, root or Path.cwd()) if wanted else None
