@@ -98,10 +98,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.json_out or Path(__file__).parent / f"results-{'gpu' if device.type == 'cuda' else 'cpu'}.json")
     if not args.quick or args.json_out:
+        merged = _merge(out, results)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"\nwrote {out} (total {results['total_seconds']:.0f} s)")
+        out.write_text(json.dumps(merged, indent=1) + "\n")
+        print(f"\nwrote {out} (this run {results['total_seconds']:.0f} s)")
     return 0
+
+
+def _merge(out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Sections of this run replace the same sections of an earlier results file on the same machine; the
+    others are kept (so ``--only app`` updates one table). ``total_seconds`` is the sum over sections."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return results
+    if old.get("machine") != results["machine"] or old.get("device") != results["device"] or old.get("quick"):
+        return results
+    sections = {**old.get("sections", {}), **results["sections"]}
+    total = round(sum(s.get("seconds", 0.0) for s in sections.values()), 1)
+    return {**results, "sections": sections, "total_seconds": total}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -220,27 +222,76 @@ def _start_app(data: str, cache: Path, port: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_client(proc: subprocess.Popen, port: int, timeout: float = 300.0):
-    from gradio_client import Client
-
+def _wait_up(proc: subprocess.Popen, port: int, timeout: float = 300.0) -> None:
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
             raise Skip(f"the app exited: {proc.stderr.read()[-500:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return Client(f"http://127.0.0.1:{port}/", verbose=False)
+                return
         except OSError:
             time.sleep(0.05)
     raise Skip(f"the app did not start within {timeout:.0f} s")
 
 
+def _api(http, base: str, name: str, data: list) -> list:
+    """One call of a named event over Gradio's HTTP API (POST, then read the event stream to `complete`)."""
+    r = http.post(f"{base}/gradio_api/call/{name}", json={"data": data})
+    r.raise_for_status()
+    event = None
+    with http.stream("GET", f"{base}/gradio_api/call/{name}/{r.json()['event_id']}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                if event == "error":
+                    raise Skip(f"/{name} failed: {line[5:].strip()[:300]}")
+                return json.loads(line[5:])
+    raise Skip(f"/{name}: the event stream ended without a result")
+
+
+# Both galleries hold k decoded images and the status line names the query.
+_GALLERIES_DONE = """([q, k]) => { const s = document.querySelector('#status');
+  const imgs = [...document.querySelectorAll('#baseline-gallery img, #adapted-gallery img')];
+  return !!s && s.innerText.includes(q) && imgs.length >= 2 * k && imgs.every(i => i.complete && i.naturalWidth > 0); }"""
+
+
+def _browser_latency(url: str, n: int, k: int = 8) -> list[float]:
+    """Seconds from clicking Search to both galleries showing k decoded images, in headless Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            box = page.locator("#query textarea")
+            box.wait_for(timeout=60_000)
+            times = []
+            for i in range(n + 1):  # the first query is a warm-up
+                query = f"{CAPTIONS[i % 4]} {i}"
+                box.fill(query)
+                t0 = time.perf_counter()
+                page.locator("#search").click()
+                page.wait_for_function(_GALLERIES_DONE, arg=[query, k], timeout=120_000, polling=5)
+                times.append(time.perf_counter() - t0)
+            return times[1:]
+        finally:
+            browser.close()
+
+
 QUERY = "many planes parked at an airport"
+CHROMIUM = "/usr/bin/chromium"
 
 
 def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[dict]:
     """The real app on its default model with UCM train as the gallery: cold start to first answer
-    (warm embedding cache), text query latency through the API, embedding tab from cache."""
+    (warm embedding cache), text query latency through the HTTP API and gradio_client, click-to-images
+    in headless Chromium (when /usr/bin/chromium exists), embedding tab from cache."""
+    import httpx
+    from gradio_client import Client
+
     if quick:
         raise Skip("not in --quick (starts the real app twice)")
     if not (ROOT / "checkpoints" / "rs-backbone").is_dir() or not (ROOT / "checkpoints" / "ucm-harma").is_dir():
@@ -248,23 +299,32 @@ def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[di
     if not Path(data).is_dir():
         raise Skip(f"UCM-Captions not found at {data} (pass --data)")
     cache = ROOT / ".cache" / "bench-app"
+    shutil.rmtree(cache, ignore_errors=True)  # the first run fills it from nothing
     rows = []
     for run in ("fill cache", "warm cache"):
         port = _free_port()
+        base = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
         proc = _start_app(data, cache, port)
         try:
-            client = _wait_client(proc, port)
+            _wait_up(proc, port)
             up = time.perf_counter() - t0
-            base, adapted, status = client.predict(QUERY, 8, api_name="/search_text")
-            first = time.perf_counter() - t0
-            if not base or not adapted:
-                raise Skip(f"the app answered without results: {status}")
-            t_view = _time(lambda: client.predict(api_name="/embedding_view"), torch.device("cpu"))
-            lat = [_time(lambda i=i: client.predict(f"{CAPTIONS[i % 4]} {i}", 8, api_name="/search_text"),
-                         torch.device("cpu")) for i in range(20)]
-            rows.append({"run": run, "server up s": up, "first answer s": first, "query p50 ms": _pct(lat, 0.5),
-                         "query p99 ms": _pct(lat, 0.99), "embedding tab s": t_view})
+            with httpx.Client(timeout=600) as http:
+                tiles_base, tiles_adapted, status = _api(http, base, "search_text", [QUERY, 8, None])
+                first = time.perf_counter() - t0
+                if not tiles_base or not tiles_adapted:
+                    raise Skip(f"the app answered without results: {status}")
+                t_view = _time(lambda: _api(http, base, "embedding_view", [None]), torch.device("cpu"))
+                lat = [_time(lambda i=i: _api(http, base, "search_text", [f"{CAPTIONS[i % 4]} {i}", 8, None]),
+                             torch.device("cpu")) for i in range(20)]
+            client = Client(base + "/", verbose=False, download_files=False)
+            lat_client = [_time(lambda i=i: client.predict(f"{CAPTIONS[i % 4]} {i}", 8, api_name="/search_text"),
+                                torch.device("cpu")) for i in range(10)]
+            row = {"run": run, "server up s": up, "first answer s": first, "query p50 ms": _pct(lat, 0.5),
+                   "query p99 ms": _pct(lat, 0.99), "gradio_client p50 ms": _pct(lat_client, 0.5)}
+            if Path(CHROMIUM).is_file():
+                row["browser p50 ms"] = _pct(_browser_latency(base + "/", 10), 0.5)
+            rows.append({**row, "embedding tab s": t_view})
         finally:
             proc.terminate()
             proc.wait(30)

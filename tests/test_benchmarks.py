@@ -26,3 +26,20 @@ def test_format_rows_aligns_union_of_keys():
     text = format_rows([{"a": 1, "b": 0.5}, {"a": 1234567, "c": "x"}])
     lines = text.splitlines()
     assert lines[0].split(" | ") == ["a        ", "b    ", "c"] and "1,234,567" in lines[3]
+
+
+def test_only_some_sections_keeps_the_others_of_the_same_machine(tmp_path):
+    from benchmarks.run import _merge
+
+    out = tmp_path / "results.json"
+    machine = {"cores": 2}
+    old = {"machine": machine, "device": "cpu", "quick": False, "total_seconds": 30.0,
+           "sections": {"embed": {"rows": [{"a": 1}], "seconds": 10.0}, "app": {"rows": [{"a": 2}], "seconds": 20.0}}}
+    out.write_text(json.dumps(old))
+    new = {"machine": machine, "device": "cpu", "quick": False, "total_seconds": 5.0,
+           "sections": {"app": {"rows": [{"a": 3}], "seconds": 5.0}}}
+    merged = _merge(out, new)
+    assert merged["sections"]["embed"] == old["sections"]["embed"]
+    assert merged["sections"]["app"]["rows"] == [{"a": 3}] and merged["total_seconds"] == 15.0
+    # another machine's file is replaced, not merged
+    assert _merge(out, {**new, "machine": {"cores": 16}})["sections"].keys() == {"app"}
