@@ -35,3 +35,21 @@ def test_report_collects_rows_and_markdown_round_trips(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == table
     assert main(["--out", str(out), f"x={tmp_path / 'eval.json'}:{tmp_path}"]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_update_replaces_rows_by_label_and_keeps_the_others(tmp_path, capsys):
+    def evaluation(name, mr):
+        metrics = {k: mr for k in METRIC_KEYS}
+        (tmp_path / name).write_text(json.dumps({**metrics, "gap": GAP, "baseline": {**metrics, "gap": GAP}}))
+        return tmp_path / name
+
+    out = tmp_path / "results.json"
+    assert main(["--out", str(out), f"zero-shot={evaluation('a.json', 1.0)}:baseline",
+                 f"full={evaluation('b.json', 42.0)}:baseline"]) == 0
+    kept = json.loads(out.read_text())["rows"][1]
+    (tmp_path / "b.json").unlink()  # the other row's sources are gone
+    assert main(["--update", "--out", str(out), f"zero-shot={evaluation('c.json', 2.0)}:baseline",
+                 f"new={evaluation('d.json', 3.0)}:baseline"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["zero-shot", "full", "new"]
+    assert rows[0]["mR"] == 2.0 and rows[1] == kept and rows[2]["mR"] == 3.0

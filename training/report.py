@@ -6,7 +6,8 @@
 
 Each row is ``LABEL=EVAL_JSON:SOURCE``. ``SOURCE`` is a run folder (its ``metrics.jsonl`` gives the
 wall time, its ``best/`` checkpoint the trained-parameter count) or ``baseline`` for the
-``--baseline`` object of that evaluation (nothing trained). ``--markdown FILE`` turns a results
+``--baseline`` object of that evaluation (nothing trained). ``--update`` keeps the other rows of an
+existing ``--out`` file (so one method can be re-run without the others' run folders). ``--markdown FILE`` turns a results
 file back into the table, so the README's table can be checked against the JSON.
 """
 
@@ -62,6 +63,13 @@ def row(label: str, eval_json: Path, source: str) -> dict[str, Any]:
     return out
 
 
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with each row of ``new`` replacing the row of the same label where it stood, else appended."""
+    by_label = {r["label"]: r for r in new}
+    merged = [by_label.pop(r["label"], r) for r in old]
+    return merged + [r for r in new if r["label"] in by_label]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The README table: R@K both ways, mR, gap numbers, trained parameters, training time."""
     head = ("| method | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | mR | centroid gap | k-NN modality purity "
@@ -81,6 +89,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("rows", nargs="*", help="LABEL=EVAL_JSON:SOURCE (SOURCE = run folder or 'baseline')")
     p.add_argument("--out", help="results JSON to write")
     p.add_argument("--markdown", help="print the table of an existing results JSON")
+    p.add_argument("--update", action="store_true",
+                   help="keep the rows of an existing --out file; given rows replace those with the same label "
+                        "(in place) or are appended")
     args = p.parse_args(argv)
     try:
         if args.markdown:
@@ -95,6 +106,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not sep or not sep2 or not label:
                 raise ReportError(f"{spec!r}: expected LABEL=EVAL_JSON:SOURCE")
             rows.append(row(label, Path(eval_json), source))
+        if args.update and Path(args.out).is_file():
+            rows = merge_rows(json.loads(Path(args.out).read_text())["rows"], rows)
         results = {"rows": rows}
         atomic_write_bytes(Path(args.out), (json.dumps(results, indent=1) + "\n").encode())
         print(markdown(results))
