@@ -25,7 +25,7 @@ from harma.losses import HarmaLoss, LossConfig
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARCH = "RS-ViT-S16-MiniLM"
 # HarMA sizes of the default model's recipe (training/configs/ucm_minilm_harma.yaml); ViT-B-32 uses the released ones
-DEFAULT_HARMA = HarmaConfig(bottleneck=64, attn_heads=8, mms_dim=32, mms_heads=4)
+DEFAULT_HARMA = HarmaConfig(bottleneck=128, attn_heads=8, mms_dim=64, mms_heads=8)
 CAPTIONS = ["many planes are parked next to a long building in an airport",
             "a baseball field is surrounded by green trees and some buildings",
             "several storage tanks are beside a road", "a river with green banks runs through a dense forest"]
