@@ -251,6 +251,11 @@ def _api(http, base: str, name: str, data: list) -> list:
     raise Skip(f"/{name}: the event stream ended without a result")
 
 
+def _query(i: int) -> str:
+    """The i-th timed query: a caption plus a counter, so no answer comes from an earlier identical request."""
+    return f"{CAPTIONS[i % len(CAPTIONS)]} {i}"
+
+
 # Both galleries hold k decoded images and the status line names the query.
 _GALLERIES_DONE = """([q, k]) => { const s = document.querySelector('#status');
   const imgs = [...document.querySelectorAll('#baseline-gallery img, #adapted-gallery img')];
@@ -270,7 +275,7 @@ def _browser_latency(url: str, n: int, k: int = 8) -> list[float]:
             box.wait_for(timeout=60_000)
             times = []
             for i in range(n + 1):  # the first query is a warm-up
-                query = f"{CAPTIONS[i % 4]} {i}"
+                query = _query(i)
                 box.fill(query)
                 t0 = time.perf_counter()
                 page.locator("#search").click()
@@ -315,10 +320,10 @@ def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[di
                 if not tiles_base or not tiles_adapted:
                     raise Skip(f"the app answered without results: {status}")
                 t_view = _time(lambda: _api(http, base, "embedding_view", [None]), torch.device("cpu"))
-                lat = [_time(lambda i=i: _api(http, base, "search_text", [f"{CAPTIONS[i % 4]} {i}", 8, None]),
+                lat = [_time(lambda i=i: _api(http, base, "search_text", [_query(i), 8, None]),
                              torch.device("cpu")) for i in range(20)]
             client = Client(base + "/", verbose=False, download_files=False)
-            lat_client = [_time(lambda i=i: client.predict(f"{CAPTIONS[i % 4]} {i}", 8, api_name="/search_text"),
+            lat_client = [_time(lambda i=i: client.predict(_query(i), 8, api_name="/search_text"),
                                 torch.device("cpu")) for i in range(10)]
             row = {"run": run, "server up s": up, "first answer s": first, "query p50 ms": _pct(lat, 0.5),
                    "query p99 ms": _pct(lat, 0.99), "gradio_client p50 ms": _pct(lat_client, 0.5)}

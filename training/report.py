@@ -7,8 +7,8 @@
 Each row is ``LABEL=EVAL_JSON:SOURCE``. ``SOURCE`` is a run folder (its ``metrics.jsonl`` gives the
 wall time, its ``best/`` checkpoint the trained-parameter count) or ``baseline`` for the
 ``--baseline`` object of that evaluation (nothing trained). ``--update`` keeps the other rows of an
-existing ``--out`` file (so one method can be re-run without the others' run folders). ``--markdown FILE`` turns a results
-file back into the table, so the README's table can be checked against the JSON.
+existing ``--out`` file, so one method can be re-run without the others' run folders. ``--markdown
+FILE`` turns a results file back into the table, so the README's table can be checked against the JSON.
 """
 
 from __future__ import annotations
