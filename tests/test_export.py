@@ -41,3 +41,46 @@ def test_export_run_to_fp16_with_card(tmp_path, tiny_inputs):
 def test_export_errors(tmp_path, capsys):
     assert main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_export_continued_backbone_replaces_its_base_in_place(tmp_path):
+    """Stage 2 of a backbone (a `full` run whose base weights are the stage-1 `full` checkpoint)
+    exports standalone, so it can overwrite the stage-1 folder and still load."""
+    from harma import create_model
+
+    stage1 = tmp_path / "checkpoints" / "backbone"
+    torch.manual_seed(0)
+    first = create_model(tiny_config("full"))[0]
+    perturb_(first, seed=1)
+    save_adapters(first, stage1)
+    second = create_model(_with_base(tiny_config("full"), stage1))[0]
+    assert second.base_info["base_weights_sha256"]  # it really started from stage 1
+    perturb_(second, seed=2)
+    run = tmp_path / "run"
+    save_adapters(second, run / "best", extra={"epoch": 1})
+    assert main(["--run", str(run), "--out", str(stage1)]) == 0
+    meta = json.loads((stage1 / "adapter_config.json").read_text())
+    assert meta["model"]["base_weights"] is None and meta["base"].get("base_weights_sha256") is None
+    assert "continued from base weights" in (stage1 / "MODEL_CARD.md").read_text()
+    loaded = load_adapters(stage1)[0]
+    params = dict(loaded.named_parameters())
+    for name, t in second.trainable_state_dict().items():
+        assert torch.equal(params[name], t), name
+
+
+def test_export_keeps_base_that_adapters_need(tmp_path):
+    """HarMA adapters store only their own tensors: their base weights stay named."""
+    from harma import create_model
+
+    base = tmp_path / "backbone"
+    save_adapters(create_model(tiny_config("full"))[0], base)
+    model = create_model(_with_base(tiny_config("harma"), base))[0]
+    save_adapters(model, tmp_path / "run" / "best")
+    assert main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert meta["model"]["base_weights"] == str(base) and meta["base"]["base_weights_sha256"]
+
+
+def _with_base(cfg, base):
+    cfg.base_weights = str(base)
+    return cfg

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import yaml
 
-from harma import CheckpointError, load_adapters, read_adapter_config, save_adapters
+from harma import CheckpointError, HarmaModel, load_adapters, read_adapter_config, save_adapters
 from harma.checkpoint import atomic_write_bytes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -38,7 +38,7 @@ def _licence(root: str) -> str:
     return next((text for key, text in LICENCES.items() if key in name), "see the dataset's own licence")
 
 
-def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str) -> str:
+def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str, origin: Optional[str] = None) -> str:
     """Markdown card from an adapter config, the run's resolved config and its metrics rows."""
     model, data, extra = meta["model"], config.get("data", {}), meta.get("extra", {})
     base = meta["base"]
@@ -58,6 +58,7 @@ def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str
              f"- training data: `{data.get('root')}` split `{data.get('train_split')}`, selected on "
              f"`{data.get('val_split') or 'a seeded ' + str(data.get('val_fraction')) + ' carve of train'}`",
              f"- data licence: {_licence(str(data.get('root', '')))}",
+             *([origin] if origin else []),
              f"- selected epoch: {extra.get('epoch')} (validation mR, never test)", "",
              "## Validation metrics per epoch", "",
              "| epoch | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR | centroid gap | samples/s |",
@@ -74,15 +75,52 @@ def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str
     return "\n".join(lines)
 
 
+def _base_keys(path: Path) -> set[str]:
+    """Names (open_clip ``state_dict`` keys) of the tensors a base-weights file or ``full`` folder provides."""
+    from safetensors import safe_open
+
+    from harma.weights import IGNORED_KEYS, read_state_dict
+
+    if path.is_dir():
+        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+            return {k[len("clip."):] for k in f.keys() if k.startswith("clip.")}
+    return set(read_state_dict(path)) - set(IGNORED_KEYS)
+
+
+def supersede_base(model: HarmaModel) -> Optional[str]:
+    """Make a ``full`` checkpoint standalone when it stores every tensor its base weights provided.
+
+    A backbone continued from an earlier ``full`` checkpoint (stage 2 from stage 1) would otherwise
+    name that checkpoint as its base, so it could not replace it in place. Returns a line for the
+    model card saying what the run started from, or None when nothing changed.
+    """
+    base = model.base_info.get("base_weights")
+    if model.config.method != "full" or not base or not Path(base).exists():
+        return None
+    stored = {k[len("clip."):] for k in model.trainable_state_dict() if k.startswith("clip.")}
+    if not _base_keys(Path(base)) <= stored:
+        return None
+    sha = str(model.base_info.get("base_weights_sha256"))
+    model.config.base_weights = None
+    model.base_info.update(base_weights=None, base_weights_sha256=None)
+    return (f"- continued from base weights `{base}` (sha256 {sha[:16]}...); this checkpoint stores every tensor "
+            "they provided, so it loads without them")
+
+
 def export(run: Path, out: Path, dtype: str = "fp32") -> Path:
-    """Re-save ``run/best`` (or an adapter folder) into ``out`` in ``dtype`` and write MODEL_CARD.md."""
+    """Re-save ``run/best`` (or an adapter folder) into ``out`` in ``dtype`` and write MODEL_CARD.md.
+
+    A ``full`` run continued from earlier base weights that it entirely supersedes is saved
+    standalone (see :func:`supersede_base`), so ``out`` may be the folder of those base weights.
+    """
     src = run / "best" if (run / "best").is_dir() else run
     meta = read_adapter_config(src)
     model = load_adapters(src)[0]
+    origin = supersede_base(model)
     save_adapters(model, out, extra=meta.get("extra"), dtype=DTYPES[dtype])
     cfg_path = run / "config.yaml"
     config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {"model": meta["model"]}
-    card = model_card(out.name, read_adapter_config(out), config, _rows(run), dtype)
+    card = model_card(out.name, read_adapter_config(out), config, _rows(run), dtype, origin)
     atomic_write_bytes(out / "MODEL_CARD.md", card.encode())
     return out
 
