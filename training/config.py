@@ -36,6 +36,9 @@ class DataConfig:
     augment: str = "released"
     num_workers: int = 2
     cache_images: int = 0  # >0: decode train images once, resized to this side, into <out_dir>/.image_cache
+    # >0: every batch holds this many scene classes, batch/K captions each (the train split needs class
+    # labels, e.g. RSICD's label_name): negatives of the same scene, to learn more than the scene
+    label_batches: int = 0
     test_split: Optional[str] = None  # if set, the best checkpoint is evaluated on it at the end (report only)
     synthetic_images: int = 48  # size of the generated dataset when root == "synthetic"
 
@@ -44,6 +47,8 @@ class DataConfig:
             raise ConfigError(f"data.augment={self.augment!r} is not one of {', '.join(AUGMENTS)}")
         if self.cache_images < 0:
             raise ConfigError("data.cache_images must be >= 0 (0 = off)")
+        if self.label_batches < 0:
+            raise ConfigError("data.label_batches must be >= 0 (0 = off)")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("data.val_fraction must be in (0, 1)")
 

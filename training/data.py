@@ -139,6 +139,21 @@ class Collate:
                 torch.tensor(caption_ids, dtype=torch.long))
 
 
+def _label_groups(split: RetrievalSplit, per_batch: int, global_batch: int) -> dict[str, Any]:
+    """Sampler arguments for ``data.label_batches``: the class of each caption's image."""
+    if not per_batch:
+        return {}
+    if split.labels is None:
+        raise DatasetError(f"{split.name}: data.label_batches={per_batch} needs a class label per image, "
+                           "and this split has none (e.g. HarMA JSON label_name, a CSV label_name column)")
+    if global_batch % per_batch:
+        raise DatasetError(f"data.label_batches={per_batch} must divide the global batch {global_batch}")
+    names = {name: i for i, name in enumerate(sorted(set(split.labels)))}
+    if len(names) < per_batch:
+        raise DatasetError(f"{split.name}: data.label_batches={per_batch} but the split has only {len(names)} classes")
+    return {"groups": [names[split.labels[i]] for i in split.text_to_image], "groups_per_batch": per_batch}
+
+
 def build_train_loader(split: RetrievalSplit, transform: Callable, tokenizer: Callable, cfg: DataConfig, *,
                        batch_size: int, world_size: int, rank: int, seed: int, pin_memory: bool = False,
                        images: Optional[Any] = None, tokenize: bool = True) -> tuple[DataLoader, ResumableBatchSampler]:
@@ -150,7 +165,8 @@ def build_train_loader(split: RetrievalSplit, transform: Callable, tokenizer: Ca
     (:class:`harma.data.ImageCache`); ``tokenize=False`` when text features are cached.
     """
     dataset = SeededDataset(PairDataset(split, transform, caption_fn(cfg), images=images), seed)
-    sampler = ResumableBatchSampler(len(dataset), batch_size, world_size=world_size, rank=rank, seed=seed)
+    sampler = ResumableBatchSampler(len(dataset), batch_size, world_size=world_size, rank=rank, seed=seed,
+                                    **_label_groups(split, cfg.label_batches, batch_size * world_size))
     if sampler.steps_per_epoch == 0:
         raise DatasetError(f"{split.name}: {len(dataset)} training pairs are fewer than one global batch "
                            f"({batch_size} x {world_size} processes); lower run.batch_size")

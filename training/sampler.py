@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Iterator
+from collections import defaultdict
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +36,24 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=gen)
 
 
+def grouped_chunks(groups: Sequence[int], chunk: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's chunks of ``chunk`` samples that share a group label, in a random order.
+
+    Each group's samples are shuffled and cut into whole chunks (a group's remainder sits out this
+    epoch, a different one each epoch); then the chunks are shuffled. A function of ``(seed, epoch)``.
+    """
+    gen = torch.Generator().manual_seed(mix_seed(seed, _ORDER_STREAM, epoch))
+    members: dict[int, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    chunks = []
+    for group in sorted(members):
+        idx = members[group]
+        order = torch.randperm(len(idx), generator=gen).tolist()
+        chunks += [[idx[k] for k in order[c * chunk:(c + 1) * chunk]] for c in range(len(idx) // chunk)]
+    return [chunks[c] for c in torch.randperm(len(chunks), generator=gen).tolist()]
+
+
 class ResumableBatchSampler(Sampler[list[SampleKey]]):
     """Global batches of ``batch_size * world_size`` samples, sharded by rank, ``drop_last``.
 
@@ -48,12 +67,25 @@ class ResumableBatchSampler(Sampler[list[SampleKey]]):
         world_size: number of processes.
         rank: this process.
         seed: order seed (the run seed; identical on every rank).
+        groups: optional group label per sample (e.g. the scene class of its image). With
+            ``groups_per_batch = K`` every global batch is K chunks of ``G / K`` samples of one group
+            each (:func:`grouped_chunks`), so a sample meets ``G / K - 1`` negatives of its own group
+            (a few in a random batch): hard negatives, e.g. the same scene with other details.
+        groups_per_batch: K; needs ``groups`` and must divide the global batch.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, groups: Optional[Sequence[int]] = None, groups_per_batch: int = 0) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler setup: batch_size={batch_size}, world_size={world_size}, rank={rank}")
+        if groups_per_batch:
+            if groups is None or len(groups) != num_samples:
+                raise ValueError("groups_per_batch needs one group label per sample")
+            if groups_per_batch < 0 or (batch_size * world_size) % groups_per_batch:
+                raise ValueError(f"groups_per_batch={groups_per_batch} must divide the global batch "
+                                 f"{batch_size * world_size}")
+        self.groups = list(groups) if groups_per_batch else None
+        self.groups_per_batch = groups_per_batch
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.world_size = world_size
@@ -69,7 +101,19 @@ class ResumableBatchSampler(Sampler[list[SampleKey]]):
     @property
     def steps_per_epoch(self) -> int:
         """Full steps per epoch (``drop_last``): what the lr schedule must count (method.md §7.16)."""
-        return self.num_samples // self.global_batch
+        if self.groups is None:
+            return self.num_samples // self.global_batch
+        return self._num_chunks() // self.groups_per_batch
+
+    @property
+    def chunk(self) -> int:
+        return self.global_batch // self.groups_per_batch
+
+    def _num_chunks(self) -> int:
+        counts: dict[int, int] = defaultdict(int)
+        for group in self.groups or ():
+            counts[group] += 1
+        return sum(n // self.chunk for n in counts.values())
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch and skip its first ``start_step`` batches (mid-epoch resume)."""
@@ -81,7 +125,10 @@ class ResumableBatchSampler(Sampler[list[SampleKey]]):
         return self.steps_per_epoch - self.start_step  # batches the next iteration yields
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        perm = epoch_permutation(self.num_samples, self.seed, self.epoch).tolist()
+        if self.groups is None:
+            perm = epoch_permutation(self.num_samples, self.seed, self.epoch).tolist()
+        else:
+            perm = [i for chunk in grouped_chunks(self.groups, self.chunk, self.seed, self.epoch) for i in chunk]
         g, b = self.global_batch, self.batch_size
         for step in range(self.start_step, self.steps_per_epoch):
             mine = perm[step * g + self.rank * b: step * g + (self.rank + 1) * b]
