@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
 import torch
 import torch.nn as nn
 
 PREFIXES = ("module.", "model.", "clip.", "state_dict.")
 IGNORED_KEYS = {"logit_bias"}  # optional scalars some checkpoints carry and open_clip may not
+CLIP_PREFIX = "clip."  # HarmaModel's name for its open_clip model
+FULL_WEIGHTS = "adapter_model.safetensors"  # the tensors of a harma checkpoint folder
 
 
 class BaseWeightsError(ValueError):
@@ -114,19 +116,37 @@ def load_base_weights(clip: nn.Module, path: Union[str, Path], strict: bool = Tr
     return report
 
 
+def open_clip_names(names: Iterable[str]) -> dict[str, str]:
+    """``{open_clip state_dict key: name}`` for the ``clip.*`` names of a :class:`harma.HarmaModel`
+    state (what a ``full`` checkpoint stores); other names (adapters) are left out."""
+    return {n[len(CLIP_PREFIX):]: n for n in names if n.startswith(CLIP_PREFIX)}
+
+
+def base_weight_keys(path: Union[str, Path]) -> set[str]:
+    """The open_clip keys that :func:`load_base_weights` takes from ``path`` (a file or a ``full`` folder)."""
+    path = Path(path)
+    if path.is_dir():
+        from safetensors import safe_open
+
+        with safe_open(str(path / FULL_WEIGHTS), "pt") as f:
+            return set(open_clip_names(f.keys()))
+    return set(read_state_dict(path)) - IGNORED_KEYS
+
+
 def _load_full_checkpoint(clip: nn.Module, directory: Path) -> LoadReport:
     import json
 
     from safetensors.torch import load_file
 
-    config, weights = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    config, weights = directory / "adapter_config.json", directory / FULL_WEIGHTS
     if not config.is_file() or not weights.is_file():
         raise BaseWeightsError(f"{directory}: a base-weights folder must hold adapter_config.json and "
                                "adapter_model.safetensors (a checkpoint of method 'full')")
     method = json.loads(config.read_text()).get("method")
     if method != "full":
         raise BaseWeightsError(f"{directory}: base weights must come from a 'full' checkpoint, this one is {method!r}")
-    sd = {k[len("clip."):]: v for k, v in load_file(str(weights)).items() if k.startswith("clip.")}
+    tensors = load_file(str(weights))
+    sd = {key: tensors[name] for key, name in open_clip_names(tensors).items()}
     own = clip.state_dict()
     unexpected = sorted(k for k in sd if k not in own)
     mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"

@@ -19,6 +19,7 @@ import yaml
 
 from harma import CheckpointError, HarmaModel, load_adapters, read_adapter_config, save_adapters
 from harma.checkpoint import atomic_write_bytes
+from harma.weights import base_weight_keys, open_clip_names
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LICENCES = {
@@ -75,18 +76,6 @@ def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str
     return "\n".join(lines)
 
 
-def _base_keys(path: Path) -> set[str]:
-    """Names (open_clip ``state_dict`` keys) of the tensors a base-weights file or ``full`` folder provides."""
-    from safetensors import safe_open
-
-    from harma.weights import IGNORED_KEYS, read_state_dict
-
-    if path.is_dir():
-        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
-            return {k[len("clip."):] for k in f.keys() if k.startswith("clip.")}
-    return set(read_state_dict(path)) - set(IGNORED_KEYS)
-
-
 def supersede_base(model: HarmaModel) -> Optional[str]:
     """Make a ``full`` checkpoint standalone when it stores every tensor its base weights provided.
 
@@ -97,8 +86,7 @@ def supersede_base(model: HarmaModel) -> Optional[str]:
     base = model.base_info.get("base_weights")
     if model.config.method != "full" or not base or not Path(base).exists():
         return None
-    stored = {k[len("clip."):] for k in model.trainable_state_dict() if k.startswith("clip.")}
-    if not _base_keys(Path(base)) <= stored:
+    if not base_weight_keys(base) <= set(open_clip_names(model.trainable_state_dict())):
         return None
     sha = str(model.base_info.get("base_weights_sha256"))
     model.config.base_weights = None

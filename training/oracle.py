@@ -51,10 +51,15 @@ def class_labels(split: RetrievalSplit) -> list[str]:
     return out
 
 
+def _class_ids(labels: list[str]) -> tuple[torch.Tensor, int]:
+    """Per-image class index (classes in sorted order) and the number of classes."""
+    names = {c: i for i, c in enumerate(sorted(set(labels)))}
+    return torch.tensor([names[c] for c in labels]), len(names)
+
+
 def class_only(split: RetrievalSplit, labels: list[str], seeds: int = 5) -> dict[str, float]:
     """Expected metrics of a model that ranks by scene class alone (mean over ``seeds`` random tie orders)."""
-    names = {c: i for i, c in enumerate(sorted(set(labels)))}
-    img_cls = torch.tensor([names[c] for c in labels])
+    img_cls, _ = _class_ids(labels)
     t2i = torch.tensor(split.text_to_image)
     same = (img_cls[:, None] == img_cls[t2i][None, :]).float()
     runs = []
@@ -68,9 +73,8 @@ def text_space(text: torch.Tensor, split: RetrievalSplit, labels: list[str]) -> 
     """The two text-space oracles from normalised caption embeddings ``text`` (N_txt, D)."""
     t2i = torch.tensor(split.text_to_image)
     own = F.normalize(torch.zeros(split.num_images, text.shape[1]).index_add_(0, t2i, text), dim=-1)
-    names = {c: i for i, c in enumerate(sorted(set(labels)))}
-    img_cls = torch.tensor([names[c] for c in labels])
-    centroids = F.normalize(torch.zeros(len(names), text.shape[1]).index_add_(0, img_cls[t2i], text), dim=-1)
+    img_cls, num_classes = _class_ids(labels)
+    centroids = F.normalize(torch.zeros(num_classes, text.shape[1]).index_add_(0, img_cls[t2i], text), dim=-1)
     return {"class centroid (text space)": retrieval_metrics(centroids[img_cls] @ text.T, t2i),
             "own captions (text space)": retrieval_metrics(own @ text.T, t2i)}
 

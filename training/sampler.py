@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -93,6 +93,9 @@ class ResumableBatchSampler(Sampler[list[SampleKey]]):
         self.seed = seed
         self.epoch = 0
         self.start_step = 0
+        # whole chunks per epoch: the same every epoch (only which samples sit out changes)
+        self._num_chunks = (sum(n // self.chunk for n in Counter(self.groups).values())
+                            if self.groups is not None else 0)
 
     @property
     def global_batch(self) -> int:
@@ -103,17 +106,12 @@ class ResumableBatchSampler(Sampler[list[SampleKey]]):
         """Full steps per epoch (``drop_last``): what the lr schedule must count (method.md §7.16)."""
         if self.groups is None:
             return self.num_samples // self.global_batch
-        return self._num_chunks() // self.groups_per_batch
+        return self._num_chunks // self.groups_per_batch
 
     @property
     def chunk(self) -> int:
+        """Samples of one group in a row (``G / K``)."""
         return self.global_batch // self.groups_per_batch
-
-    def _num_chunks(self) -> int:
-        counts: dict[int, int] = defaultdict(int)
-        for group in self.groups or ():
-            counts[group] += 1
-        return sum(n // self.chunk for n in counts.values())
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch and skip its first ``start_step`` batches (mid-epoch resume)."""
