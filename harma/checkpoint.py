@@ -166,7 +166,8 @@ def load_adapters(directory: Union[str, Path], device: Union[str, torch.device] 
         raise CheckpointError(f"{directory}: base weights {cfg.base_weights} not found on this machine; "
                               "pass base_weights=PATH (sha256 " + str(meta["base"].get("base_weights_sha256")) + ")")
     _register_saved_arch(meta["base"])
-    out = create_model(cfg, device)
+    # a `full` folder holds every trained tensor, so a tower open_clip left random is filled next
+    out = create_model(cfg, device, weights_follow=cfg.method == "full")
     load_adapter_weights(out[0], directory)
     return out
 

