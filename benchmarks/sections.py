@@ -22,6 +22,8 @@ from harma.ann import ANNConfig, ANNIndex, recall_at_k
 from harma.index import ANN_THRESHOLD, EmbeddingIndex, exact_topk
 from harma.losses import HarmaLoss, LossConfig
 
+from .browser import CHROMIUM, launch
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARCH = "RS-ViT-S16-MiniLM"
 # HarMA sizes of the default model's recipe (training/configs/ucm_minilm_harma.yaml); ViT-B-32 uses the released ones
@@ -267,7 +269,7 @@ def _browser_latency(url: str, n: int, k: int = 8) -> list[float]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
@@ -287,7 +289,6 @@ def _browser_latency(url: str, n: int, k: int = 8) -> list[float]:
 
 
 QUERY = "many planes parked at an airport"
-CHROMIUM = "/usr/bin/chromium"
 
 
 def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[dict]:
@@ -327,7 +328,7 @@ def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[di
                                 torch.device("cpu")) for i in range(10)]
             row = {"run": run, "server up s": up, "first answer s": first, "query p50 ms": _pct(lat, 0.5),
                    "query p99 ms": _pct(lat, 0.99), "gradio_client p50 ms": _pct(lat_client, 0.5)}
-            if Path(CHROMIUM).is_file():
+            if CHROMIUM.is_file():
                 row["browser p50 ms"] = _pct(_browser_latency(base + "/", 10), 0.5)
             rows.append({**row, "embedding tab s": t_view})
         finally:

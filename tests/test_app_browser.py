@@ -10,17 +10,14 @@ Screenshots go to ``tmp_path``; with ``HARMA_UPDATE_SCREENSHOT=1`` they replace 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 import app
+from benchmarks.browser import CHROMIUM, launch
 from tests.test_app import tiny_setup
 from tests.test_app_api import free_port
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 QUERY = "many planes parked at an airport"
 K = 4
 
@@ -55,7 +52,7 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
     out = app.ASSETS if update else tmp_path
     slow = 1_200_000 if update else 180_000  # ms; a real gallery is encoded once (cached afterwards)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url, wait_until="domcontentloaded")
