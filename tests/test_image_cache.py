@@ -40,7 +40,7 @@ def test_cache_key_changes_with_files(tmp_path):
 
 
 def test_datasets_read_from_cache(tmp_path):
-    paths = _images(tmp_path, n=3)
+    _images(tmp_path, n=3)  # writes images/0.png .. 2.png
     (tmp_path / "train.csv").write_text("image,caption\n" + "".join(f"images/{i}.png,cap {i}\n" for i in range(3)))
     split = load_split(tmp_path, "train")
     cache = ImageCache(split.images, 8, tmp_path / "cache")
