@@ -77,6 +77,7 @@ class ModelConfig:
     learn_temperature: bool = True  # released code trains it
     lock_text: bool = False  # full: keep the whole text tower frozen and in eval mode (open_clip --lock-text)
     init_seed: int = 0  # seeds every random initialisation (adapters, random backbones) in create_model
+    patch_dropout: float = 0.0  # ViT image tower: share of patch tokens dropped per training step (FLIP); eval keeps all
     harma: HarmaConfig = field(default_factory=HarmaConfig)
     mrs: MRSConfig = field(default_factory=MRSConfig)
 
@@ -88,6 +89,8 @@ class ModelConfig:
             self.mrs = from_dict(MRSConfig, self.mrs, "model.mrs")
         if self.temperature_init <= 0:
             raise ConfigError("model.temperature_init must be > 0")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ConfigError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout!r}")
         if self.lock_text and self.method != "full":
             raise ConfigError("model.lock_text applies to method 'full' (adapter methods already freeze the backbone)")
 

@@ -187,7 +187,11 @@ def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu", *,
         raise ValueError(f"unknown open_clip model {cfg.model_name!r}; see open_clip.list_models() "
                          "or register a config with harma.register_model_config()")
     with _quiet_transformers(), _partial_init_warning(dropped=bool(cfg.base_weights) or weights_follow):
-        clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device)
+        clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device,
+                                      force_patch_dropout=cfg.patch_dropout or None)
+    if cfg.patch_dropout and not hasattr(clip.visual, "patch_dropout"):
+        raise ValueError(f"model.patch_dropout={cfg.patch_dropout} needs a ViT image tower; "
+                         f"{cfg.model_name}'s is {type(clip.visual).__name__}")
     info = {"model_name": cfg.model_name, "pretrained": cfg.pretrained,
             "model_cfg": model_arch_config(cfg.model_name)}
     if cfg.base_weights:

@@ -100,3 +100,42 @@ def test_cached_text_features_equal_encoding_in_train_mode(tiny_inputs):
     live = model(images, tokens)["text_features"]
     cached = model(images, None, text_features=cache)["text_features"]
     assert torch.allclose(live, cached, atol=1e-6)
+
+
+def test_patch_dropout_drops_tokens_in_training_only(tiny_inputs):
+    """model.patch_dropout: random patch subsets while training; evaluation sees every patch, so the
+    evaluated model equals the same weights built without it."""
+    import dataclasses
+
+    from harma import create_model
+
+    images, _ = tiny_inputs
+    with_pd = create_model(dataclasses.replace(tiny_config("full"), patch_dropout=0.5))[0]
+    plain = create_model(tiny_config("full"))[0]
+    assert type(with_pd.clip.visual.patch_dropout).__name__ == "PatchDropout"
+    with torch.no_grad():
+        assert torch.equal(with_pd.eval().encode_image(images), plain.eval().encode_image(images))
+        with_pd.train()
+        torch.manual_seed(0)
+        a = with_pd.encode_image(images)
+        b = with_pd.encode_image(images)
+    assert not torch.allclose(a, b) and not torch.allclose(a, plain.encode_image(images))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_patch_dropout_range(value):
+    from harma import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match="patch_dropout"):
+        ModelConfig(patch_dropout=value)
+
+
+def test_patch_dropout_needs_a_vit():
+    from harma import ModelConfig, create_model, register_model_config
+
+    register_model_config("harma-test-tiny-rn", {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1],
+                                                                                "width": 8},
+                                                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64,
+                                                             "heads": 4, "layers": 2}})
+    with pytest.raises(ValueError, match="patch_dropout=0.5 needs a ViT image tower.*ModifiedResNet"):
+        create_model(ModelConfig(model_name="harma-test-tiny-rn", method="full", patch_dropout=0.5))
