@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError, load_adapter_weights, load_adapters, re
 from .config import ConfigError, HarmaConfig, ModelConfig, MRSConfig
 from .index import EmbeddingIndex, Retriever
 from .inject import UnsupportedModelError, find_towers, remove_adapters
-from .losses import HarmaLoss, LossConfig, TextBank
+from .losses import HarmaLoss, LossConfig
 from .model import HarmaModel, build_clip, create_model, register_model_config
 from .weights import BaseWeightsError, load_base_weights
 
@@ -27,7 +27,6 @@ __all__ = [
     "HarmaLoss",
     "HarmaModel",
     "LossConfig",
-    "TextBank",
     "ModelConfig",
     "MRSConfig",
     "UnsupportedModelError",

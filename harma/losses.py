@@ -1,5 +1,4 @@
-"""Training losses: HarMA's contrastive + adaptive (focal) triplet, PE-RSITR's intra-modal HMMC terms, and
-a whole-bank image-to-text term for a frozen text tower (the project backbone's training).
+"""Training losses: HarMA's contrastive + adaptive (focal) triplet, and PE-RSITR's intra-modal HMMC terms.
 
 Follows the released HarMA code (`models/harma.py` `get_contr_loss`, `weighted_triplet_loss`; method.md §2.2)
 and the PE-RSITR HMMC description (method.md §6.2). All features are expected L2-normalised and, under DDP,
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from harma.config import ConfigError, register_config
 
 REDUCTIONS = ("sum", "mean")
-TERMS = ("contrastive", "triplet", "intra_image", "intra_text", "text_bank")
+TERMS = ("contrastive", "triplet", "intra_image", "intra_text")
 
 
 @dataclass
@@ -29,7 +28,6 @@ class LossConfig:
     triplet: float = 1.0  # weight of the adaptive (focal) triplet term
     intra_image: float = 0.0  # PE-RSITR HMMC: image <-> augmented-image InfoNCE weight
     intra_text: float = 0.0  # PE-RSITR HMMC: text <-> augmented-text InfoNCE weight
-    text_bank: float = 0.0  # frozen text tower only: image -> every distinct train caption InfoNCE weight
     margin: float = 0.2
     gamma: float = 2.0  # focal exponent; weight (1 - exp(-hinge))**gamma, NOT detached (as released)
     triplet_reduction: str = "sum"  # "sum" as released (sum over both directions / 2) or "mean"
@@ -151,65 +149,6 @@ def intra_modal_loss(features: Tensor, features_aug: Tensor, temperature: Union[
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-@dataclass
-class TextBank:
-    """The features of every distinct caption of a training split, from a frozen text tower, and
-    which of them describe each image. Rows are unique caption strings, so a caption shared by
-    several images is one row that is a positive of each of them."""
-
-    features: Tensor  # (U, D) L2-normalised
-    members: Tensor  # (N_images, K) long: bank rows of each image's captions, -1 padded
-
-    @classmethod
-    def build(cls, features: Tensor, captions: list[str], text_to_image: list[int]) -> "TextBank":
-        """``features[t]`` encodes ``captions[t]``, which describes image ``text_to_image[t]``."""
-        if len(captions) != features.shape[0] or len(captions) != len(text_to_image):
-            raise ValueError(f"{features.shape[0]} features, {len(captions)} captions, "
-                             f"{len(text_to_image)} text_to_image entries: expected one of each per caption")
-        row_of: dict[str, int] = {}
-        first: list[int] = []
-        per_image: dict[int, list[int]] = {}
-        for t, (caption, image) in enumerate(zip(captions, text_to_image)):
-            row = row_of.setdefault(caption, len(first))
-            if row == len(first):
-                first.append(t)
-            rows = per_image.setdefault(image, [])
-            if row not in rows:
-                rows.append(row)
-        n_images = max(text_to_image) + 1 if text_to_image else 0
-        k = max((len(r) for r in per_image.values()), default=1)
-        members = torch.full((n_images, k), -1, dtype=torch.long)
-        for image, rows in per_image.items():
-            members[image, : len(rows)] = torch.tensor(rows)
-        return cls(features[first], members.to(features.device))
-
-
-def text_bank_loss(image_features: Tensor, bank: TextBank, image_ids: Tensor,
-                   temperature: Union[Tensor, float]) -> Tensor:
-    """Image-to-text InfoNCE of each image against the whole bank, not only the batch's captions:
-    with a frozen text tower every caption's feature is known, so all of them can be negatives at
-    the cost of one (B, U) matrix product. Targets are spread evenly over the image's own captions.
-
-    Args:
-        image_features: (B, D) L2-normalised image embeddings.
-        bank: the split's distinct caption features and each image's rows.
-        image_ids: (B,) image index of each row, into ``bank.members``.
-        temperature: divisor of the logits.
-
-    Returns:
-        0-d tensor, the mean cross-entropy over rows.
-    """
-    positives = bank.members.to(image_ids.device)[image_ids]  # (B, K)
-    logits = image_features @ bank.features.t().to(image_features.dtype) / temperature  # (B, U)
-    valid = positives >= 0
-    if not valid.any(dim=1).all():
-        raise ValueError("text_bank_loss: an image in the batch has no caption in the bank")
-    targets = torch.zeros_like(logits).scatter_add_(1, positives.clamp(min=0).to(logits.device),
-                                                    valid.to(logits))
-    targets = targets / targets.sum(dim=1, keepdim=True)
-    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
-
-
 class HarmaLoss(nn.Module):
     """Weighted sum of the enabled loss terms; ``forward`` returns each weighted term by name."""
 
@@ -225,7 +164,6 @@ class HarmaLoss(nn.Module):
         image_ids: Optional[Tensor] = None,
         image_features_aug: Optional[Tensor] = None,
         text_features_aug: Optional[Tensor] = None,
-        text_bank: Optional[TextBank] = None,
     ) -> dict[str, Tensor]:
         """Compute the enabled terms (weight > 0), each already multiplied by its weight.
 
@@ -236,18 +174,17 @@ class HarmaLoss(nn.Module):
             image_ids: optional (B,) image index per pair (soft contrastive targets, triplet masking).
             image_features_aug: (B, D) augmented image views; required when ``cfg.intra_image > 0``.
             text_features_aug: (B, D) augmented text views; required when ``cfg.intra_text > 0``.
-            text_bank: every train caption's frozen text feature; required when ``cfg.text_bank > 0``.
 
         Returns:
-            Dict with a subset of the keys "contrastive", "triplet", "intra_image", "intra_text", "text_bank";
+            Dict with a subset of the keys "contrastive", "triplet", "intra_image", "intra_text";
             the total loss is ``sum(d.values())``.
         """
         cfg = self.cfg
         out: dict[str, Tensor] = {}
-        temp = torch.as_tensor(temperature, dtype=image_features.dtype, device=image_features.device)
-        if cfg.min_temperature > 0:
-            temp = torch.clamp(temp, min=cfg.min_temperature)
         if cfg.contrastive > 0:
+            temp = torch.as_tensor(temperature, dtype=image_features.dtype, device=image_features.device)
+            if cfg.min_temperature > 0:
+                temp = torch.clamp(temp, min=cfg.min_temperature)
             out["contrastive"] = cfg.contrastive * contrastive_loss(image_features, text_features, temp, image_ids)
         if cfg.triplet > 0:
             ids = image_ids if cfg.triplet_mask_same_image else None
@@ -268,9 +205,4 @@ class HarmaLoss(nn.Module):
                     "the method must produce augmented views (method 'mrs')"
                 )
             out[name] = weight * intra_modal_loss(base, aug, cfg.intra_temperature)
-        if cfg.text_bank > 0:
-            if text_bank is None or image_ids is None:
-                raise ValueError("loss.text_bank needs the text bank and image_ids (a frozen text tower: "
-                                 "method 'full' with model.lock_text)")
-            out["text_bank"] = cfg.text_bank * text_bank_loss(image_features, text_bank, image_ids, temp)
         return out

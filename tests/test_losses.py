@@ -11,11 +11,9 @@ from harma.config import ConfigError, from_dict
 from harma.losses import (
     HarmaLoss,
     LossConfig,
-    TextBank,
     adaptive_triplet_loss,
     contrastive_loss,
     intra_modal_loss,
-    text_bank_loss,
 )
 
 DEVICE = torch.device(os.environ.get("HARMA_TEST_DEVICE", "cpu"))
@@ -42,48 +40,6 @@ def random_pair(b: int = 6, d: int = 8, seed: int = 0):
 # caption-anchored hinges C_im[1,0] = .2 + .8 - .6 and C_im[1,2] = .2 + .8 - .6 are positive (0.4).
 TRIPLET_IMG = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
 TRIPLET_TXT = [[0.6, 0.8, 0], [0, 1, 0], [0, 0.8, 0.6]]
-
-
-# ---------------------------------------------------------------- text bank
-
-
-def test_text_bank_dedupes_shared_captions():
-    feats = t([[1, 0], [0, 1], [1, 0], [0.6, 0.8], [0, 1]])
-    captions = ["a port", "a farm", "a port", "a bridge", "a farm"]
-    bank = TextBank.build(feats, captions, [0, 0, 1, 1, 2])
-    assert torch.equal(bank.features, feats[[0, 1, 3]])  # one row per distinct caption, first occurrence
-    # image 0: "a port", "a farm"; image 1: "a port" (shared row 0), "a bridge"; image 2: "a farm" (padded)
-    assert bank.members.tolist() == [[0, 1], [0, 2], [1, -1]]
-    with pytest.raises(ValueError, match="one of each per caption"):
-        TextBank.build(feats, captions[:4], [0, 0, 1, 1, 2])
-
-
-def test_text_bank_loss_one_caption_each_is_cross_entropy():
-    img, txt = random_pair(b=5)
-    bank = TextBank.build(txt, [f"c{i}" for i in range(5)], [0, 1, 2, 3, 4])
-    ids = torch.tensor([3, 0, 4], device=DEVICE)
-    want = F.cross_entropy(img[[3, 0, 4]] @ txt.t() / 0.1, ids)
-    assert torch.allclose(text_bank_loss(img[[3, 0, 4]], bank, ids, 0.1), want)
-
-
-def test_text_bank_loss_spreads_targets_over_an_images_captions():
-    img, txt = random_pair(b=4)
-    bank = TextBank.build(txt, ["a", "b", "c", "d"], [0, 0, 1, 1])  # image 0: rows 0,1; image 1: rows 2,3
-    logp = F.log_softmax(img[:2] @ txt.t() / 0.07, dim=1)
-    want = -(logp[0, :2].mean() + logp[1, 2:].mean()) / 2
-    got = text_bank_loss(img[:2], bank, torch.tensor([0, 1], device=DEVICE), 0.07)
-    assert torch.allclose(got, want)
-
-
-def test_harma_loss_text_bank_term():
-    img, txt = random_pair(b=4)
-    bank = TextBank.build(txt, ["a", "b", "c", "d"], [0, 1, 2, 3])
-    ids = torch.arange(4, device=DEVICE)
-    out = HarmaLoss(LossConfig(triplet=0.0, text_bank=0.5))(img, txt, 0.07, image_ids=ids, text_bank=bank)
-    assert set(out) == {"contrastive", "text_bank"}
-    assert torch.allclose(out["text_bank"], 0.5 * text_bank_loss(img, bank, ids, 0.07))
-    with pytest.raises(ValueError, match="text_bank needs the text bank"):
-        HarmaLoss(LossConfig(text_bank=1.0))(img, txt, 0.07, image_ids=ids)
 
 
 # ---------------------------------------------------------------- contrastive
@@ -263,7 +219,6 @@ def test_harma_loss_missing_aug_raises(field):
         (dict(triplet_reduction="max"), "triplet_reduction"),
         (dict(intra_temperature=0.0), "intra_temperature"),
         (dict(contrastive=0.0, triplet=0.0), "at least one"),
-        (dict(text_bank=-1.0), "text_bank"),
     ],
 )
 def test_loss_config_validation(kwargs, field):

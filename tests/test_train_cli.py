@@ -176,17 +176,3 @@ def test_locked_text_uses_cached_features_and_image_cache(tmp_path, one_thread):
     assert any(k.startswith("clip.visual.") for k in saved)
     lines = (out / "locked" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "mR" in lines[0]
-
-
-def test_text_bank_and_patch_dropout_run(tmp_path, one_thread, capsys):
-    """The backbone recipe's options: a whole-bank image-to-text term next to the batch contrastive
-    loss, with half the patches dropped; the bank term is logged with the others."""
-    out = tmp_path / "runs"
-    argv = ["--config", TINY, f"run.out_dir={out}", "run.name=bank", "model.method=full", "model.lock_text=true",
-            "model.patch_dropout=0.5", "loss.triplet=0", "loss.text_bank=1", *SMALL]
-    assert main(argv) == 0
-    first = json.loads((out / "bank" / "metrics.jsonl").read_text().splitlines()[0])
-    assert set(first["train"]) == {"contrastive", "text_bank", "loss"} and first["train"]["text_bank"] > 0
-    # the bank needs cached text features: refused up front for a trainable text tower
-    assert main(["--config", TINY, f"run.out_dir={out}", "run.name=nobank", "loss.text_bank=1", *SMALL]) == 2
-    assert "loss.text_bank needs a frozen text tower" in capsys.readouterr().err

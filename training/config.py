@@ -103,11 +103,6 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def __post_init__(self) -> None:
-        if self.loss.text_bank > 0 and not (self.model.method == "full" and self.model.lock_text):
-            raise ConfigError("loss.text_bank needs a frozen text tower whose features are cached: "
-                              "model.method=full with model.lock_text=true")
-
 
 for _cls in (DataConfig, OptimConfig, RunConfig, TrainConfig):
     register_config(_cls)

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from harma.losses import TextBank
 from training.distributed import gather_features, gather_tensor
 
 
@@ -43,7 +42,6 @@ class StepSettings:
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     augmented_views: bool = False  # PE-RSITR intra-modal terms need dropout-augmented features
     text_features: Optional[torch.Tensor] = None  # (N_captions, D) cached features of a frozen text tower
-    text_bank: Optional[TextBank] = None  # the distinct ones, for loss.text_bank
     slow_step_s: float = 0.0  # test hook (HARMA_TEST_SLOW_STEP_S): sleep after every step
 
 
@@ -113,8 +111,7 @@ def train_step(model: nn.Module, batch: tuple[torch.Tensor, ...], loss_fn: nn.Mo
         out = model(images, tokens, augmented_views=settings.augmented_views, text_features=cached)
     # Loss in fp32 on the global batch: every rank sees all B*world pairs (released all-gather).
     feats = {k: gather_features(v.float()) for k, v in out.items() if k.endswith(("_features", "_features_aug"))}
-    terms = loss_fn(**feats, temperature=out["temperature"].float(), image_ids=gather_tensor(image_ids),
-                    text_bank=settings.text_bank)
+    terms = loss_fn(**feats, temperature=out["temperature"].float(), image_ids=gather_tensor(image_ids))
     total = torch.stack(list(terms.values())).sum()
     values = torch.stack([*terms.values(), total]).detach().float().cpu().tolist()  # one sync per step
     logged = dict(zip([*terms, "loss"], values))

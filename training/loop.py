@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from harma import CheckpointError, HarmaLoss, HarmaModel, TextBank, load_adapter_weights
+from harma import CheckpointError, HarmaLoss, HarmaModel, load_adapter_weights
 from harma.checkpoint import atomic_write_bytes
 from harma.config import to_dict
 from harma.data import RetrievalSplit
@@ -56,12 +56,6 @@ class Trainer:
         fn, bs, folder = caption_fn(cfg.data), 2 * cfg.run.eval_batch_size, Path(cfg.run.out_dir) / ".text_cache"
         settings.text_features = text_features(model, splits.train, tokenizer, fn, bs, dist.device, "train", folder)
         self.val_text = text_features(model, splits.val, tokenizer, fn, bs, dist.device, "val", folder)
-        if cfg.loss.text_bank > 0:  # TrainConfig checked that the text tower is frozen, so features exist
-            captions = [fn(c) for c in splits.train.captions] if fn else list(splits.train.captions)
-            settings.text_bank = TextBank.build(settings.text_features, captions, splits.train.text_to_image)
-            if self.main:
-                log.info("text bank: %d distinct of %d train captions", len(settings.text_bank.features),
-                         len(captions))
         self.loader, self.sampler = build_train_loader(
             self.splits.train, self.train_tf, tokenizer, cfg.data, batch_size=cfg.run.batch_size,
             world_size=dist.world_size, rank=dist.rank, seed=cfg.run.seed, pin_memory=dist.device.type == "cuda",
@@ -86,10 +80,9 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         cuda = self.dist.device.type == "cuda"
-        # The temperature only feeds the contrastive and text-bank terms; without it DDP must allow unused params.
+        # The temperature only feeds the contrastive term; without it DDP must allow unused params.
         return DistributedDataParallel(model, device_ids=[self.dist.device.index] if cuda else None,
-                                       find_unused_parameters=self.cfg.loss.contrastive == 0
-                                       and self.cfg.loss.text_bank == 0)
+                                       find_unused_parameters=self.cfg.loss.contrastive == 0)
 
     # -- resume --------------------------------------------------------------------------------
     def resume(self, last: Path) -> None:
