@@ -133,9 +133,9 @@ def test_patch_dropout_range(value):
 def test_patch_dropout_needs_a_vit():
     from harma import ModelConfig, create_model, register_model_config
 
-    register_model_config("harma-test-tiny-rn", {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1],
-                                                                                "width": 8},
-                                                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64,
-                                                             "heads": 4, "layers": 2}})
+    from tests.conftest import TINY_ARCH
+
+    resnet_tower = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}  # open_clip's ModifiedResNet
+    register_model_config("harma-test-tiny-rn", {**TINY_ARCH, "vision_cfg": resnet_tower})
     with pytest.raises(ValueError, match="patch_dropout=0.5 needs a ViT image tower.*ModifiedResNet"):
         create_model(ModelConfig(model_name="harma-test-tiny-rn", method="full", patch_dropout=0.5))
