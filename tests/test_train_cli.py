@@ -20,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from training.config import load_config
 from training.state import read_state
 from training.train import main
 
@@ -138,6 +139,12 @@ def test_unknown_key_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "run.bogus_key" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "training" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)  # unknown keys, bad values and wrong types raise ConfigError
+    assert cfg.run.epochs >= 1 and cfg.model.model_name
 
 
 def test_missing_val_split_lists_the_available_ones(tmp_path, one_thread, capsys):
