@@ -91,8 +91,20 @@ def supersede_base(model: HarmaModel) -> Optional[str]:
     sha = str(model.base_info.get("base_weights_sha256"))
     model.config.base_weights = None
     model.base_info.update(base_weights=None, base_weights_sha256=None)
-    return (f"- continued from base weights `{base}` (sha256 {sha[:16]}...); this checkpoint stores every tensor "
-            "they provided, so it loads without them")
+    return (f"- continued from base weights `{base}` (sha256 {sha[:16]}...{_provenance(Path(base))}); this checkpoint "
+            "stores every tensor they provided, so it loads without them")
+
+
+def _provenance(base: Path) -> str:
+    """``, run X epoch N, val mR M`` from the base weights' own adapter config, when they have one."""
+    try:
+        extra = read_adapter_config(base).get("extra") or {}
+    except CheckpointError:  # a plain weight file, not one of our folders
+        return ""
+    mr = (extra.get("val") or {}).get("mR")
+    parts = [f"run `{extra['run']}`" if extra.get("run") else "", f"epoch {extra['epoch']}" if "epoch" in extra else "",
+             f"val mR {mr:.2f}" if isinstance(mr, (int, float)) else ""]
+    return "".join(", " + part for part in parts if part)
 
 
 def export(run: Path, out: Path, dtype: str = "fp32") -> Path:
