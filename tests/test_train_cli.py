@@ -75,6 +75,8 @@ def test_tiny_run_writes_the_run_folder(tmp_path, one_thread, capsys):
     assert cfg["model"]["model_name"] == "harma-tiny" and cfg["data"]["synthetic_images"] == 16
     lines = [yaml.safe_load(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2] and all("mR" in r["val"] for r in lines)
+    # the temperature the loss used, learned from the config's start value (released: learnable)
+    assert lines[-1]["temperature"] > 0 and lines[-1]["temperature"] != cfg["model"]["temperature_init"]
     assert lines[-1]["step"] == 2 * (16 * 5 // 8)
     for folder in (run / "best", run / "last" / "adapters"):
         assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
@@ -173,7 +175,7 @@ def test_locked_text_uses_cached_features_and_image_cache(tmp_path, one_thread):
     """full + lock_text: text features computed once, images decoded once; only the image side is saved."""
     out = tmp_path / "runs"
     code = main(["--config", TINY, f"run.out_dir={out}", "run.name=locked", "model.method=full",
-                 "model.lock_text=true", "data.cache_images=40", *SMALL])
+                 "model.lock_text=true", "data.cache_images=40", "loss.min_temperature=0.5", *SMALL])
     assert code == 0
     caches = list((out / ".image_cache").glob("images-40px-*.npy"))
     assert len(caches) == 1
@@ -181,5 +183,6 @@ def test_locked_text_uses_cached_features_and_image_cache(tmp_path, one_thread):
     saved = load_file(str(out / "locked" / "last" / "adapters" / "adapter_model.safetensors"))
     assert saved and not any(k.startswith(("clip.transformer.", "clip.token_embedding")) for k in saved)
     assert any(k.startswith("clip.visual.") for k in saved)
-    lines = (out / "locked" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and "mR" in lines[0]
+    lines = [json.loads(x) for x in (out / "locked" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and "mR" in lines[0]["val"]
+    assert [r["temperature"] for r in lines] == [0.5, 0.5]  # the learned value (from 0.07) is held at the floor

@@ -152,7 +152,8 @@ class Trainer:
             val = self._evaluate(self.splits.val, "val", self.val_text)
             record = {"epoch": self.epoch + 1, "step": self.global_step, **({} if complete else {"partial": True}),
                       "train": result.loss, "lr": result.lr, "samples_per_s": round(result.samples_per_s, 2),
-                      "epoch_s": round(result.seconds, 2), "val": val.metrics, "val_gap": val.gap}
+                      "epoch_s": round(result.seconds, 2), "temperature": self._temperature(),
+                      "val": val.metrics, "val_gap": val.gap}
             mr = val.metrics["mR"]
             if self.best_mr is None or mr > self.best_mr:
                 self.best_mr, self.best_epoch = mr, self.epoch + 1
@@ -171,6 +172,10 @@ class Trainer:
         if self.main:
             append_metrics(self.run_dir, record)
         barrier()
+
+    def _temperature(self) -> float:
+        """The contrastive loss's temperature as it uses it: the learned value, held at the loss's floor."""
+        return round(max(float(self.model.temperature), self.cfg.loss.min_temperature), 6)
 
     def _save_last(self, epoch: int, progress: EpochResult) -> None:
         rng = _gather_rng(self.dist.world_size)  # collective: before the main-rank check
