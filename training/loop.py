@@ -175,7 +175,7 @@ class Trainer:
 
     def _temperature(self) -> float:
         """The contrastive loss's temperature as it uses it: the learned value, held at the loss's floor."""
-        return round(max(float(self.model.temperature), self.cfg.loss.min_temperature), 6)
+        return round(max(float(self.model.temperature.detach()), self.cfg.loss.min_temperature), 6)
 
     def _save_last(self, epoch: int, progress: EpochResult) -> None:
         rng = _gather_rng(self.dist.world_size)  # collective: before the main-rank check
