@@ -25,6 +25,8 @@ class HarmaConfig:
     """HarMA adapters: one MGA per block of each tower, plus the MMS mini-adapters."""
 
     bottleneck: int = 128  # MGA down-projection width
+    image_bottleneck: Optional[int] = None  # image-tower MGA width (None = bottleneck)
+    text_bottleneck: Optional[int] = None  # text-tower MGA width (None = bottleneck)
     attn_heads: int = 8  # heads of the MGA self-attention (head dim = bottleneck / heads)
     mms_dim: int = 64  # MMS mini-adapter inner width
     mms_heads: int = 8  # heads of the MMS self-attention
@@ -41,14 +43,28 @@ class HarmaConfig:
         _check_choice("harma.share_mode", self.share_mode, SHARE_MODES)
         for t in self.towers:
             _check_choice("harma.towers", t, TOWERS)
-        if self.bottleneck % self.attn_heads:
-            raise ConfigError(
-                f"harma.bottleneck ({self.bottleneck}) must be divisible by harma.attn_heads ({self.attn_heads})"
-            )
+        for name in ("bottleneck", "image_bottleneck", "text_bottleneck"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value < 1:
+                raise ConfigError(f"harma.{name} must be >= 1, got {value!r}")
+            if value % self.attn_heads:
+                raise ConfigError(f"harma.{name} ({value}) must be divisible by harma.attn_heads ({self.attn_heads})")
         if self.mms_dim % self.mms_heads:
             raise ConfigError(f"harma.mms_dim ({self.mms_dim}) must be divisible by harma.mms_heads ({self.mms_heads})")
         if self.share_mode == "shared" and set(self.towers) != set(TOWERS):
             raise ConfigError("harma.share_mode='shared' needs adapters in both towers")
+        if self.share_mode == "shared" and self.bottleneck_for("image") != self.bottleneck_for("text"):
+            raise ConfigError(
+                "harma.share_mode='shared' runs one MMS adapter in both towers, so the image and text "
+                f"bottlenecks must match (got {self.bottleneck_for('image')} and {self.bottleneck_for('text')})"
+            )
+
+    def bottleneck_for(self, tower: str) -> int:
+        """MGA width of ``tower`` ("image" or "text"): its own override, else ``bottleneck``."""
+        own = self.image_bottleneck if tower == "image" else self.text_bottleneck
+        return self.bottleneck if own is None else own
 
 
 @dataclass

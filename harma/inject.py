@@ -141,8 +141,9 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig) -> tuple[list[str], Optional
         if len(layouts) > 1:
             raise UnsupportedModelError("shared MMS adapters need both towers in the same batch_first layout")
         batch_first = layouts.pop()
+        mms_width = cfg.bottleneck_for(sorted(mms_towers)[0])  # the config checks shared towers agree
         mms = nn.ModuleList(
-            MMSAdapter(cfg.bottleneck, cfg.mms_dim, cfg.mms_heads, cfg.gate_init, batch_first, cfg.mms_gelu)
+            MMSAdapter(mms_width, cfg.mms_dim, cfg.mms_heads, cfg.gate_init, batch_first, cfg.mms_gelu)
             for _ in range(depth)
         )
     names = []
@@ -150,7 +151,7 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig) -> tuple[list[str], Optional
         for i in _selected(tower.blocks, cfg.layers, tower.name):
             base = tower.get_mlp(i)
             ref = next(base.parameters())
-            mga = MGA(tower.width, cfg.bottleneck, cfg.attn_heads,
+            mga = MGA(tower.width, cfg.bottleneck_for(tower.name), cfg.attn_heads,
                       mms=mms[i] if tower.name in mms_towers else None, gate_init=cfg.gate_init,
                       batch_first=tower.batch_first, tie_attn=cfg.tie_attn,
                       causal=cfg.text_causal and tower.name == "text")

@@ -44,6 +44,20 @@ def test_targets_and_sharing(device):
     assert none.mms is None
 
 
+def test_per_tower_bottleneck(device, tiny_inputs):
+    _, model = _pair("harma", device, image_bottleneck=24, text_bottleneck=8)
+    image_mga = model.clip.visual.transformer.resblocks[0].mlp.adapter
+    text_mga = model.clip.transformer.resblocks[0].mlp.adapter
+    assert image_mga.down.out_features == image_mga.up.in_features == 24
+    assert text_mga.down.out_features == 8
+    assert model.mms[0].l1.in_features == 8  # text_only: the MMS runs inside the text MGAs
+    images, tokens = tiny_inputs
+    with torch.no_grad():  # shapes agree end to end
+        model.encode_image(images), model.encode_text(tokens)
+    _, plain = _pair("harma", device, image_bottleneck=None)
+    assert plain.clip.visual.transformer.resblocks[0].mlp.adapter.down.out_features == 16  # falls back
+
+
 def test_layer_and_tower_selection(device):
     _, model = _pair("harma", device, towers=["image"], layers=[-1])
     assert model.targeted_modules == ["visual.transformer.resblocks.1.mlp"]
@@ -121,3 +135,15 @@ def test_other_architectures(name):
     expected = lv * mga(v) + lt * mga(t) + lt * 33_217 + lv + lt + 1
     assert model.num_parameters(trainable_only=True) == expected
     assert len(model.targeted_modules) == lv + lt
+
+
+@pytest.mark.parametrize("harma,match", [
+    ({"image_bottleneck": 20, "attn_heads": 8}, "image_bottleneck \\(20\\) must be divisible"),
+    ({"text_bottleneck": 0}, "text_bottleneck must be >= 1"),
+    ({"share_mode": "shared", "image_bottleneck": 192}, "bottlenecks must match"),
+])
+def test_per_tower_bottleneck_errors(harma, match):
+    from harma import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(method="harma", harma=harma)
