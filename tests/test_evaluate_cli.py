@@ -69,7 +69,7 @@ def test_adapter_dir_with_baseline(setup, tmp_path, capsys):
     assert ROW_KEYS <= set(res) and ROW_KEYS <= set(res["baseline"])
     assert res["method"] == "harma" and res["baseline"]["method"] == "zeroshot"
     assert res["split"] == "train" and res["num_images"] == 10 and res["num_captions"] == 50
-    assert Path(res["checkpoint"]) == s["adapters"].resolve()
+    assert Path(res["checkpoint"]).resolve() == s["adapters"].resolve()
     for k in ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy"):
         assert isinstance(res["gap"][k], float)
 
@@ -86,6 +86,16 @@ def test_adapter_dir_with_baseline(setup, tmp_path, capsys):
     assert any("linear_probe_accuracy" in line for line in lines)
 
 
+def test_results_record_paths_as_given(setup, tmp_path, monkeypatch):
+    """Relative inputs stay relative in the JSON, so committed results hold no machine paths."""
+    s = setup
+    monkeypatch.chdir(s["tmp"])
+    out = tmp_path / "rel.json"
+    assert main(_args(s["adapters"].relative_to(s["tmp"]), "data", out, "--split", "train")) == 0
+    res = json.loads(out.read_text())
+    assert res["checkpoint"] == s["adapters"].relative_to(s["tmp"]).as_posix() and res["data"] == "data"
+
+
 def test_run_folder_best_then_last_and_carved_split(setup, tmp_path, capsys):
     s = setup
     run = tmp_path / "run"
@@ -94,7 +104,7 @@ def test_run_folder_best_then_last_and_carved_split(setup, tmp_path, capsys):
     out = tmp_path / "last.json"
     assert main(_args(run, s["data"], out, "--split", "train:val", "--val-fraction", "0.3", "--carve-seed", "1")) == 0
     res = json.loads(out.read_text())
-    assert Path(res["checkpoint"]) == (run / "last" / "adapters").resolve()
+    assert Path(res["checkpoint"]).resolve() == (run / "last" / "adapters").resolve()
     assert "(last;" in capsys.readouterr().out
     _, val = carve_split(load_split(s["data"], "train"), 0.3, 1)
     assert res["num_images"] == val.num_images == 3 and res["split"] == "train:val"
@@ -103,7 +113,7 @@ def test_run_folder_best_then_last_and_carved_split(setup, tmp_path, capsys):
     save_adapters(s["model"], run / "best")
     assert main(_args(run, s["data"], out, "--split", "train:train")) == 0  # default carving 0.1 / seed 0
     res = json.loads(out.read_text())
-    assert Path(res["checkpoint"]) == (run / "best").resolve()
+    assert Path(res["checkpoint"]).resolve() == (run / "best").resolve()
     assert "(best;" in capsys.readouterr().out
     assert res["num_images"] == 9 and "baseline" not in res
 

@@ -202,12 +202,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f"{split.name}: the split has no captions, so retrieval cannot be evaluated")
     print(f"split: {split.name} ({split.num_images} images, {split.num_captions} captions)", flush=True)
 
-    info = {"data": str(Path(args.data).resolve()), "split": args.split}
+    # Paths as given (relative to where the command ran), so results files committed from a
+    # checkout hold no machine-specific absolute paths.
+    info = {"data": Path(args.data).as_posix(), "split": args.split}
     model, _, transform, tokenizer = _load(directory, device, args.base_weights)
     adapted = _run(model, split, transform, tokenizer, args, device, "adapted")
     del model
     rows: dict[str, EvalResult] = {}
-    out = _row(adapted, checkpoint=str(directory.resolve()), method=meta["method"], **info)
+    out = _row(adapted, checkpoint=directory.as_posix(), method=meta["method"], **info)
     out["checkpoint_kind"] = kind
     out["clean_captions"] = bool(args.clean_captions)
     if ":" in args.split:
