@@ -92,6 +92,9 @@ class ModelConfig:
     temperature_init: float = 0.07  # learnable divisor of the contrastive logits (released: raw, no exp)
     learn_temperature: bool = True  # released code trains it
     lock_text: bool = False  # full: keep the whole text tower frozen and in eval mode (open_clip --lock-text)
+    # full + lock_text: the last N text blocks, and the final norm/projection after them, train anyway
+    # (open_clip --lock-text-unlocked-layers; here the head is not counted as a layer). 0 = all locked.
+    lock_text_unlocked_layers: int = 0
     init_seed: int = 0  # seeds every random initialisation (adapters, random backbones) in create_model
     patch_dropout: float = 0.0  # ViT image tower: share of patch tokens dropped per training step (FLIP); eval keeps all
     harma: HarmaConfig = field(default_factory=HarmaConfig)
@@ -109,6 +112,11 @@ class ModelConfig:
             raise ConfigError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout!r}")
         if self.lock_text and self.method != "full":
             raise ConfigError("model.lock_text applies to method 'full' (adapter methods already freeze the backbone)")
+        if self.lock_text_unlocked_layers < 0:
+            raise ConfigError(f"model.lock_text_unlocked_layers must be >= 0, got {self.lock_text_unlocked_layers}")
+        if self.lock_text_unlocked_layers and not self.lock_text:
+            raise ConfigError("model.lock_text_unlocked_layers needs model.lock_text=true (without it the whole "
+                              "text tower trains)")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

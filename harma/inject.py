@@ -203,6 +203,26 @@ def text_tower_parameters(clip: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def locked_text_parameters(clip: nn.Module, unlocked_layers: int = 0) -> list[nn.Parameter]:
+    """The text-tower weights a ``lock_text`` run freezes: all of them, or, with ``unlocked_layers``
+    = N > 0, the embeddings and every block but the last N (the final norm and projection after the
+    blocks train with them, as they sit above the unlocked layers)."""
+    params = text_tower_parameters(clip)
+    if unlocked_layers <= 0:
+        return params
+    tower = find_towers(clip).get("text")
+    if tower is None:
+        raise UnsupportedModelError(f"{type(clip).__name__}: no text block stack found to unlock layers of")
+    n = len(tower.blocks)
+    if unlocked_layers > n:
+        raise UnsupportedModelError(f"lock_text_unlocked_layers={unlocked_layers}: the text tower has {n} blocks")
+    in_blocks = {id(p) for b in tower.blocks for p in b.parameters()}
+    unlocked = {id(p) for b in list(tower.blocks)[n - unlocked_layers:] for p in b.parameters()}
+    names = {id(p): name for name, p in clip.named_parameters()}
+    head = {id(p) for p in params if id(p) not in in_blocks and "emb" not in names.get(id(p), "emb")}
+    return [p for p in params if id(p) not in unlocked | head]
+
+
 def adapter_wrappers(clip: nn.Module) -> list[tuple[str, _Wrapper]]:
     """All wrappers this module created, with their qualified names."""
     return [(n, m) for n, m in clip.named_modules() if isinstance(m, _Wrapper)]

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .inject import adapter_wrappers, find_towers, inject_harma, inject_mrs, remove_adapters, text_tower_parameters, text_tower_parts
+from .inject import (adapter_wrappers, find_towers, inject_harma, inject_mrs, locked_text_parameters, remove_adapters,
+                     text_tower_parts)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class HarmaModel(nn.Module):
         elif method == "full":
             frozen = {id(getattr(self.clip, n, None)) for n in ("logit_scale", "logit_bias")}
             if self.config.lock_text:
-                frozen |= {id(p) for p in text_tower_parameters(self.clip)}
+                frozen |= {id(p) for p in locked_text_parameters(self.clip, self.config.lock_text_unlocked_layers)}
             chosen += [p for p in self.clip.parameters() if id(p) not in frozen]
         if self.config.learn_temperature and method != "zeroshot":
             chosen.append(self.temperature)
@@ -87,7 +88,8 @@ class HarmaModel(nn.Module):
     def text_is_frozen(self) -> bool:
         """True when text features cannot change during training (no trainable text weight, text
         tower kept in eval mode): the trainer may then cache them."""
-        return self.config.method == "zeroshot" or (self.config.method == "full" and self.config.lock_text)
+        c = self.config
+        return c.method == "zeroshot" or (c.method == "full" and c.lock_text and not c.lock_text_unlocked_layers)
 
     def train(self, mode: bool = True) -> "HarmaModel":
         super().train(mode)

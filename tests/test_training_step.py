@@ -84,6 +84,46 @@ def test_lock_text_only_for_full():
         ModelConfig(method="harma", lock_text=True)
 
 
+def test_lock_text_unlocked_layers_train_the_top_blocks_and_head(tiny_inputs):
+    """open_clip's --lock-text-unlocked-layers: the last N text blocks and the final norm and
+    projection after them train; the embeddings and the blocks below stay frozen and unchanged."""
+    from harma import HarmaLoss, LossConfig, ModelConfig
+
+    torch.manual_seed(0)
+    model = HarmaModel(open_clip.create_model(TINY_NAME), ModelConfig(
+        model_name=TINY_NAME, method="full", lock_text=True, lock_text_unlocked_layers=1)).train()
+    trainable = set(model.trainable_state_dict())
+    text = {n for n in trainable if not n.startswith(("clip.visual.", "temperature"))}
+    assert text == {n for n, _ in model.named_parameters()
+                    if n.startswith(("clip.transformer.resblocks.1.", "clip.ln_final.", "clip.text_projection"))}
+    assert not model.text_is_frozen  # the trainer must not cache text features
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    images, tokens = tiny_inputs
+    for _ in range(2):
+        loss = sum(HarmaLoss(LossConfig())(**model(images, tokens), image_ids=torch.arange(4)).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert "clip.transformer.resblocks.1.mlp.c_fc.weight" in changed and "clip.text_projection" in changed
+    assert changed <= trainable  # token/positional embeddings and block 0 did not move
+
+
+def test_lock_text_unlocked_layers_errors():
+    from harma import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match="needs model.lock_text=true"):
+        ModelConfig(method="full", lock_text_unlocked_layers=2)
+    with pytest.raises(ConfigError, match=">= 0"):
+        ModelConfig(method="full", lock_text=True, lock_text_unlocked_layers=-1)
+    from harma.inject import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="lock_text_unlocked_layers=3: the text tower has 2 blocks"):
+        HarmaModel(open_clip.create_model(TINY_NAME), ModelConfig(model_name=TINY_NAME, method="full",
+                                                                  lock_text=True, lock_text_unlocked_layers=3))
+
+
 def test_cached_text_features_equal_encoding_in_train_mode(tiny_inputs):
     """The trainer's text cache is exact: a locked text tower gives the same features in train mode."""
     from harma import ModelConfig

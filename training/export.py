@@ -48,7 +48,9 @@ def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str
     if hf_text and not base.get("pretrained"):
         init = f"random initialisation, except the text tower: pretrained HF model `{hf_text}`"
     if model.get("lock_text"):
-        init += " (text tower locked: not trained)"
+        k = model.get("lock_text_unlocked_layers") or 0
+        init += (f" (text tower locked except its last {k} blocks: embeddings not trained)" if k
+                 else " (text tower locked: not trained)")
     if base.get("base_weights"):
         init += f" + base weights {base['base_weights']} (sha256 {str(base.get('base_weights_sha256'))[:16]}...)"
     lines = [f"# {name}", "",
