@@ -88,3 +88,40 @@ def test_scheduler_drives_adamw_lr(schedule):
             assert group["lr"] == pytest.approx(want, abs=1e-15), (step, group["name"])
         opt.step()
         sched.step()
+
+
+@pytest.mark.parametrize("share_mode", ["text_only", "shared"])
+def test_text_lr_scale_groups_the_text_side(share_mode):
+    """optim.text_lr_scale: the text tower's adapters (and the MMS adapters when only the text tower
+    calls them) get lr x scale, through the schedule; image adapters and the temperature keep lr."""
+    import open_clip
+
+    from harma import HarmaModel
+    from tests.conftest import TINY_NAME, tiny_config
+
+    model = HarmaModel(open_clip.create_model(TINY_NAME), tiny_config("harma", share_mode=share_mode))
+    cfg = OptimConfig(lr=1e-3, text_lr_scale=3.0, warmup_fraction=0.0)
+    opt = build_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {g["name"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    text = set().union(*(v for k, v in by_group.items() if k.startswith("text_")))
+    rest = set().union(*(v for k, v in by_group.items() if not k.startswith("text_")))
+    assert text and all(n.startswith("clip.transformer.") or (share_mode == "text_only" and n.startswith("mms."))
+                        for n in text)
+    assert any(n.startswith("mms.") for n in text) == (share_mode == "text_only")
+    assert "temperature" in rest and any(n.startswith("clip.visual.") for n in rest)
+    assert not any(n.startswith("clip.transformer.") for n in rest)
+    assert any(n.endswith(".gate") for n in by_group["text_scalars"])
+    sched = build_scheduler(opt, cfg, total_steps=4)
+    opt.step()
+    sched.step()  # linear decay: factor 0.75 at step 1
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["decay"] == pytest.approx(0.75e-3) and lrs["text_decay"] == pytest.approx(2.25e-3)
+    assert [g["name"] for g in param_groups(model, OptimConfig())] == ["decay", "no_decay", "scalars"]
+
+
+def test_text_lr_scale_must_be_positive():
+    from harma import ConfigError
+
+    with pytest.raises(ConfigError, match="text_lr_scale"):
+        OptimConfig(text_lr_scale=0)

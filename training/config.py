@@ -63,11 +63,16 @@ class OptimConfig:
     warmup_fraction: float = 0.1  # linear warm-up over this fraction of all steps
     schedule: str = "linear"  # linear (released: warm-up then linear decay to 0) | cosine | constant
     grad_clip: float = 0.0  # max grad norm; 0 = off (released)
+    # multiplies lr for the text tower's trainable weights (its adapters, with the MMS adapters when
+    # only the text tower uses them; its own weights under `full`); 1 = one rate for all (released)
+    text_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"optim.schedule={self.schedule!r} is not one of linear, cosine, constant")
+        if self.text_lr_scale <= 0:
+            raise ConfigError(f"optim.text_lr_scale must be > 0, got {self.text_lr_scale!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError("optim.warmup_fraction must be in [0, 1)")
 

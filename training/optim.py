@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from harma.inject import text_tower_parameters
 from training.config import OptimConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -54,16 +55,37 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     - ``scalars``: 0-d tensors (the adapter gates and the temperature). Released: they are decayed
       (method.md §7.14), kept here with ``cfg.decay_scalars=True``; ``False`` turns that off.
 
+    With ``cfg.text_lr_scale != 1`` the text tower's parameters (:func:`text_parameter_ids`) go to
+    ``text_decay`` / ``text_no_decay`` / ``text_scalars`` groups whose ``lr`` is scaled.
+
     Empty groups are left out. Frozen parameters (``requires_grad=False``) are never included.
     """
-    buckets: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "scalars": []}
+    text = text_parameter_ids(model) if cfg.text_lr_scale != 1.0 else set()
+    kinds = ("decay", "no_decay", "scalars")
+    buckets: dict[str, list[nn.Parameter]] = {k: [] for k in (*kinds, *(f"text_{k}" for k in kinds))}
     for _, p in model.named_parameters():  # de-duplicates shared parameters
         if not p.requires_grad:
             continue
         key = "scalars" if p.ndim == 0 else "no_decay" if p.ndim < 2 else "decay"
-        buckets[key].append(p)
+        buckets[("text_" if id(p) in text else "") + key].append(p)
     decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "scalars": cfg.weight_decay if cfg.decay_scalars else 0.0}
-    return [{"name": k, "params": ps, "weight_decay": decay[k]} for k, ps in buckets.items() if ps]
+    return [{"name": k, "params": ps, "weight_decay": decay[k.removeprefix("text_")],
+             **({"lr": cfg.lr * cfg.text_lr_scale} if k.startswith("text_") else {})}
+            for k, ps in buckets.items() if ps]
+
+
+def text_parameter_ids(model: nn.Module) -> set[int]:
+    """``id``s of a :class:`harma.HarmaModel`'s text-side parameters: the text tower's, adapters
+    wrapped inside it included, and so the MMS adapters when ``share_mode`` gives them to the text
+    tower alone (not when both towers call them). Empty for other modules."""
+    clip = getattr(model, "clip", None)
+    if clip is None:
+        return set()
+    ids = {id(p) for p in text_tower_parameters(clip)}  # the text wrappers hold the MMS adapters they call
+    mms, config = getattr(model, "mms", None), getattr(model, "config", None)
+    if mms is not None and not (config is not None and config.harma.share_mode == "text_only"):
+        ids -= {id(p) for p in mms.parameters()}  # shared by both towers: the base rate
+    return ids
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
