@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from harma import HarmaModel
 from harma.inject import text_tower_parameters
 from training.config import OptimConfig
 
@@ -78,13 +79,11 @@ def text_parameter_ids(model: nn.Module) -> set[int]:
     """``id``s of a :class:`harma.HarmaModel`'s text-side parameters: the text tower's, adapters
     wrapped inside it included, and so the MMS adapters when ``share_mode`` gives them to the text
     tower alone (not when both towers call them). Empty for other modules."""
-    clip = getattr(model, "clip", None)
-    if clip is None:
+    if not isinstance(model, HarmaModel):
         return set()
-    ids = {id(p) for p in text_tower_parameters(clip)}  # the text wrappers hold the MMS adapters they call
-    mms, config = getattr(model, "mms", None), getattr(model, "config", None)
-    if mms is not None and not (config is not None and config.harma.share_mode == "text_only"):
-        ids -= {id(p) for p in mms.parameters()}  # shared by both towers: the base rate
+    ids = {id(p) for p in text_tower_parameters(model.clip)}  # the text wrappers hold the MMS adapters they call
+    if model.mms is not None and model.config.harma.share_mode != "text_only":
+        ids -= {id(p) for p in model.mms.parameters()}  # shared by both towers: the base rate
     return ids
 
 
