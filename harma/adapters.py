@@ -10,6 +10,7 @@ exactly at initialisation.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -23,13 +24,41 @@ def _zero_(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
-def _self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+def _self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mask: Optional[torch.Tensor],
+                    padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``padding``: (batch, tokens), True = a key every query ignores."""
+    return attn(x, x, x, need_weights=False, attn_mask=mask, key_padding_mask=padding)[0]
 
 
 def _causal_mask(x: torch.Tensor, batch_first: bool) -> torch.Tensor:
     n = x.shape[1] if batch_first else x.shape[0]
     return torch.ones(n, n, dtype=torch.bool, device=x.device).triu_(1)  # True = blocked
+
+
+class PaddingMask(threading.local):
+    """Which text tokens are padding, for the text adapters' attention (``harma.text_padding_mask``).
+
+    The adapter seam (a block's MLP) sees only hidden states, so a hook where token ids enter the
+    text tower (``HarmaModel``) sets ``value`` (bool, True = padding, shape (batch, tokens)) and the
+    text MGAs read it. Per thread, so concurrent encodes (the app's worker threads) do not mix.
+    """
+
+    value: Optional[torch.Tensor] = None
+
+    def __reduce__(self):  # a copied or pickled model gets a fresh, empty mask (thread-locals do not copy)
+        return (PaddingMask, ())
+
+    def get(self, x: torch.Tensor, batch_first: bool) -> Optional[torch.Tensor]:
+        """The mask for hidden states ``x``; an error if it does not belong to them."""
+        m = self.value
+        if m is None:
+            raise RuntimeError("text_padding_mask is on but no token ids were seen: encode text through the "
+                               "model's encode_text (the hook that reads the padding sits at the tower's input)")
+        n, length = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
+        if tuple(m.shape) != (n, length):
+            raise RuntimeError(f"padding mask of shape {tuple(m.shape)} does not match hidden states with "
+                               f"batch {n} and {length} tokens")
+        return m
 
 
 class MMSAdapter(nn.Module):
@@ -48,11 +77,12 @@ class MMSAdapter(nn.Module):
         self.l2 = _zero_(nn.Linear(inner, dim))
         self.gelu = gelu
 
-    def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                padding: Optional[torch.Tensor] = None) -> torch.Tensor:
         p = self.l1(z)
         if self.gelu:
             p = F.gelu(p)
-        q = _self_attention(self.attn, p, mask)
+        q = _self_attention(self.attn, p, mask, padding)
         beta = torch.sigmoid(self.gate)
         return z + self.l2(beta * q + (1 - beta) * p)
 
@@ -74,11 +104,13 @@ class MGA(nn.Module):
         batch_first: layout of the tower's residual stream, read from the open_clip transformer.
         tie_attn: reuse one attention module for both applications (released behaviour).
         causal: mask the adapter attention causally (the released text adapter uses no mask).
+        padding: where to read which tokens are padding; they are then ignored as attention keys
+            (the released text adapter attends to padding too).
     """
 
     def __init__(self, dim: int, bottleneck: int = 128, heads: int = 8, mms: Optional[MMSAdapter] = None,
                  gate_init: float = 0.6, batch_first: bool = True, tie_attn: bool = True,
-                 causal: bool = False) -> None:
+                 causal: bool = False, padding: Optional[PaddingMask] = None) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
         self.attn = nn.MultiheadAttention(bottleneck, heads, batch_first=batch_first)
@@ -88,14 +120,16 @@ class MGA(nn.Module):
         self.up = _zero_(nn.Linear(bottleneck, dim))
         self.batch_first = batch_first
         self.causal = causal
+        self.padding = padding
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         mask = _causal_mask(x, self.batch_first) if self.causal else None
+        pad = self.padding.get(x, self.batch_first) if self.padding is not None else None
         h = F.gelu(self.down(x))
-        z = _self_attention(self.attn, h, mask)
+        z = _self_attention(self.attn, h, mask, pad)
         if self.mms is not None:
-            z = self.mms(z, mask)
-        z = _self_attention(self.attn2 if self.attn2 is not None else self.attn, z, mask)
+            z = self.mms(z, mask, pad)
+        z = _self_attention(self.attn2 if self.attn2 is not None else self.attn, z, mask, pad)
         alpha = torch.sigmoid(self.gate)
         return self.up(alpha * h + (1 - alpha) * z)
 

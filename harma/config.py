@@ -35,6 +35,7 @@ class HarmaConfig:
     tie_attn: bool = True  # released code applies the same MGA attention twice
     mms_gelu: bool = False  # released MMS computes GELU(p) and discards it; True applies it
     text_causal: bool = False  # released text adapters attend bidirectionally (no mask)
+    text_padding_mask: bool = False  # released text adapters attend to padding tokens too; True ignores them
     towers: tuple[str, ...] = TOWERS  # which towers get adapters
     layers: Optional[list[int]] = None  # block indices to adapt (None = all)
 

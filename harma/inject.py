@@ -16,7 +16,8 @@ from typing import Optional
 import torch.nn as nn
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
-from .adapters import MGA, GatedMLP, MMSAdapter, MRSAdapter, ParallelAdapterBertOutput, ParallelAdapterBlock, _Wrapper
+from .adapters import (MGA, GatedMLP, MMSAdapter, MRSAdapter, PaddingMask, ParallelAdapterBertOutput, ParallelAdapterBlock,
+                       _Wrapper)
 from .config import HarmaConfig, MRSConfig
 
 
@@ -120,13 +121,18 @@ def _selected(blocks: nn.ModuleList, layers: Optional[list[int]], tower: str) ->
     return sorted({i % n for i in layers})
 
 
-def inject_harma(clip: nn.Module, cfg: HarmaConfig) -> tuple[list[str], Optional[nn.ModuleList]]:
+def inject_harma(clip: nn.Module, cfg: HarmaConfig,
+                 padding: Optional[PaddingMask] = None) -> tuple[list[str], Optional[nn.ModuleList]]:
     """Wrap ``mlp`` of the selected blocks with HarMA's gated MGA.
 
     Returns the qualified names of the wrapped modules and the per-layer MMS adapters (None when
     ``share_mode == "none"``). The caller owns the MMS list (it is shared across towers in
     ``shared`` mode, and used by the text tower only in ``text_only`` mode, as released).
+    ``padding`` (with ``cfg.text_padding_mask``): the text MGAs read which tokens are padding from
+    it; the caller fills it where token ids enter the text tower (see :func:`text_token_input`).
     """
+    if cfg.text_padding_mask and padding is None:
+        raise ValueError("harma.text_padding_mask needs a PaddingMask the caller fills from the token ids")
     towers = _require_towers(clip, cfg.towers)
     for tower in towers:
         for block in tower.blocks:
@@ -154,7 +160,8 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig) -> tuple[list[str], Optional
             mga = MGA(tower.width, cfg.bottleneck_for(tower.name), cfg.attn_heads,
                       mms=mms[i] if tower.name in mms_towers else None, gate_init=cfg.gate_init,
                       batch_first=tower.batch_first, tie_attn=cfg.tie_attn,
-                      causal=cfg.text_causal and tower.name == "text")
+                      causal=cfg.text_causal and tower.name == "text",
+                      padding=padding if cfg.text_padding_mask and tower.name == "text" else None)
             tower.set_mlp(i, GatedMLP(base, mga.to(device=ref.device, dtype=ref.dtype), cfg.gate_init))
             names.append(tower.mlp_name(i))
     if mms is not None:
@@ -184,6 +191,26 @@ def inject_mrs(clip: nn.Module, cfg: MRSConfig) -> tuple[list[str], MRSAdapter]:
             tower.blocks[i] = ParallelAdapterBlock(block, adapter, tower.name)
             names.append(f"{tower.path}.{i}")
     return names, adapter
+
+
+def text_token_input(clip: nn.Module) -> tuple[nn.Module, int]:
+    """The text-tower module whose first argument is the token-id tensor, and the padding id.
+
+    open_clip ``CLIP``: ``token_embedding`` (pad id 0, open_clip's tokenizer); ``CustomTextCLIP``
+    with an open_clip text tower: ``text.token_embedding`` (``text.pad_id``); with a HF tower:
+    ``text`` itself (``HFTextEncoder``, the HF config's ``pad_token_id``).
+    """
+    text = getattr(clip, "text", None)
+    if isinstance(text, nn.Module):
+        if isinstance(getattr(text, "token_embedding", None), nn.Module):
+            return text.token_embedding, int(getattr(text, "pad_id", 0))
+        pad = getattr(getattr(text, "config", None), "pad_token_id", None)
+        if pad is not None:
+            return text, int(pad)
+    elif isinstance(getattr(clip, "token_embedding", None), nn.Module):
+        return clip.token_embedding, 0
+    raise UnsupportedModelError(f"{type(clip).__name__}: cannot tell where token ids enter the text tower "
+                                "(needed by harma.text_padding_mask)")
 
 
 def text_tower_parts(clip: nn.Module) -> list[nn.Module]:

@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .adapters import PaddingMask
+from .config import ConfigError, ModelConfig
 from .inject import (adapter_wrappers, find_towers, inject_harma, inject_mrs, locked_text_parameters, remove_adapters,
-                     text_tower_parts)
+                     text_token_input, text_tower_parts)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,14 @@ class HarmaModel(nn.Module):
         # are `mms.*` / `mrs.*` and each is saved once.
         self.mms: Optional[nn.ModuleList] = None
         self.mrs: Optional[nn.Module] = None
+        self._hooks = []
+        self._padding: Optional[PaddingMask] = None  # which text tokens are padding, for the text adapters
+        if cfg.method == "harma" and cfg.harma.text_padding_mask and "text" in cfg.harma.towers:
+            self._padding = PaddingMask()
+            module, self._pad_id = text_token_input(clip)
+            self._hooks.append(module.register_forward_pre_hook(self._read_padding))
         if cfg.method == "harma":
-            self.targeted_modules, self.mms = inject_harma(clip, cfg.harma)
+            self.targeted_modules, self.mms = inject_harma(clip, cfg.harma, self._padding)
         elif cfg.method == "mrs":
             self.targeted_modules, self.mrs = inject_mrs(clip, cfg.mrs)
         self.clip = clip
@@ -51,7 +58,6 @@ class HarmaModel(nn.Module):
         self._augment = False
         # Token dropout for PE-RSITR's augmented views, applied where the token sequence enters a tower:
         # the input of an open_clip transformer, or the output of a HF model's embeddings.
-        self._hooks = []
         for t in find_towers(clip).values() if cfg.method == "mrs" else []:
             if t.entry is not None:
                 self._hooks.append(t.entry.register_forward_pre_hook(self._token_dropout))
@@ -112,6 +118,9 @@ class HarmaModel(nn.Module):
         return f"trainable params: {n:,} of {total:,} ({100 * n / max(total, 1):.4f}%)"
 
     # -- encoding -------------------------------------------------------------------------------
+    def _read_padding(self, module: nn.Module, args: tuple) -> None:
+        self._padding.value = args[0] == self._pad_id  # a bound method, so a deep copy hooks its own mask
+
     def _token_dropout(self, module: nn.Module, args: tuple) -> Optional[tuple]:
         if not self._augment:
             return None
@@ -154,6 +163,9 @@ class HarmaModel(nn.Module):
         return out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable and self.config.method == "harma" and self.config.harma.text_padding_mask:
+            # recomputation may run in autograd's threads, which never saw the (per-thread) padding mask
+            raise ConfigError("harma.text_padding_mask does not work with gradient checkpointing; turn one off")
         self.clip.set_grad_checkpointing(enable)
 
     def unload(self) -> nn.Module:

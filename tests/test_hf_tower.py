@@ -92,3 +92,23 @@ def test_hf_tower_refuses_double_injection(hf_arch):
     _, model = _build(hf_arch, method="mrs")
     with pytest.raises(UnsupportedModelError, match="already has adapters"):
         HarmaModel(model.clip, ModelConfig(model_name=hf_arch, method="mrs", mrs={"bottleneck": 8, "shared_dim": 8}))
+
+
+def test_text_padding_mask_on_bert(hf_arch):
+    """BERT's own attention and mean pooling already ignore padding; with the mask the adapters do too."""
+    tokens = open_clip.get_tokenizer(hf_arch)(["many planes parked at an airport", "a river"])
+    moved = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = HarmaModel(open_clip.create_model(hf_arch, pretrained_hf=False), ModelConfig(
+            model_name=hf_arch, method="harma", harma={"bottleneck": 16, "attn_heads": 4, "mms_dim": 8,
+                                                      "mms_heads": 2, "text_padding_mask": flag})).eval()
+        perturb_(model, scale=0.5)  # BERT's post-LN damps small adapter changes
+        words = model.clip.text.transformer.embeddings.word_embeddings
+        pad = model.clip.text.config.pad_token_id
+        assert (tokens == pad).any()
+        with torch.no_grad():
+            before = model.encode_text(tokens)
+            words.weight[pad].add_(torch.randn(words.weight.shape[1]))
+            moved[flag] = (model.encode_text(tokens) - before).abs().max().item()
+    assert moved[False] > 1e-3 and moved[True] < 1e-6

@@ -147,3 +147,48 @@ def test_per_tower_bottleneck_errors(harma, match):
 
     with pytest.raises(ConfigError, match=match):
         ModelConfig(method="harma", harma=harma)
+
+
+def _pad_changes_text(model, tokens, embedding):
+    """How far text features move when the padding token's (frozen) embedding row changes."""
+    with torch.no_grad():
+        before = model.encode_text(tokens)
+        saved = embedding.weight[0].clone()
+        embedding.weight[0].add_(torch.randn(embedding.weight.shape[1]))  # not a constant: LN removes that
+        after = model.encode_text(tokens)
+        embedding.weight[0].copy_(saved)
+    return (after - before).abs().max().item()
+
+
+@pytest.mark.parametrize("share", ["text_only", "shared"])
+def test_text_padding_mask_makes_padding_invisible(share, device, tiny_inputs):
+    from tests.conftest import perturb_
+
+    _, tokens = tiny_inputs
+    assert (tokens == 0).any(dim=1).all()  # every caption is padded to the context length
+    _, released = _pair("harma", device, share_mode=share)
+    _, masked = _pair("harma", device, share_mode=share, text_padding_mask=True)
+    perturb_(released)
+    perturb_(masked)
+    # frozen CLIP attention is causal and pools at EOT, so only the adapters' attention can see padding
+    assert _pad_changes_text(released, tokens, released.clip.token_embedding) > 1e-3
+    assert _pad_changes_text(masked, tokens, masked.clip.token_embedding) < 1e-6
+    released.train()
+    masked.train()  # the training path (no fused attention) agrees
+    assert _pad_changes_text(masked, tokens, masked.clip.token_embedding) < 1e-6
+
+
+def test_text_padding_mask_survives_copy_and_refuses_checkpointing(device, tiny_inputs):
+    import copy
+
+    from harma.config import ConfigError
+
+    images, tokens = tiny_inputs
+    _, model = _pair("harma", device, text_padding_mask=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin.encode_text(tokens), model.encode_text(tokens))
+    with pytest.raises(ConfigError, match="gradient checkpointing"):
+        model.set_grad_checkpointing(True)
+    model.unload()  # the hook goes with the adapters
+    assert not model.clip.token_embedding._forward_pre_hooks
