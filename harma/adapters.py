@@ -142,6 +142,7 @@ class _Wrapper(nn.Module):
     unknown attributes to it (open_clip reads e.g. ``block.mlp.c_fc`` to find the cast dtype)."""
 
     base_layer: nn.Module
+    enabled: bool = True  # False: the wrapper returns the base layer's output (see HarmaModel.disable_adapters)
 
     def __getattr__(self, name: str):
         try:
@@ -166,6 +167,8 @@ class GatedMLP(_Wrapper):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         m = self.base_layer(h)
+        if not self.enabled:
+            return m
         return m + torch.sigmoid(self.gate) * self.adapter.delta(m)
 
     def __repr__(self) -> str:
@@ -216,6 +219,8 @@ class ParallelAdapterBlock(_Wrapper):
         if k_x is not None or v_x is not None:
             raise NotImplementedError("MRS-Adapter blocks support self-attention only")
         b = self.base_layer
+        if not self.enabled:
+            return b(q_x, attn_mask=attn_mask)
         x = q_x + b.ls_1(b.attention(q_x=b.ln_1(q_x), attn_mask=attn_mask))
         a = self.adapter(x, self.modality).to(x.dtype)
         return x + b.ls_2(b.mlp(b.ln_2(x))) + a
@@ -236,6 +241,8 @@ class ParallelAdapterBertOutput(_Wrapper):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         b = self.base_layer
+        if not self.enabled:
+            return b(hidden_states, input_tensor)
         h = b.dropout(b.dense(hidden_states))
         return b.LayerNorm(h + input_tensor + self.adapter(input_tensor, self.modality).to(h.dtype))
 

@@ -141,6 +141,26 @@ class HarmaModel(nn.Module):
         finally:
             self._augment = False
 
+    @contextlib.contextmanager
+    def disable_adapters(self, *towers: str) -> Iterator[None]:
+        """Inside this context the adapters of ``towers`` ("image", "text"; default both) are
+        bypassed, so those towers compute their base features (PEFT's ``disable_adapter``). For
+        ablations: how much each tower's adapters contribute to a trained model."""
+        found = find_towers(self.clip)
+        towers = towers or tuple(found)
+        unknown = [t for t in towers if t not in ("image", "text")]
+        if unknown:
+            raise ValueError(f"disable_adapters: unknown tower(s) {unknown}; expected 'image' and/or 'text'")
+        prefixes = tuple(found[t].path + "." for t in towers if t in found)
+        chosen = [w for name, w in adapter_wrappers(self.clip) if name.startswith(prefixes)]
+        for w in chosen:
+            w.enabled = False
+        try:
+            yield
+        finally:
+            for w in chosen:
+                w.enabled = True
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.clip.encode_image(images, normalize=normalize)
 

@@ -183,3 +183,27 @@ def test_bad_inputs_exit_2_with_one_line(setup, tmp_path, capsys, case):
     assert err.startswith("error:") and expect in err and "Traceback" not in err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "o.json").exists()
+
+
+def test_disable_adapters_ablation(setup, tmp_path):
+    """``--disable-adapters text`` scores the model with its text tower's adapters bypassed."""
+    s = setup
+    out = tmp_path / "abl.json"
+    assert main(_args(s["adapters"], s["data"], out, "--split", "train", "--disable-adapters", "text")) == 0
+    res = json.loads(out.read_text())
+    assert res["disabled_adapters"] == ["text"]
+    split = load_split(s["data"], "train")
+    with s["model"].disable_adapters("text"):
+        _assert_row_equal(res, _reference(s["model"], split, s))
+    both = tmp_path / "both.json"
+    assert main(_args(s["adapters"], s["data"], both, "--split", "train",
+                      "--disable-adapters", "text", "--disable-adapters", "image")) == 0
+    _assert_row_equal(json.loads(both.read_text()), _reference(s["zeroshot"], split, s))  # all off = the backbone
+
+
+def test_disable_adapters_needs_adapters(setup, tmp_path, capsys):
+    s = setup
+    full, _, _, _ = create_model(dataclasses.replace(s["cfg"], method="full"))
+    ckpt = save_adapters(full, tmp_path / "full")
+    assert main(_args(ckpt, s["data"], tmp_path / "x.json", "--split", "train", "--disable-adapters", "image")) == 2
+    assert "has no adapters to disable" in capsys.readouterr().err

@@ -112,3 +112,15 @@ def test_text_padding_mask_on_bert(hf_arch):
             words.weight[pad].add_(torch.randn(words.weight.shape[1]))
             moved[flag] = (model.encode_text(tokens) - before).abs().max().item()
     assert moved[False] > 1e-3 and moved[True] < 1e-6
+
+
+@pytest.mark.parametrize("method", ["harma", "mrs"])
+def test_disable_text_adapters_on_bert(hf_arch, method):
+    ref, model = _build(hf_arch, method)
+    perturb_(model)
+    tokens = open_clip.get_tokenizer(hf_arch)(["many planes parked at an airport", "a river"])
+    with torch.no_grad():
+        base_t = ref.encode_text(tokens, normalize=True)
+        assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
+        with model.disable_adapters("text"):
+            assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-6)

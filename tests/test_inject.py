@@ -192,3 +192,28 @@ def test_text_padding_mask_survives_copy_and_refuses_checkpointing(device, tiny_
         model.set_grad_checkpointing(True)
     model.unload()  # the hook goes with the adapters
     assert not model.clip.token_embedding._forward_pre_hooks
+
+
+@pytest.mark.parametrize("method", ["harma", "mrs"])
+def test_disable_adapters_per_tower(method, device, tiny_inputs):
+    from tests.conftest import perturb_
+
+    ref, model = _pair(method, device)
+    perturb_(model)
+    images, tokens = tiny_inputs
+    with torch.no_grad():
+        base_i, base_t = ref.encode_image(images, normalize=True), ref.encode_text(tokens, normalize=True)
+        adapted_i, adapted_t = model.encode_image(images), model.encode_text(tokens)
+        assert not torch.allclose(adapted_i, base_i, atol=1e-4) and not torch.allclose(adapted_t, base_t, atol=1e-4)
+        with model.disable_adapters("text"):
+            assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-6)
+            assert torch.equal(model.encode_image(images), adapted_i)
+        with model.disable_adapters("image"):
+            assert torch.allclose(model.encode_image(images), base_i, atol=1e-6)
+            assert torch.equal(model.encode_text(tokens), adapted_t)
+        with model.disable_adapters():
+            assert torch.allclose(model.encode_image(images), base_i, atol=1e-6)
+        assert torch.equal(model.encode_text(tokens), adapted_t)  # back on after the context
+    with pytest.raises(ValueError, match="unknown tower"):
+        with model.disable_adapters("audio"):
+            pass

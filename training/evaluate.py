@@ -11,6 +11,7 @@ split from train as the trainer does for datasets without a val file. Protocol: 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score raw captions (default: cleaned as in the released code)")
     p.add_argument("--val-fraction", type=float, help="fraction of train images carved as val (default 0.1)")
     p.add_argument("--carve-seed", type=int, help="seed of the val carving (default 0)")
+    p.add_argument("--disable-adapters", action="append", choices=("image", "text"), default=[], metavar="TOWER",
+                   help="ablation: bypass this tower's adapters (image or text; repeat for both)")
     return p
 
 
@@ -205,12 +208,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     # Paths as given (relative to where the command ran), so results files committed from a
     # checkout hold no machine-specific absolute paths.
     info = {"data": Path(args.data).as_posix(), "split": args.split}
+    off = sorted(set(args.disable_adapters))
+    if off and meta["method"] not in ("harma", "mrs"):
+        raise CliError(f"--disable-adapters: a {meta['method']!r} checkpoint has no adapters to disable")
     model, _, transform, tokenizer = _load(directory, device, args.base_weights)
-    adapted = _run(model, split, transform, tokenizer, args, device, "adapted")
+    with model.disable_adapters(*off) if off else contextlib.nullcontext():
+        adapted = _run(model, split, transform, tokenizer, args, device,
+                       f"adapted, {' and '.join(off)} adapters off" if off else "adapted")
     del model
     rows: dict[str, EvalResult] = {}
     out = _row(adapted, checkpoint=directory.as_posix(), method=meta["method"], **info)
     out["checkpoint_kind"] = kind
+    if off:
+        out["disabled_adapters"] = off
     out["clean_captions"] = bool(args.clean_captions)
     if ":" in args.split:
         out["carve"] = {"val_fraction": args.val_fraction, "seed": args.carve_seed}
@@ -219,7 +229,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         rows["baseline"] = _run(base_model, split, base_transform, base_tokenizer, args, device, "baseline")
         out["baseline"] = _row(rows["baseline"], checkpoint=None, method="zeroshot", **info)
         del base_model
-    rows["adapted"] = adapted
+    rows[f"adapted ({' and '.join(off)} adapters off)" if off else "adapted"] = adapted
     print(format_table({name: r.metrics for name, r in rows.items()}))
     print(format_gap_table(rows))
     return out
