@@ -131,7 +131,7 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig,
     ``padding`` (with ``cfg.text_padding_mask``): the text MGAs read which tokens are padding from
     it; the caller fills it where token ids enter the text tower (see :func:`text_token_input`).
     """
-    if cfg.text_padding_mask and padding is None:
+    if cfg.text_padding_mask and "text" in cfg.towers and padding is None:
         raise ValueError("harma.text_padding_mask needs a PaddingMask the caller fills from the token ids")
     towers = _require_towers(clip, cfg.towers)
     for tower in towers:

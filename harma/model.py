@@ -46,10 +46,11 @@ class HarmaModel(nn.Module):
         self._padding: Optional[PaddingMask] = None  # which text tokens are padding, for the text adapters
         if cfg.method == "harma" and cfg.harma.text_padding_mask and "text" in cfg.harma.towers:
             self._padding = PaddingMask()
-            module, self._pad_id = text_token_input(clip)
-            self._hooks.append(module.register_forward_pre_hook(self._read_padding))
+            token_input, self._pad_id = text_token_input(clip)
         if cfg.method == "harma":
             self.targeted_modules, self.mms = inject_harma(clip, cfg.harma, self._padding)
+            if self._padding is not None:  # hooked once injection succeeded, so a failure leaves clip untouched
+                self._hooks.append(token_input.register_forward_pre_hook(self._read_padding))
         elif cfg.method == "mrs":
             self.targeted_modules, self.mrs = inject_mrs(clip, cfg.mrs)
         self.clip = clip

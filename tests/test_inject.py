@@ -217,3 +217,12 @@ def test_disable_adapters_per_tower(method, device, tiny_inputs):
     with pytest.raises(ValueError, match="unknown tower"):
         with model.disable_adapters("audio"):
             pass
+
+
+def test_text_padding_mask_without_text_adapters(device, tiny_inputs):
+    """Image-only adapters have nothing to mask: the flag is accepted and hooks nothing."""
+    _, tokens = tiny_inputs
+    ref, model = _pair("harma", device, towers=("image",), text_padding_mask=True)
+    assert not model.clip.token_embedding._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(tokens), ref.encode_text(tokens, normalize=True), atol=1e-6)
