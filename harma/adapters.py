@@ -48,7 +48,7 @@ class PaddingMask(threading.local):
     def __reduce__(self):  # a copied or pickled model gets a fresh, empty mask (thread-locals do not copy)
         return (PaddingMask, ())
 
-    def get(self, x: torch.Tensor, batch_first: bool) -> Optional[torch.Tensor]:
+    def get(self, x: torch.Tensor, batch_first: bool) -> torch.Tensor:
         """The mask for hidden states ``x``; an error if it does not belong to them."""
         m = self.value
         if m is None:

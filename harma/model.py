@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import PaddingMask
-from .config import ConfigError, ModelConfig
+from .config import TOWERS, ConfigError, ModelConfig
 from .inject import (adapter_wrappers, find_towers, inject_harma, inject_mrs, locked_text_parameters, remove_adapters,
                      text_token_input, text_tower_parts)
 
@@ -44,10 +44,10 @@ class HarmaModel(nn.Module):
         self.mrs: Optional[nn.Module] = None
         self._hooks = []
         self._padding: Optional[PaddingMask] = None  # which text tokens are padding, for the text adapters
-        if cfg.method == "harma" and cfg.harma.text_padding_mask and "text" in cfg.harma.towers:
-            self._padding = PaddingMask()
-            token_input, self._pad_id = text_token_input(clip)
         if cfg.method == "harma":
+            if cfg.harma.text_padding_mask and "text" in cfg.harma.towers:
+                self._padding = PaddingMask()
+                token_input, self._pad_id = text_token_input(clip)
             self.targeted_modules, self.mms = inject_harma(clip, cfg.harma, self._padding)
             if self._padding is not None:  # hooked once injection succeeded, so a failure leaves clip untouched
                 self._hooks.append(token_input.register_forward_pre_hook(self._read_padding))
@@ -149,7 +149,7 @@ class HarmaModel(nn.Module):
         ablations: how much each tower's adapters contribute to a trained model."""
         found = find_towers(self.clip)
         towers = towers or tuple(found)
-        unknown = [t for t in towers if t not in ("image", "text")]
+        unknown = [t for t in towers if t not in TOWERS]
         if unknown:
             raise ValueError(f"disable_adapters: unknown tower(s) {unknown}; expected 'image' and/or 'text'")
         prefixes = tuple(found[t].path + "." for t in towers if t in found)
@@ -184,7 +184,7 @@ class HarmaModel(nn.Module):
         return out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable and self.config.method == "harma" and self.config.harma.text_padding_mask:
+        if enable and self._padding is not None:
             # recomputation may run in autograd's threads, which never saw the (per-thread) padding mask
             raise ConfigError("harma.text_padding_mask does not work with gradient checkpointing; turn one off")
         self.clip.set_grad_checkpointing(enable)

@@ -8,7 +8,7 @@ import torch
 
 from harma import HarmaModel, ModelConfig, UnsupportedModelError, remove_adapters
 from harma.adapters import GatedMLP, ParallelAdapterBlock
-from tests.conftest import TINY_NAME, tiny_config
+from tests.conftest import TINY_NAME, perturb_, tiny_config
 
 
 def _pair(method, device, **harma):
@@ -82,8 +82,6 @@ def test_adapter_names_do_not_leak_into_base_keys(device):
 
 @pytest.mark.parametrize("method", ["harma", "mrs"])
 def test_unload_restores_outputs_after_training(method, device, tiny_inputs):
-    from tests.conftest import perturb_
-
     ref, model = _pair(method, device)
     perturb_(model)
     images, tokens = tiny_inputs
@@ -162,8 +160,6 @@ def _pad_changes_text(model, tokens, embedding):
 
 @pytest.mark.parametrize("share", ["text_only", "shared"])
 def test_text_padding_mask_makes_padding_invisible(share, device, tiny_inputs):
-    from tests.conftest import perturb_
-
     _, tokens = tiny_inputs
     assert (tokens == 0).any(dim=1).all()  # every caption is padded to the context length
     _, released = _pair("harma", device, share_mode=share)
@@ -196,8 +192,6 @@ def test_text_padding_mask_survives_copy_and_refuses_checkpointing(device, tiny_
 
 @pytest.mark.parametrize("method", ["harma", "mrs"])
 def test_disable_adapters_per_tower(method, device, tiny_inputs):
-    from tests.conftest import perturb_
-
     ref, model = _pair(method, device)
     perturb_(model)
     images, tokens = tiny_inputs

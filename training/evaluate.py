@@ -212,9 +212,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if off and meta["method"] not in ("harma", "mrs"):
         raise CliError(f"--disable-adapters: a {meta['method']!r} checkpoint has no adapters to disable")
     model, _, transform, tokenizer = _load(directory, device, args.base_weights)
+    label = f"adapted ({' and '.join(off)} adapters off)" if off else "adapted"
     with model.disable_adapters(*off) if off else contextlib.nullcontext():
-        adapted = _run(model, split, transform, tokenizer, args, device,
-                       f"adapted, {' and '.join(off)} adapters off" if off else "adapted")
+        adapted = _run(model, split, transform, tokenizer, args, device, label)
     del model
     rows: dict[str, EvalResult] = {}
     out = _row(adapted, checkpoint=directory.as_posix(), method=meta["method"], **info)
@@ -229,7 +229,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         rows["baseline"] = _run(base_model, split, base_transform, base_tokenizer, args, device, "baseline")
         out["baseline"] = _row(rows["baseline"], checkpoint=None, method="zeroshot", **info)
         del base_model
-    rows[f"adapted ({' and '.join(off)} adapters off)" if off else "adapted"] = adapted
+    rows[label] = adapted
     print(format_table({name: r.metrics for name, r in rows.items()}))
     print(format_gap_table(rows))
     return out
