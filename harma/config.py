@@ -98,6 +98,9 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     init_seed: int = 0  # seeds every random initialisation (adapters, random backbones) in create_model
     patch_dropout: float = 0.0  # ViT image tower: share of patch tokens dropped per training step (FLIP); eval keeps all
+    # False: the backbone's own dropout layers (e.g. MiniLM's 0.1 in BERT attention and outputs) stay off
+    # while training, frozen or not; adapter dropout (MRS) and patch dropout are unaffected.
+    backbone_dropout: bool = True
     harma: HarmaConfig = field(default_factory=HarmaConfig)
     mrs: MRSConfig = field(default_factory=MRSConfig)
 

@@ -103,7 +103,18 @@ class HarmaModel(nn.Module):
         if mode and self.text_is_frozen:
             for part in text_tower_parts(self.clip):
                 part.eval()  # e.g. BERT dropout off: a locked tower gives deterministic features
+        if mode and not self.config.backbone_dropout:
+            for m in self._backbone_dropout_modules():
+                m.eval()
         return self
+
+    def _backbone_dropout_modules(self) -> list[nn.Module]:
+        """The backbone's dropout layers and their parents (HF attention reads its own ``training``
+        flag to pick the attention-dropout rate), adapters excluded."""
+        adapters = [w.adapter for _, w in adapter_wrappers(self.clip)] + [m for m in (self.mms, self.mrs) if m is not None]
+        skip = {id(m) for a in adapters for m in a.modules()}
+        return [m for m in self.clip.modules() if id(m) not in skip
+                and any(isinstance(c, nn.modules.dropout._DropoutNd) for c in (m, *m.children()))]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores: exactly the trainable parameters, each shared one once."""

@@ -36,13 +36,13 @@ def hf_arch(tmp_path_factory):
     return name
 
 
-def _build(name, method="harma"):
+def _build(name, method="harma", **model):
     torch.manual_seed(0)
     clip = open_clip.create_model(name, pretrained_hf=False)
     ref = open_clip.create_model(name, pretrained_hf=False)
     ref.load_state_dict(clip.state_dict())
     cfg = ModelConfig(model_name=name, method=method, mrs={"bottleneck": 8, "shared_dim": 8},
-                      harma={"bottleneck": 16, "attn_heads": 4, "mms_dim": 8, "mms_heads": 2})
+                      harma={"bottleneck": 16, "attn_heads": 4, "mms_dim": 8, "mms_heads": 2}, **model)
     return ref.eval(), HarmaModel(clip, cfg).eval()
 
 
@@ -124,3 +124,26 @@ def test_disable_text_adapters_on_bert(hf_arch, method):
         assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
         with model.disable_adapters("text"):
             assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["harma", "mrs", "full"])
+def test_backbone_dropout_off_in_training(hf_arch, method):
+    """model.backbone_dropout=false: BERT's dropout (outputs and attention) is off in train mode, so
+    text features are deterministic; the MRS adapter keeps its own dropout; eval() still works."""
+    tokens = open_clip.get_tokenizer(hf_arch)(["many planes parked at an airport", "a river"])
+    for dropout in (True, False):
+        ref, model = _build(hf_arch, method, backbone_dropout=dropout)
+        perturb_(model)
+        model.train()
+        with torch.no_grad():
+            a, b = model.encode_text(tokens), model.encode_text(tokens)
+        assert torch.allclose(a, b) is (method != "mrs" and not dropout)  # MRS: its adapter dropout still varies
+        if method == "mrs":
+            assert model.mrs.dropout.training
+            with torch.no_grad():  # without adapters only the backbone's dropout is left
+                with model.disable_adapters("text"):
+                    a, b = model.encode_text(tokens), model.encode_text(tokens)
+            assert torch.allclose(a, b) is (not dropout)
+        assert model.clip.visual.training  # non-dropout modules keep train mode
+        model.eval()
+        assert not any(m.training for m in model.modules())
