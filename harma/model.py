@@ -105,7 +105,7 @@ class HarmaModel(nn.Module):
                 part.eval()  # e.g. BERT dropout off: a locked tower gives deterministic features
         if mode and not self.config.backbone_dropout:
             for m in self._backbone_dropout_modules():
-                m.eval()
+                m.training = False  # this module only: an adapter may sit inside it (HarMA's, in BertOutput)
         return self
 
     def _backbone_dropout_modules(self) -> list[nn.Module]:

@@ -13,6 +13,7 @@ import open_clip  # noqa: E402
 
 from harma import HarmaModel, ModelConfig, UnsupportedModelError, register_model_config  # noqa: E402
 from harma.adapters import GatedMLP  # noqa: E402
+from harma.inject import adapter_wrappers  # noqa: E402
 from tests.conftest import perturb_  # noqa: E402
 
 WORDS = ["planes", "parked", "airport", "river", "green", "farmland", "many", "a", "at", "an"]
@@ -145,5 +146,7 @@ def test_backbone_dropout_off_in_training(hf_arch, method):
                     a, b = model.encode_text(tokens), model.encode_text(tokens)
             assert torch.allclose(a, b) is (not dropout)
         assert model.clip.visual.training  # non-dropout modules keep train mode
+        # adapters inside a module that owns a dropout layer (HarMA's, in BertOutput) keep train mode
+        assert all(w.training and all(m.training for m in w.adapter.modules()) for _, w in adapter_wrappers(model.clip))
         model.eval()
         assert not any(m.training for m in model.modules())
