@@ -73,12 +73,10 @@ class HarmaModel(nn.Module):
     def _select_trainable(self) -> dict[str, nn.Parameter]:
         method = self.config.method
         chosen: list[nn.Module | nn.Parameter] = []
-        if method == "harma":
-            chosen += [w.adapter for _, w in adapter_wrappers(self.clip)] + [w.gate for _, w in adapter_wrappers(self.clip)]
-            if self.mms is not None:
-                chosen.append(self.mms)
-        elif method == "mrs":
-            chosen.append(self.mrs)
+        if method in ("harma", "mrs"):
+            chosen += self._adapter_modules()
+            if method == "harma":
+                chosen += [w.gate for _, w in adapter_wrappers(self.clip)]
         elif method == "full":
             frozen = {id(getattr(self.clip, n, None)) for n in ("logit_scale", "logit_bias")}
             if self.config.lock_text:
@@ -90,6 +88,10 @@ class HarmaModel(nn.Module):
         for item in chosen:
             ids.update(id(p) for p in (item.parameters() if isinstance(item, nn.Module) else [item]))
         return {n: p for n, p in self.named_parameters() if id(p) in ids}  # named_parameters de-duplicates
+
+    def _adapter_modules(self) -> list[nn.Module]:
+        """Every module the method added: each wrapper's adapter, and the shared MMS / MRS adapters."""
+        return [w.adapter for _, w in adapter_wrappers(self.clip)] + [m for m in (self.mms, self.mrs) if m is not None]
 
     @property
     def text_is_frozen(self) -> bool:
@@ -111,8 +113,7 @@ class HarmaModel(nn.Module):
     def _backbone_dropout_modules(self) -> list[nn.Module]:
         """The backbone's dropout layers and their parents (HF attention reads its own ``training``
         flag to pick the attention-dropout rate), adapters excluded."""
-        adapters = [w.adapter for _, w in adapter_wrappers(self.clip)] + [m for m in (self.mms, self.mrs) if m is not None]
-        skip = {id(m) for a in adapters for m in a.modules()}
+        skip = {id(m) for a in self._adapter_modules() for m in a.modules()}
         return [m for m in self.clip.modules() if id(m) not in skip
                 and any(isinstance(c, nn.modules.dropout._DropoutNd) for c in (m, *m.children()))]
 
