@@ -14,6 +14,7 @@ from typing import Any, Optional
 METHODS = ("harma", "mrs", "full", "zeroshot")
 SHARE_MODES = ("text_only", "shared", "none")
 TOWERS = ("image", "text")
+ALSO_TRAIN = ("norms", "biases")  # model.also_train: backbone parameter kinds trained beside the adapters
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,10 @@ class ModelConfig:
     # False: the backbone's own dropout layers (e.g. MiniLM's 0.1 in BERT attention and outputs) stay off
     # while training, frozen or not; adapter dropout (MRS) and patch dropout are unaffected.
     backbone_dropout: bool = True
+    # harma / mrs: backbone parameters trained beside the adapters, chosen by module type, never by name
+    # (PEFT's modules_to_save; BitFit): "norms" = every LayerNorm's weight and bias, "biases" = every
+    # Linear layer's bias. They are saved in the adapter checkpoint. () = the method as published.
+    also_train: tuple[str, ...] = ()
     harma: HarmaConfig = field(default_factory=HarmaConfig)
     mrs: MRSConfig = field(default_factory=MRSConfig)
 
@@ -118,6 +123,14 @@ class ModelConfig:
             raise ConfigError("model.lock_text applies to method 'full' (adapter methods already freeze the backbone)")
         if self.lock_text_unlocked_layers < 0:
             raise ConfigError(f"model.lock_text_unlocked_layers must be >= 0, got {self.lock_text_unlocked_layers}")
+        self.also_train = tuple(self.also_train)
+        for kind in self.also_train:
+            _check_choice("model.also_train", kind, ALSO_TRAIN)
+        if len(set(self.also_train)) != len(self.also_train):
+            raise ConfigError(f"model.also_train lists an entry twice: {list(self.also_train)}")
+        if self.also_train and self.method not in ("harma", "mrs"):
+            raise ConfigError(f"model.also_train applies to the adapter methods (harma, mrs), not {self.method!r} "
+                              "('full' already trains every backbone weight)")
         if self.lock_text_unlocked_layers and not self.lock_text:
             raise ConfigError("model.lock_text_unlocked_layers needs model.lock_text=true (without it the whole "
                               "text tower trains)")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .adapters import PaddingMask
 from .config import TOWERS, ConfigError, ModelConfig
 from .inject import (adapter_wrappers, find_towers, inject_harma, inject_mrs, locked_text_parameters, remove_adapters,
-                     text_token_input, text_tower_parts)
+                     text_token_input, text_tower_parameters, text_tower_parts)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class HarmaModel(nn.Module):
                 self._hooks.append(t.entry.register_forward_pre_hook(self._token_dropout))
             elif t.embeddings is not None:
                 self._hooks.append(t.embeddings.register_forward_hook(self._token_dropout_output))
+        # model.also_train: those backbone parameters, their tower and base values (for disable_adapters / unload)
+        text = {id(p) for p in text_tower_parameters(clip)}
+        self._also_base = [("text" if id(p) in text else "image", p, p.detach().clone()) for p in self._also_trained()]
         self._trainable = self._select_trainable()
         self.requires_grad_(False)
         for p in self._trainable.values():
@@ -77,6 +80,7 @@ class HarmaModel(nn.Module):
             chosen += self._adapter_modules()
             if method == "harma":
                 chosen += [w.gate for _, w in adapter_wrappers(self.clip)]
+            chosen += [p for _, p, _ in self._also_base]
         elif method == "full":
             frozen = {id(getattr(self.clip, n, None)) for n in ("logit_scale", "logit_bias")}
             if self.config.lock_text:
@@ -92,6 +96,31 @@ class HarmaModel(nn.Module):
     def _adapter_modules(self) -> list[nn.Module]:
         """Every module the method added: each wrapper's adapter, and the shared MMS / MRS adapters."""
         return [w.adapter for _, w in adapter_wrappers(self.clip)] + [m for m in (self.mms, self.mrs) if m is not None]
+
+    def _backbone_modules(self) -> list[nn.Module]:
+        """Every module of the CLIP outside the adapters the method added (a wrapper's wrapped layer counts)."""
+        skip = {id(m) for a in self._adapter_modules() for m in a.modules()}
+        return [m for m in self.clip.modules() if id(m) not in skip]
+
+    def _also_trained(self) -> list[nn.Parameter]:
+        """The backbone parameters ``model.also_train`` names, by module type: LayerNorm weights and
+        biases ("norms"); biases of linear and convolution layers and of attention input projections
+        ("biases")."""
+        kinds = self.config.also_train
+        found: dict[str, list[nn.Parameter]] = {k: [] for k in kinds}
+        for m in self._backbone_modules():
+            if "norms" in kinds and isinstance(m, nn.LayerNorm):
+                found["norms"] += [p for p in (m.weight, m.bias) if p is not None]
+            if "biases" in kinds:
+                if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.bias is not None:
+                    found["biases"].append(m.bias)
+                if isinstance(m, nn.MultiheadAttention) and m.in_proj_bias is not None:
+                    found["biases"].append(m.in_proj_bias)
+        for kind, params in found.items():
+            if not params:
+                raise ConfigError(f"model.also_train={kind!r}: the backbone {self.config.model_name!r} has no such "
+                                  "parameters")
+        return [p for params in found.values() for p in params]
 
     @property
     def text_is_frozen(self) -> bool:
@@ -113,9 +142,7 @@ class HarmaModel(nn.Module):
     def _backbone_dropout_modules(self) -> list[nn.Module]:
         """The backbone's dropout layers and their parents (HF attention reads its own ``training``
         flag to pick the attention-dropout rate), adapters excluded."""
-        skip = {id(m) for a in self._adapter_modules() for m in a.modules()}
-        return [m for m in self.clip.modules() if id(m) not in skip
-                and any(isinstance(c, nn.modules.dropout._DropoutNd) for c in (m, *m.children()))]
+        return [m for m in self._backbone_modules() if any(isinstance(c, nn.modules.dropout._DropoutNd) for c in (m, *m.children()))]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint stores: exactly the trainable parameters, each shared one once."""
@@ -158,7 +185,8 @@ class HarmaModel(nn.Module):
     def disable_adapters(self, *towers: str) -> Iterator[None]:
         """Inside this context the adapters of ``towers`` ("image", "text"; default both) are
         bypassed, so those towers compute their base features (PEFT's ``disable_adapter``). For
-        ablations: how much each tower's adapters contribute to a trained model."""
+        ablations: how much each tower's adapters contribute to a trained model. Backbone parameters
+        trained through ``model.also_train`` hold their base values meanwhile."""
         found = find_towers(self.clip)
         towers = towers or tuple(found)
         unknown = [t for t in towers if t not in TOWERS]
@@ -166,13 +194,25 @@ class HarmaModel(nn.Module):
             raise ValueError(f"disable_adapters: unknown tower(s) {unknown}; expected 'image' and/or 'text'")
         prefixes = tuple(found[t].path + "." for t in towers if t in found)
         chosen = [w for name, w in adapter_wrappers(self.clip) if name.startswith(prefixes)]
+        trained = [(p, p.detach().clone()) for tower, p, _ in self._also_base if tower in towers]
         for w in chosen:
             w.enabled = False
+        self._restore_base(towers)
         try:
             yield
         finally:
             for w in chosen:
                 w.enabled = True
+            with torch.no_grad():
+                for p, value in trained:
+                    p.copy_(value)
+
+    def _restore_base(self, towers: tuple[str, ...] = TOWERS) -> None:
+        """Put the base values back into the backbone parameters ``model.also_train`` trained."""
+        with torch.no_grad():
+            for tower, p, base in self._also_base:
+                if tower in towers:
+                    p.copy_(base)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.clip.encode_image(images, normalize=normalize)
@@ -202,10 +242,12 @@ class HarmaModel(nn.Module):
         self.clip.set_grad_checkpointing(enable)
 
     def unload(self) -> nn.Module:
-        """Remove hooks and adapters and return the plain open_clip model (PEFT ``unload``)."""
+        """Remove hooks and adapters and return the plain open_clip model (PEFT ``unload``), with the
+        base values back in any backbone parameter ``model.also_train`` trained."""
         for h in self._hooks:
             h.remove()
         remove_adapters(self.clip)
+        self._restore_base()
         return self.clip
 
 

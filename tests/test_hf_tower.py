@@ -150,3 +150,23 @@ def test_backbone_dropout_off_in_training(hf_arch, method):
         assert all(w.training and all(m.training for m in w.adapter.modules()) for _, w in adapter_wrappers(model.clip))
         model.eval()
         assert not any(m.training for m in model.modules())
+
+
+def test_also_train_on_bert(hf_arch):
+    """model.also_train on a HF text tower: BERT's LayerNorms and every linear bias (the wrapped
+    output.dense's too) train; disable_adapters("text") gives the base text features back."""
+    ref, model = _build(hf_arch, also_train=("norms", "biases"))
+    names = {n for n in model.trainable_state_dict() if n.startswith("clip.text.")}
+    for i in range(2):
+        layer = f"clip.text.transformer.encoder.layer.{i}."
+        assert {layer + "output.LayerNorm.weight", layer + "attention.output.LayerNorm.bias",
+                layer + "output.dense.base_layer.bias", layer + "attention.self.query.bias"} <= names
+        assert layer + "output.dense.base_layer.weight" not in names
+    assert "clip.text.transformer.embeddings.LayerNorm.weight" in names
+    tokens = open_clip.get_tokenizer(hf_arch)(["many planes parked at an airport", "a river"])
+    perturb_(model)
+    with torch.no_grad():
+        base_t = ref.encode_text(tokens, normalize=True)
+        assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
+        with model.disable_adapters("text"):
+            assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-6)
