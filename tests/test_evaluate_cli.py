@@ -207,3 +207,20 @@ def test_disable_adapters_needs_adapters(setup, tmp_path, capsys):
     ckpt = save_adapters(full, tmp_path / "full")
     assert main(_args(ckpt, s["data"], tmp_path / "x.json", "--split", "train", "--disable-adapters", "image")) == 2
     assert "has no adapters to disable" in capsys.readouterr().err
+
+
+def test_recorded_root_falls_back_to_the_configured_path(tmp_path, monkeypatch):
+    """A checkpoint trained on another machine records a resolved path that is not here; the path
+    as configured (relative to the working directory) is used instead, and neither is a clear error."""
+    from training.evaluate import CliError, recorded_root
+
+    (tmp_path / "here" / "ucm").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    elsewhere = str(tmp_path / "elsewhere" / "ucm")
+    assert recorded_root({"root": str(tmp_path / "here" / "ucm"), "root_config": "x"}) == str(tmp_path / "here" / "ucm")
+    assert recorded_root({"root": elsewhere, "root_config": "ucm"}) == "ucm"
+    with pytest.raises(CliError, match="trained on .*elsewhere/ucm \\(configured as data/ucm\\).*pass --data"):
+        recorded_root({"root": elsewhere, "root_config": "data/ucm"})
+    for recorded in ({}, {"root": "synthetic"}):
+        with pytest.raises(CliError, match="--data is required"):
+            recorded_root(recorded)

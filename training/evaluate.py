@@ -93,6 +93,20 @@ def data_defaults(meta: dict[str, Any]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def recorded_root(recorded: dict[str, Any]) -> str:
+    """The dataset folder a checkpoint was trained on: the resolved path the trainer recorded, or,
+    where that is not on this machine (a checkpoint trained elsewhere), the path as configured,
+    relative to the working directory (``../shared/datasets/ucm`` from a checkout)."""
+    root, configured = recorded.get("root"), recorded.get("root_config")
+    if not root or root == "synthetic":
+        raise CliError("--data is required (the checkpoint records no dataset folder)")
+    for candidate in (root, configured):
+        if candidate and Path(candidate).is_dir():
+            return str(candidate)
+    raise CliError(f"the checkpoint was trained on {root}" + (f" (configured as {configured})" if configured else "")
+                   + ", which is not on this machine; pass --data DIR")
+
+
 def resolve_split(root: str | Path, spec: str, val_fraction: float, seed: int) -> RetrievalSplit:
     """Load ``spec`` (a split name, or ``NAME:val`` / ``NAME:train`` carved from split NAME)."""
     if ":" not in spec:
@@ -188,10 +202,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key, None) is None:
             setattr(args, key, recorded.get(key, default))
     if args.data is None:
-        root = recorded.get("root")
-        if not root or root == "synthetic":
-            raise CliError("--data is required (the checkpoint records no dataset folder)")
-        args.data = root
+        args.data = recorded_root(recorded)
     if args.split is None:
         val = recorded.get("val_split", "val") if recorded else "val"
         args.split = val if val else f"{recorded.get('train_split', 'train')}:val"
