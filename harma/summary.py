@@ -14,10 +14,10 @@ import sys
 from collections import Counter
 from typing import Optional
 
-from .config import METHODS, SHARE_MODES, ConfigError, HarmaConfig, ModelConfig
+from .config import ALSO_TRAIN, METHODS, SHARE_MODES, ConfigError, HarmaConfig, ModelConfig
 
 
-def build_meta_model(model_name: str, method: str, share_mode: str = "text_only"):
+def build_meta_model(model_name: str, method: str, share_mode: str = "text_only", also_train: tuple[str, ...] = ()):
     import open_clip
 
     from .model import HarmaModel
@@ -25,7 +25,8 @@ def build_meta_model(model_name: str, method: str, share_mode: str = "text_only"
     if model_name not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model {model_name!r}")
     clip = open_clip.create_model(model_name, device="meta")
-    return HarmaModel(clip, ModelConfig(model_name=model_name, method=method, harma=HarmaConfig(share_mode=share_mode)))
+    return HarmaModel(clip, ModelConfig(model_name=model_name, method=method, harma=HarmaConfig(share_mode=share_mode),
+                                        also_train=also_train))
 
 
 def breakdown(model) -> dict[str, int]:
@@ -43,11 +44,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--model", default="ViT-B-32", help="open_clip model name (default ViT-B-32)")
     parser.add_argument("--method", default="harma", choices=METHODS)
     parser.add_argument("--share-mode", default="text_only", choices=SHARE_MODES, help="HarMA MMS sharing")
+    parser.add_argument("--also-train", nargs="*", default=[], choices=ALSO_TRAIN, metavar="KIND",
+                        help="backbone parameters trained beside the adapters: norms and/or biases (model.also_train)")
     parser.add_argument("--verbose", action="store_true", help="also print trainable parameters per group")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: intended here
     try:
-        model = build_meta_model(args.model, args.method, args.share_mode)
+        model = build_meta_model(args.model, args.method, args.share_mode, tuple(args.also_train))
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

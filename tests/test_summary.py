@@ -28,6 +28,17 @@ def test_summary_verbose_groups_and_errors(capsys):
     assert "unknown open_clip model" in capsys.readouterr().err
 
 
+def test_summary_also_train_counts_vit_b_32_norms_and_biases(capsys):
+    # ViT-B-32 by hand: LayerNorms 2x(768 ln_pre + 24x768 + 768 ln_post) + 2x(24x512 + 512 ln_final)
+    # = 65,536; biases per image block 2304 + 768 + 3072 + 768, per text block 1536 + 512 + 2048 + 512
+    # (conv1 has none) = 12 x 6912 + 12 x 4608 = 138,240.
+    for kinds, extra in ((["norms"], 65_536), (["biases"], 138_240), (["norms", "biases"], 203_776)):
+        assert main(["--model", "ViT-B-32", "--method", "harma", "--also-train", *kinds]) == 0
+        assert capsys.readouterr().out.startswith(f"trainable params: {5_934_397 + extra:,} of 157,211,710")
+    assert main(["--model", "ViT-B-32", "--method", "full", "--also-train", "norms"]) == 2
+    assert "adapter methods" in capsys.readouterr().err
+
+
 def test_summary_runs_as_module_offline():
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "harma.summary", "--model", "ViT-B-32", "--method", "harma"],
