@@ -125,3 +125,28 @@ def test_text_lr_scale_must_be_positive():
 
     with pytest.raises(ConfigError, match="text_lr_scale"):
         OptimConfig(text_lr_scale=0)
+
+
+def test_temperature_lr_gives_the_temperature_its_own_rate():
+    """optim.temperature_lr: the learned temperature alone gets that peak rate, through the same
+    schedule and with the scalars' weight decay; everything else keeps optim.lr."""
+    import open_clip
+
+    from harma import ConfigError, HarmaModel
+    from tests.conftest import TINY_NAME, tiny_config
+
+    model = HarmaModel(open_clip.create_model(TINY_NAME), tiny_config("harma"))
+    cfg = OptimConfig(lr=1e-3, temperature_lr=5e-5, warmup_fraction=0.0, weight_decay=0.04)
+    opt = build_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert [p for p in groups["temperature"]["params"]] == [model.temperature]
+    assert model.temperature not in groups["scalars"]["params"] and groups["scalars"]["params"]  # the gates
+    assert groups["temperature"]["weight_decay"] == 0.04
+    sched = build_scheduler(opt, cfg, total_steps=4)
+    opt.step()
+    sched.step()  # linear decay: factor 0.75 at step 1
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["temperature"] == pytest.approx(0.75 * 5e-5) and lrs["scalars"] == pytest.approx(0.75e-3)
+    assert "temperature" not in [g["name"] for g in param_groups(model, OptimConfig())]
+    with pytest.raises(ConfigError, match="temperature_lr"):
+        OptimConfig(temperature_lr=-1e-4)

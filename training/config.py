@@ -66,6 +66,9 @@ class OptimConfig:
     # multiplies lr for the text tower's trainable weights (its adapters, with the MMS adapters when
     # only the text tower uses them; its own weights under `full`); 1 = one rate for all (released)
     text_lr_scale: float = 1.0
+    # the learned temperature's own peak rate (same warm-up and schedule); None = optim.lr (released).
+    # At an adapter method's high rate the temperature falls much faster than under full fine-tuning.
+    temperature_lr: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -75,6 +78,8 @@ class OptimConfig:
             raise ConfigError(f"optim.text_lr_scale must be > 0, got {self.text_lr_scale!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError("optim.warmup_fraction must be in [0, 1)")
+        if self.temperature_lr is not None and not self.temperature_lr >= 0:
+            raise ConfigError(f"optim.temperature_lr must be >= 0 (or null for optim.lr), got {self.temperature_lr!r}")
 
 
 @dataclass

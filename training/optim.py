@@ -59,19 +59,24 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     With ``cfg.text_lr_scale != 1`` the text tower's parameters (:func:`text_parameter_ids`) go to
     ``text_decay`` / ``text_no_decay`` / ``text_scalars`` groups whose ``lr`` is scaled.
 
+    With ``cfg.temperature_lr`` set, a :class:`harma.HarmaModel`'s learned temperature goes to a
+    ``temperature`` group of its own with that ``lr`` (decayed like the other scalars).
+
     Empty groups are left out. Frozen parameters (``requires_grad=False``) are never included.
     """
     text = text_parameter_ids(model) if cfg.text_lr_scale != 1.0 else set()
+    temperature = getattr(model, "temperature", None) if cfg.temperature_lr is not None else None
     kinds = ("decay", "no_decay", "scalars")
-    buckets: dict[str, list[nn.Parameter]] = {k: [] for k in (*kinds, *(f"text_{k}" for k in kinds))}
+    buckets: dict[str, list[nn.Parameter]] = {k: [] for k in (*kinds, *(f"text_{k}" for k in kinds), "temperature")}
     for _, p in model.named_parameters():  # de-duplicates shared parameters
         if not p.requires_grad:
             continue
         key = "scalars" if p.ndim == 0 else "no_decay" if p.ndim < 2 else "decay"
-        buckets[("text_" if id(p) in text else "") + key].append(p)
-    decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "scalars": cfg.weight_decay if cfg.decay_scalars else 0.0}
-    return [{"name": k, "params": ps, "weight_decay": decay[k.removeprefix("text_")],
-             **({"lr": cfg.lr * cfg.text_lr_scale} if k.startswith("text_") else {})}
+        buckets["temperature" if p is temperature else ("text_" if id(p) in text else "") + key].append(p)
+    scalar_decay = cfg.weight_decay if cfg.decay_scalars else 0.0
+    decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "scalars": scalar_decay, "temperature": scalar_decay}
+    lr = {"temperature": cfg.temperature_lr, **{f"text_{k}": cfg.lr * cfg.text_lr_scale for k in kinds}}
+    return [{"name": k, "params": ps, "weight_decay": decay[k.removeprefix("text_")], **({"lr": lr[k]} if k in lr else {})}
             for k, ps in buckets.items() if ps]
 
 
