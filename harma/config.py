@@ -104,7 +104,8 @@ class ModelConfig:
     backbone_dropout: bool = True
     # harma / mrs: backbone parameters trained beside the adapters, chosen by module type, never by name
     # (PEFT's modules_to_save; BitFit): "norms" = every LayerNorm's weight and bias, "biases" = every
-    # Linear layer's bias. They are saved in the adapter checkpoint. () = the method as published.
+    # linear and convolution bias and attention input-projection bias. Saved in the adapter checkpoint.
+    # () = the method as published.
     also_train: tuple[str, ...] = ()
     harma: HarmaConfig = field(default_factory=HarmaConfig)
     mrs: MRSConfig = field(default_factory=MRSConfig)
