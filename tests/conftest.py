@@ -58,6 +58,16 @@ def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> Non
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for in-process training runs: on a busy 2-core box, OpenMP oversubscription
+    makes the tiny models 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_inputs(device):
     import open_clip
 

@@ -29,14 +29,6 @@ TINY = str(REPO / "training" / "configs" / "debug_tiny.yaml")
 SMALL = ["data.synthetic_images=8", "run.batch_size=8", "run.epochs=2"]  # 40 pairs: 5 steps/epoch, 10 in all
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cli(out: Path, *overrides: str, slow: float = 0.0, wait: bool = True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     if slow:
@@ -102,9 +94,12 @@ def test_tiny_run_writes_the_run_folder(tmp_path, one_thread, capsys):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
-    reference = _cli(tmp_path / "a", "run.save_every_steps=1", wait=False)  # uninterrupted, alongside
-    proc = _cli(tmp_path / "b", "run.save_every_steps=1", slow=0.4, wait=False)
+@pytest.mark.parametrize("extra", [[], ["optim.ema_decay=0.8"]], ids=["plain", "weight-average"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, extra):
+    # with optim.ema_decay the validation metrics compared below come from the average, so they
+    # only match if the resumed run continues the average the killed one saved
+    reference = _cli(tmp_path / "a", "run.save_every_steps=1", *extra, wait=False)  # uninterrupted, alongside
+    proc = _cli(tmp_path / "b", "run.save_every_steps=1", *extra, slow=0.4, wait=False)
     run_b = tmp_path / "b" / "debug_tiny-harma"
     deadline = time.time() + 90
     while _global_step(run_b) < 3 and proc.poll() is None and time.time() < deadline:
@@ -114,7 +109,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     killed_at = _global_step(run_b)
     assert proc.returncode == -signal.SIGKILL and 3 <= killed_at < 10, killed_at
     _finish(reference)
-    _cli(tmp_path / "b", "run.save_every_steps=1", "run.resume=auto")
+    _cli(tmp_path / "b", "run.save_every_steps=1", *extra, "run.resume=auto")
     run_a = tmp_path / "a" / "debug_tiny-harma"
     final_a, final_b = _adapters(run_a / "last" / "adapters"), _adapters(run_b / "last" / "adapters")
     assert final_a.keys() == final_b.keys()
@@ -122,6 +117,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     metrics = [[yaml.safe_load(x)["val"] for x in (r / "metrics.jsonl").read_text().splitlines()]
                for r in (run_a, run_b)]
     assert len(metrics[0]) == 2 and metrics[0] == metrics[1]
+    best_a, best_b = _adapters(run_a / "best"), _adapters(run_b / "best")
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, one_thread, capsys):

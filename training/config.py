@@ -69,6 +69,9 @@ class OptimConfig:
     # the learned temperature's own peak rate (same warm-up and schedule); None = optim.lr (released).
     # At an adapter method's high rate the temperature falls much faster than under full fine-tuning.
     temperature_lr: Optional[float] = None
+    # exponential moving average of the trained weights (timm's ModelEmaV3, with its warm-up): validation,
+    # best/ and the test report use the average; 0 = off (released). 0.995 averages about 200 steps.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -78,6 +81,8 @@ class OptimConfig:
             raise ConfigError(f"optim.text_lr_scale must be > 0, got {self.text_lr_scale!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError("optim.warmup_fraction must be in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay!r}")
         if self.temperature_lr is not None and not self.temperature_lr >= 0:
             raise ConfigError(f"optim.temperature_lr must be >= 0 (or null for optim.lr), got {self.temperature_lr!r}")
 

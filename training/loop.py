@@ -6,6 +6,7 @@ once, with the best adapters, after training (report only).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -24,6 +25,7 @@ from training.caches import image_cache, text_features
 from training.config import TrainConfig
 from training.data import Splits, build_train_loader, build_transforms, caption_fn
 from training.distributed import DistInfo, barrier
+from training.ema import WeightEMA
 from training.engine import EpochResult, StepSettings, train_one_epoch
 from training.optim import build_optimizer, build_scheduler
 from training.rundir import RunPlan, append_metrics, trim_metrics
@@ -67,6 +69,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.loss_fn = HarmaLoss(cfg.loss)
+        self.ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.net: nn.Module = self._wrap(model)
         self.epoch, self.global_step, self.partial = 0, 0, EpochResult()
         self.best_mr: Optional[float] = None
@@ -95,6 +98,8 @@ class Trainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.partial = EpochResult.from_state(state["epoch_progress"])
         self.best_mr, self.best_epoch = state.get("best_mr"), state.get("best_epoch")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.evaluated = bool(state["evaluated"])
         if self.partial.steps > self.steps_per_epoch:
             raise CheckpointError(f"{last}: {self.partial.steps} steps into an epoch of {self.steps_per_epoch}")
@@ -142,13 +147,30 @@ class Trainer:
 
     def _after_step(self, global_step: int, result: EpochResult) -> None:
         self.global_step, self.partial, self.evaluated = global_step, result, False
+        if self.ema is not None:
+            self.ema.update()
         every = self.cfg.run.save_every_steps
         if every > 0 and global_step % every == 0:
             self._save_last(self.epoch, result)
 
     def _end_of_epoch(self, result: EpochResult) -> None:
         complete = result.steps >= self.steps_per_epoch
+        record = self._validate(result, complete) if self.main else None
+        if complete:
+            self.epoch, self.partial = self.epoch + 1, EpochResult()
+        self.evaluated = True
+        self._save_last(self.epoch, self.partial)
         if self.main:
+            append_metrics(self.run_dir, record)
+        barrier()
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """The weights to validate and select: their moving average with ``optim.ema_decay``, else as trained."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def _validate(self, result: EpochResult, complete: bool) -> dict[str, Any]:
+        """Main rank: validate, write ``best/`` when val mR improves, log; returns the metrics record."""
+        with self._averaged():
             val = self._evaluate(self.splits.val, "val", self.val_text)
             record = {"epoch": self.epoch + 1, "step": self.global_step, **({} if complete else {"partial": True}),
                       "train": result.loss, "lr": result.lr, "samples_per_s": round(result.samples_per_s, 2),
@@ -161,17 +183,11 @@ class Trainer:
                     "epoch": self.epoch + 1, "step": self.global_step, "partial_epoch": not complete,
                     "val": val.metrics, "data": self.splits.info(self.cfg.data), "run": self.run_dir.name,
                     # the run seed, for the record; a random backbone is rebuilt from model.init_seed
-                    "seed": self.cfg.run.seed})
+                    "seed": self.cfg.run.seed, **({"ema_decay": self.ema.decay} if self.ema is not None else {})})
             log.info("epoch %d | step %d | loss %.4f | val mR %.2f (best %.2f, epoch %d) | %.1f samples/s",
                      self.epoch + 1, self.global_step, result.loss.get("loss", float("nan")), mr,
                      self.best_mr, self.best_epoch, result.samples_per_s)
-        if complete:
-            self.epoch, self.partial = self.epoch + 1, EpochResult()
-        self.evaluated = True
-        self._save_last(self.epoch, self.partial)
-        if self.main:
-            append_metrics(self.run_dir, record)
-        barrier()
+        return record
 
     def _temperature(self) -> float:
         """The contrastive loss's temperature as it uses it: the learned value, held at the loss's floor."""
@@ -185,6 +201,8 @@ class Trainer:
                  "epoch": epoch, "global_step": self.global_step, "epoch_progress": progress.to_state(),
                  "best_mr": self.best_mr, "best_epoch": self.best_epoch, "rng": rng,
                  "evaluated": self.evaluated, "config_hash": self.config_hash, "world_size": self.dist.world_size}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         write_last(self.model, self.run_dir / "last", state,
                    extra={"epoch": epoch, "step_in_epoch": progress.steps, "global_step": self.global_step})
 
