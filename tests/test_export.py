@@ -96,3 +96,14 @@ def test_export_keeps_base_that_adapters_need(tmp_path):
 def _with_base(cfg, base):
     cfg.base_weights = str(base)
     return cfg
+
+
+def test_model_card_says_when_the_weights_are_a_moving_average():
+    from training.export import model_card
+
+    meta = {"model": {}, "base": {"model_name": "X"}, "method": "harma", "trainable_params": 1,
+            "extra": {"epoch": 3, "ema_decay": 0.995}}
+    assert "selected epoch: 3 (validation mR, never test); weights: their moving average (optim.ema_decay=0.995)" \
+        in model_card("a", meta, {}, [], "fp16")
+    meta["extra"].pop("ema_decay")
+    assert "moving average" not in model_card("a", meta, {}, [], "fp16")

@@ -62,7 +62,9 @@ def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str
              f"`{data.get('val_split') or 'a seeded ' + str(data.get('val_fraction')) + ' carve of train'}`",
              f"- data licence: {_licence(str(data.get('root', '')))}",
              *([origin] if origin else []),
-             f"- selected epoch: {extra.get('epoch')} (validation mR, never test)", "",
+             f"- selected epoch: {extra.get('epoch')} (validation mR, never test)"
+             + (f"; weights: their moving average (optim.ema_decay={extra['ema_decay']})" if extra.get("ema_decay") else ""),
+             "",
              "## Validation metrics per epoch", "",
              "| epoch | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR | centroid gap | samples/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
