@@ -183,3 +183,35 @@ def test_locked_text_uses_cached_features_and_image_cache(tmp_path, one_thread):
     lines = [json.loads(x) for x in (out / "locked" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and "mR" in lines[0]["val"]
     assert [r["temperature"] for r in lines] == [0.5, 0.5]  # the learned value (from 0.07) is held at the floor
+
+
+def _one_epoch_run(out: Path) -> Path:
+    assert main(["--config", TINY, f"run.out_dir={out}", *SMALL, "run.epochs=1"]) == 0
+    return out / "debug_tiny-harma"
+
+
+def test_resume_refuses_a_changed_setting_and_a_foreign_state(tmp_path, one_thread, capsys):
+    run = _one_epoch_run(tmp_path)
+    resume = ["--config", TINY, f"run.out_dir={tmp_path}", *SMALL, "run.epochs=2", "run.resume=auto"]
+    assert main(resume + ["optim.lr=2e-3"]) == 2
+    assert "optim.lr: 0.001 -> 0.002" in capsys.readouterr().err
+    state = read_state(run / "last")
+    torch.save({**state, "config_hash": "0" * 64}, run / "last" / "state.pt")  # a state from another run
+    assert main(resume) != 0
+    assert "config hash mismatch" in capsys.readouterr().err
+
+
+def test_run_from_before_an_option_existed_resumes_at_its_default(tmp_path, one_thread):
+    from training.state import config_hash
+
+    run = _one_epoch_run(tmp_path)
+    # what the code before optim.ema_decay wrote: no such key, and a hash over every key
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["optim"]["ema_decay"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    state = read_state(run / "last")
+    torch.save({**state, "config_hash": config_hash(saved, legacy=True)}, run / "last" / "state.pt")
+    assert main(["--config", TINY, f"run.out_dir={tmp_path}", *SMALL, "run.epochs=2", "run.resume=auto"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["ema_decay"] == 0.0  # rewritten in full

@@ -90,7 +90,9 @@ class Trainer:
     # -- resume --------------------------------------------------------------------------------
     def resume(self, last: Path) -> None:
         state = read_state(last)
-        if state.get("config_hash") != self.config_hash:
+        # a state written before config_hash skipped default values carries the hash of its config.yaml in full
+        legacy = config_hash(self.plan.saved_config, legacy=True) if self.plan.saved_config is not None else None
+        if state.get("config_hash") not in (self.config_hash, legacy):
             raise CheckpointError(f"{last}/state.pt was written by a different config (config hash mismatch)")
         load_adapter_weights(self.model, last / "adapters")
         self.optimizer.load_state_dict(state["optimizer"])

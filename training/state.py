@@ -68,18 +68,37 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _defaults() -> dict[str, Any]:
+    """Every ``TrainConfig`` key with its default value, flattened."""
+    from harma.config import to_dict
+    from training.config import TrainConfig
+
+    return _flatten(to_dict(TrainConfig()))
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key: saved -> current`` for every differing key, ignoring :data:`RESUMABLE_KEYS`."""
-    a, b = _flatten(saved), _flatten(current)
+    """``key: saved -> current`` for every differing key, ignoring :data:`RESUMABLE_KEYS`.
+
+    A key the saved config lacks counts as equal when the current value is its default: the run
+    predates that option and ran with the behaviour its default keeps.
+    """
+    a, b, defaults = _flatten(saved), _flatten(current), _defaults()
+    for k in set(b) - set(a):
+        if k in defaults and b[k] == defaults[k]:
+            a[k] = b[k]
     keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def config_hash(config: dict) -> str:
-    """sha256 of the config without the resumable keys and the folder's location (a run folder may
-    be moved and resumed by path): identifies the run a state belongs to."""
+def config_hash(config: dict, legacy: bool = False) -> str:
+    """sha256 of the config without the resumable keys, the folder's location (a run folder may be
+    moved and resumed by path) and the keys at their default (so adding an option, at a default that
+    keeps the old behaviour, does not orphan running jobs): identifies the run a state belongs to.
+    ``legacy=True``: the hash states written before that last rule carry (every key hashed)."""
     ignored = {*RESUMABLE_KEYS, "run.out_dir", "run.name"}
-    flat = {k: v for k, v in _flatten(config).items() if k not in ignored}
+    defaults = {} if legacy else _defaults()
+    flat = {k: v for k, v in _flatten(config).items()
+            if k not in ignored and (k not in defaults or defaults[k] != v)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
 
 
