@@ -10,11 +10,10 @@ from safetensors.torch import load_file
 
 from harma import CheckpointError, create_model
 from tests.conftest import perturb_, tiny_config
+from tests.test_train_cli import one_epoch_run
 from training.config import OptimConfig
 from training.ema import WeightEMA
 from training.state import read_state
-from training.train import main
-from tests.test_train_cli import SMALL, TINY
 
 
 def _model(method: str = "harma"):
@@ -83,9 +82,7 @@ def test_config_rejects_a_decay_outside_0_1(bad):
 
 
 def test_training_selects_and_saves_the_average(tmp_path, one_thread):
-    out = tmp_path / "runs"
-    assert main(["--config", TINY, f"run.out_dir={out}", *SMALL, "run.epochs=1", "optim.ema_decay=0.8"]) == 0
-    run = out / "debug_tiny-harma"
+    run = one_epoch_run(tmp_path, "optim.ema_decay=0.8")
     state = read_state(run / "last")
     shadow = state["ema"]["shadow"]
     assert state["ema"]["updates"] == state["global_step"] == 5

@@ -185,13 +185,14 @@ def test_locked_text_uses_cached_features_and_image_cache(tmp_path, one_thread):
     assert [r["temperature"] for r in lines] == [0.5, 0.5]  # the learned value (from 0.07) is held at the floor
 
 
-def _one_epoch_run(out: Path) -> Path:
-    assert main(["--config", TINY, f"run.out_dir={out}", *SMALL, "run.epochs=1"]) == 0
+def one_epoch_run(out: Path, *overrides: str) -> Path:
+    """Train the baby config for one epoch (5 steps) in-process; returns the run folder."""
+    assert main(["--config", TINY, f"run.out_dir={out}", *SMALL, "run.epochs=1", *overrides]) == 0
     return out / "debug_tiny-harma"
 
 
 def test_resume_refuses_a_changed_setting_and_a_foreign_state(tmp_path, one_thread, capsys):
-    run = _one_epoch_run(tmp_path)
+    run = one_epoch_run(tmp_path)
     resume = ["--config", TINY, f"run.out_dir={tmp_path}", *SMALL, "run.epochs=2", "run.resume=auto"]
     assert main(resume + ["optim.lr=2e-3"]) == 2
     assert "optim.lr: 0.001 -> 0.002" in capsys.readouterr().err
@@ -204,7 +205,7 @@ def test_resume_refuses_a_changed_setting_and_a_foreign_state(tmp_path, one_thre
 def test_run_from_before_an_option_existed_resumes_at_its_default(tmp_path, one_thread):
     from training.state import config_hash
 
-    run = _one_epoch_run(tmp_path)
+    run = one_epoch_run(tmp_path)
     # what the code before optim.ema_decay wrote: no such key, and a hash over every key
     saved = yaml.safe_load((run / "config.yaml").read_text())
     del saved["optim"]["ema_decay"]

@@ -40,7 +40,7 @@ class RunPlan:
     run_dir: Path
     last: Optional[Path]  # checkpoint folder to resume from; None = start fresh
     by_path: bool  # run.resume named the folder explicitly
-    saved_config: Optional[dict] = None  # the resumed run's config.yaml as it was (set by check_resumable)
+    saved_config: Optional[dict] = None  # the resumed run's config.yaml as it was (check_resumable's answer)
 
 
 def default_name(config_path: Optional[str], cfg: TrainConfig) -> str:
@@ -87,7 +87,6 @@ def check_resumable(plan: RunPlan, cfg: TrainConfig) -> dict[str, Any]:
         shown = "; ".join(diffs[:6]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 6 else "")
         raise RunError(f"{path}: the config differs from the run being resumed ({shown}); only "
                        "run.epochs, run.max_steps, run.resume, data.num_workers and run.log_every may change")
-    plan.saved_config = saved
     return saved
 
 

@@ -94,7 +94,7 @@ def _plan(cfg: TrainConfig, config_path: Optional[str], main: bool) -> RunPlan:
         try:
             plan = plan_run(cfg, config_path)
             if plan.last is not None:
-                check_resumable(plan, cfg)
+                plan.saved_config = check_resumable(plan, cfg)
         except _USER_ERRORS as e:  # sent to every rank, so all of them stop with the same message
             error = str(e)
     plan, error = broadcast_object((plan, error))
