@@ -39,13 +39,24 @@ class HarmaConfig:
     text_padding_mask: bool = False  # released text adapters attend to padding tokens too; True ignores them
     towers: tuple[str, ...] = TOWERS  # which towers get adapters
     layers: Optional[list[int]] = None  # block indices to adapt (None = all)
+    # towers whose adapted blocks also get an MGA (no MMS) on the attention sub-layer's output, the
+    # block's other residual branch (Houlsby et al. 2019 adapt both). () = the MLP seam only, as released.
+    attn_seam: tuple[str, ...] = ()
+    attn_seam_bottleneck: int = 64  # width of those attention-seam MGAs
 
     def __post_init__(self) -> None:
         self.towers = tuple(self.towers)
+        self.attn_seam = tuple(self.attn_seam)
+        for t in self.attn_seam:
+            _check_choice("harma.attn_seam", t, TOWERS)
+            if t not in self.towers:
+                raise ConfigError(f"harma.attn_seam lists {t!r}, which harma.towers does not adapt ({list(self.towers)})")
+        if len(set(self.attn_seam)) != len(self.attn_seam):
+            raise ConfigError(f"harma.attn_seam lists a tower twice: {list(self.attn_seam)}")
         _check_choice("harma.share_mode", self.share_mode, SHARE_MODES)
         for t in self.towers:
             _check_choice("harma.towers", t, TOWERS)
-        for name in ("bottleneck", "image_bottleneck", "text_bottleneck"):
+        for name in ("bottleneck", "image_bottleneck", "text_bottleneck", "attn_seam_bottleneck"):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -35,6 +35,9 @@ class Tower:
     width: int
     batch_first: bool
     mlp_attr: tuple[str, ...] = ("mlp",)  # open_clip: block.mlp; HF BERT: layer.output.dense
+    # the attention sub-layer's output before the residual add (harma.attn_seam): open_clip's ls_1
+    # (identity or LayerScale, applied to the attention output); HF BERT: layer.attention.output.dense
+    attn_attr: tuple[str, ...] = ("ls_1",)
     entry: Optional[nn.Module] = None  # module whose first input is the token sequence (open_clip transformer)
     embeddings: Optional[nn.Module] = None  # HF: module whose output is the token sequence entering the layers
 
@@ -43,19 +46,35 @@ class Tower:
         return self.mlp_attr == ("mlp",)
 
     def get_mlp(self, i: int) -> nn.Module:
-        module = self.blocks[i]
-        for attr in self.mlp_attr:
-            module = getattr(module, attr)
-        return module
+        return self._get(i, self.mlp_attr)
 
     def set_mlp(self, i: int, module: nn.Module) -> None:
-        parent = self.blocks[i]
-        for attr in self.mlp_attr[:-1]:
-            parent = getattr(parent, attr)
-        setattr(parent, self.mlp_attr[-1], module)
+        self._set(i, self.mlp_attr, module)
 
     def mlp_name(self, i: int) -> str:
         return ".".join((self.path, str(i)) + self.mlp_attr)
+
+    def get_attn_out(self, i: int) -> Optional[nn.Module]:
+        """The module producing block ``i``'s attention output (None if the block has no such seam)."""
+        try:
+            return self._get(i, self.attn_attr)
+        except AttributeError:
+            return None
+
+    def set_attn_out(self, i: int, module: nn.Module) -> None:
+        self._set(i, self.attn_attr, module)
+
+    def attn_out_name(self, i: int) -> str:
+        return ".".join((self.path, str(i)) + self.attn_attr)
+
+    def _get(self, i: int, attrs: tuple[str, ...]) -> nn.Module:
+        module = self.blocks[i]
+        for attr in attrs:
+            module = getattr(module, attr)
+        return module
+
+    def _set(self, i: int, attrs: tuple[str, ...], module: nn.Module) -> None:
+        setattr(self._get(i, attrs[:-1]) if len(attrs) > 1 else self.blocks[i], attrs[-1], module)
 
 
 def find_towers(clip: nn.Module) -> dict[str, Tower]:
@@ -73,6 +92,7 @@ def find_towers(clip: nn.Module) -> dict[str, Tower]:
         # the residual inside BertOutput's LayerNorm: the same seam HarMA adapts in CLIP blocks.
         towers["text"] = Tower("text", "text.transformer.encoder.layer", layers,
                                clip.text.transformer.config.hidden_size, True, ("output", "dense"),
+                               ("attention", "output", "dense"),
                                embeddings=getattr(clip.text.transformer, "embeddings", None))
     return towers
 
@@ -106,7 +126,7 @@ def _require_towers(clip: nn.Module, wanted: tuple[str, ...]) -> list[Tower]:
             "towers (`.transformer.resblocks`, ViT-* configs) or a BERT-style HF text tower (`encoder.layer`)"
         )
     if any(isinstance(b, _Wrapper) or isinstance(t.get_mlp(i), _Wrapper) or isinstance(getattr(b, "output", None), _Wrapper)
-           for t in towers.values() for i, b in enumerate(t.blocks)):
+           or isinstance(t.get_attn_out(i), _Wrapper) for t in towers.values() for i, b in enumerate(t.blocks)):
         raise UnsupportedModelError("this model already has adapters; call remove_adapters() first")
     return [towers[t] for t in wanted]
 
@@ -164,10 +184,28 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig,
                       padding=padding if cfg.text_padding_mask and tower.name == "text" else None)
             tower.set_mlp(i, GatedMLP(base, mga.to(device=ref.device, dtype=ref.dtype), cfg.gate_init))
             names.append(tower.mlp_name(i))
+            if tower.name in cfg.attn_seam:
+                names.append(_wrap_attn_out(tower, i, cfg, padding))
     if mms is not None:
         ref = next(towers[0].blocks[0].parameters())
         mms.to(device=ref.device, dtype=ref.dtype)
     return names, mms
+
+
+def _wrap_attn_out(tower: Tower, i: int, cfg: HarmaConfig, padding: Optional[PaddingMask]) -> str:
+    """``harma.attn_seam``: a second gated MGA (no MMS) on block ``i``'s attention output, the
+    other sub-layer output of the block (Houlsby et al. 2019 adapt both). Returns the wrapped name."""
+    base = tower.get_attn_out(i)
+    if base is None:
+        raise UnsupportedModelError(f"{tower.path}.{i}: no attention output at {'.'.join(tower.attn_attr)} "
+                                    "for harma.attn_seam")
+    ref = next(tower.blocks[i].parameters())  # open_clip's ls_1 is often an Identity, with no parameters
+    mga = MGA(tower.width, cfg.attn_seam_bottleneck, cfg.attn_heads, mms=None, gate_init=cfg.gate_init,
+              batch_first=tower.batch_first, tie_attn=cfg.tie_attn,
+              causal=cfg.text_causal and tower.name == "text",
+              padding=padding if cfg.text_padding_mask and tower.name == "text" else None)
+    tower.set_attn_out(i, GatedMLP(base, mga.to(device=ref.device, dtype=ref.dtype), cfg.gate_init))
+    return tower.attn_out_name(i)
 
 
 def inject_mrs(clip: nn.Module, cfg: MRSConfig) -> tuple[list[str], MRSAdapter]:
@@ -268,5 +306,8 @@ def remove_adapters(clip: nn.Module) -> int:
                 removed += 1
             if isinstance(mlp := tower.get_mlp(i), GatedMLP):
                 tower.set_mlp(i, mlp.base_layer)
+                removed += 1
+            if isinstance(out := tower.get_attn_out(i), GatedMLP):
+                tower.set_attn_out(i, out.base_layer)
                 removed += 1
     return removed

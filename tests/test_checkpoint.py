@@ -19,9 +19,9 @@ def _model(method="harma", seed=0, **harma):
     return HarmaModel(open_clip.create_model(TINY_NAME), tiny_config(method, **harma)).eval()
 
 
-@pytest.mark.parametrize("method,share", [("harma", "text_only"), ("harma", "shared"), ("mrs", None), ("full", None)])
-def test_save_load_reproduces_embeddings_exactly(method, share, tmp_path, tiny_inputs):
-    kw = {"share_mode": share} if share else {}
+@pytest.mark.parametrize("method,kw", [("harma", {"share_mode": "text_only"}), ("harma", {"share_mode": "shared"}),
+                                       ("harma", {"attn_seam": ["image", "text"]}), ("mrs", {}), ("full", {})])
+def test_save_load_reproduces_embeddings_exactly(method, kw, tmp_path, tiny_inputs):
     model = _model(method, **kw)
     perturb_(model)
     images, tokens = tiny_inputs

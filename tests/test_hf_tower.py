@@ -43,7 +43,8 @@ def _build(name, method="harma", **model):
     ref = open_clip.create_model(name, pretrained_hf=False)
     ref.load_state_dict(clip.state_dict())
     cfg = ModelConfig(model_name=name, method=method, mrs={"bottleneck": 8, "shared_dim": 8},
-                      harma={"bottleneck": 16, "attn_heads": 4, "mms_dim": 8, "mms_heads": 2}, **model)
+                      harma={"bottleneck": 16, "attn_heads": 4, "mms_dim": 8, "mms_heads": 2, **model.pop("harma", {})},
+                      **model)
     return ref.eval(), HarmaModel(clip, cfg).eval()
 
 
@@ -66,6 +67,26 @@ def test_identity_then_change_then_unload(hf_arch):
         perturb_(model)
         assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
         plain = model.unload()
+        assert torch.allclose(plain.encode_text(tokens, normalize=True), base_t, atol=1e-6)
+
+
+def test_attn_seam_on_bert_attention_output(hf_arch):
+    """harma.attn_seam on BERT: the attention sub-layer's output projection, attention.output.dense."""
+    ref, model = _build(hf_arch, harma={"attn_seam": ["text"], "attn_seam_bottleneck": 8})
+    assert model.targeted_modules[-4:] == [name for i in range(2) for name in (
+        f"text.transformer.encoder.layer.{i}.output.dense", f"text.transformer.encoder.layer.{i}.attention.output.dense")]
+    seam = model.clip.text.transformer.encoder.layer[1].attention.output.dense
+    assert isinstance(seam, GatedMLP) and seam.adapter.down.in_features == 48 and seam.adapter.mms is None
+    tokens = open_clip.get_tokenizer(hf_arch)(["many planes parked at an airport", "a river"])
+    with torch.no_grad():
+        base_t = ref.encode_text(tokens, normalize=True)
+        assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-5)
+        perturb_(seam)
+        assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
+        with model.disable_adapters("text"):
+            assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-6)
+        plain = model.unload()
+        assert isinstance(plain.text.transformer.encoder.layer[1].attention.output.dense, torch.nn.Linear)
         assert torch.allclose(plain.encode_text(tokens, normalize=True), base_t, atol=1e-6)
 
 

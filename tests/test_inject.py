@@ -58,6 +58,32 @@ def test_per_tower_bottleneck(device, tiny_inputs):
     assert plain.clip.visual.transformer.resblocks[0].mlp.adapter.down.out_features == 16  # falls back
 
 
+def test_attn_seam_adapts_the_attention_output(device, tiny_inputs):
+    """harma.attn_seam: a second MGA (no MMS) on the attention output (open_clip's ls_1) of each block."""
+    ref, model = _pair("harma", device, attn_seam=["text"], attn_seam_bottleneck=8)
+    assert model.targeted_modules == [f"visual.transformer.resblocks.{i}.mlp" for i in range(2)] + [
+        name for i in range(2) for name in (f"transformer.resblocks.{i}.mlp", f"transformer.resblocks.{i}.ls_1")]
+    seam = model.clip.transformer.resblocks[0].ls_1
+    assert isinstance(seam, GatedMLP) and seam.adapter.mms is None and seam.adapter.down.out_features == 8
+    assert isinstance(model.clip.visual.transformer.resblocks[0].ls_1, torch.nn.Identity)
+    images, tokens = tiny_inputs
+    base_t = ref.encode_text(tokens, normalize=True)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-5)  # zero-initialised
+        perturb_(seam)  # this one adapter alone moves the text embedding
+        assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
+        assert torch.allclose(model.encode_image(images), ref.encode_image(images, normalize=True), atol=1e-5)
+    n_seam = sum(p.numel() for b in model.clip.transformer.resblocks for p in b.ls_1.parameters())
+    _, plain = _pair("harma", device)
+    assert model.num_parameters(trainable_only=True) == plain.num_parameters(trainable_only=True) + n_seam
+    base_keys = set(ref.state_dict())
+    unloaded = model.unload()
+    assert isinstance(unloaded.transformer.resblocks[0].ls_1, torch.nn.Identity)
+    assert set(unloaded.state_dict()) == base_keys
+    with torch.no_grad():
+        assert torch.allclose(unloaded.encode_text(tokens, normalize=True), base_t, atol=1e-6)
+
+
 def test_layer_and_tower_selection(device):
     _, model = _pair("harma", device, towers=["image"], layers=[-1])
     assert model.targeted_modules == ["visual.transformer.resblocks.1.mlp"]
@@ -139,6 +165,10 @@ def test_other_architectures(name):
     ({"image_bottleneck": 20, "attn_heads": 8}, "image_bottleneck \\(20\\) must be divisible"),
     ({"text_bottleneck": 0}, "text_bottleneck must be >= 1"),
     ({"share_mode": "shared", "image_bottleneck": 192}, "bottlenecks must match"),
+    ({"towers": ["image"], "attn_seam": ["text"]}, "harma.attn_seam lists 'text', which harma.towers does not adapt"),
+    ({"attn_seam": ["audio"]}, "harma.attn_seam"),
+    ({"attn_seam": ["text", "text"]}, "lists a tower twice"),
+    ({"attn_seam": ["text"], "attn_seam_bottleneck": 12}, "attn_seam_bottleneck \\(12\\) must be divisible"),
 ])
 def test_per_tower_bottleneck_errors(harma, match):
     from harma import ConfigError
