@@ -248,3 +248,24 @@ class ParallelAdapterBertOutput(_Wrapper):
 
     def __repr__(self) -> str:
         return f"harma.ParallelAdapterBertOutput[{self.modality}](\n  (base_layer): {self.base_layer!r}\n)"
+
+
+def output_projections(module: nn.Module) -> list[nn.Parameter]:
+    """The adapters' zero-initialised output projections inside ``module``, found by module type:
+    ``MGA.up``, ``MMSAdapter.l2`` and the MRS-Adapter's up-projections. Each shared module once.
+
+    LoRA+ (Hayou et al., 2024) gives such zero-initialised "B" matrices a higher rate than the input
+    side; ``optim.up_lr_scale`` in the training CLI does that for these."""
+    parts: list[nn.Module] = []
+    for m in module.modules():
+        if isinstance(m, MGA):
+            parts.append(m.up)
+        elif isinstance(m, MMSAdapter):
+            parts.append(m.l2)
+        elif isinstance(m, MRSAdapter):
+            parts += [m.up, m.shared_up]
+    seen: dict[int, nn.Parameter] = {}
+    for part in parts:
+        for p in part.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())

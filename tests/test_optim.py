@@ -120,13 +120,6 @@ def test_text_lr_scale_groups_the_text_side(share_mode):
     assert [g["name"] for g in param_groups(model, OptimConfig())] == ["decay", "no_decay", "scalars"]
 
 
-def test_text_lr_scale_must_be_positive():
-    from harma import ConfigError
-
-    with pytest.raises(ConfigError, match="text_lr_scale"):
-        OptimConfig(text_lr_scale=0)
-
-
 def test_temperature_lr_gives_the_temperature_its_own_rate():
     """optim.temperature_lr: the learned temperature alone gets that peak rate, through the same
     schedule and with the scalars' weight decay; everything else keeps optim.lr."""
@@ -150,3 +143,39 @@ def test_temperature_lr_gives_the_temperature_its_own_rate():
     assert "temperature" not in [g["name"] for g in param_groups(model, OptimConfig())]
     with pytest.raises(ConfigError, match="temperature_lr"):
         OptimConfig(temperature_lr=-1e-4)
+
+
+@pytest.mark.parametrize("method", ["harma", "mrs"])
+def test_up_lr_scale_gives_the_zero_initialised_projections_their_own_rate(method):
+    """optim.up_lr_scale (LoRA+): exactly the adapters' zero-initialised output projections get lr x
+    scale; with text_lr_scale too, the text tower's get both factors."""
+    import open_clip
+
+    from harma import HarmaModel
+    from tests.conftest import TINY_NAME, tiny_config
+
+    model = HarmaModel(open_clip.create_model(TINY_NAME), tiny_config(method))
+    zero = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and not p.any()}
+    assert zero  # the adapters start as the identity through these
+    cfg = OptimConfig(lr=1e-3, up_lr_scale=4.0, text_lr_scale=2.0, warmup_fraction=0.0, weight_decay=0.04)
+    groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    up = {names[id(p)] for k, g in groups.items() if "up_" in k for p in g["params"]}
+    assert {n for n in up if n.endswith("weight")} == zero
+    assert all(n.rsplit(".", 1)[0] + ".weight" in zero for n in up)  # and their biases, nothing else
+    expected = {"decay": 1e-3, "up_decay": 4e-3, "text_decay": 2e-3, "text_up_decay": 8e-3, "up_no_decay": 4e-3}
+    if method == "mrs":  # one adapter serves both towers; it is not inside the text tower
+        expected = {k: v for k, v in expected.items() if not k.startswith("text_")}
+        assert not any(k.startswith("text_") for k in groups)  # so text_lr_scale leaves it alone
+    for name, lr in expected.items():
+        assert groups[name]["lr"] == pytest.approx(lr), name
+    assert groups["up_decay"]["weight_decay"] == 0.04 and groups["up_no_decay"]["weight_decay"] == 0.0
+    assert [g["name"] for g in param_groups(model, OptimConfig())] == ["decay", "no_decay", "scalars"]
+
+
+def test_lr_scales_must_be_positive():
+    from harma import ConfigError
+
+    for key in ("text_lr_scale", "up_lr_scale"):
+        with pytest.raises(ConfigError, match=key):
+            OptimConfig(**{key: 0})

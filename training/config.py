@@ -66,6 +66,9 @@ class OptimConfig:
     # multiplies lr for the text tower's trainable weights (its adapters, with the MMS adapters when
     # only the text tower uses them; its own weights under `full`); 1 = one rate for all (released)
     text_lr_scale: float = 1.0
+    # multiplies lr for the adapters' zero-initialised output projections (MGA up, MMS l2, MRS up;
+    # harma.adapters.output_projections), as LoRA+ does for LoRA's B matrices; 1 = one rate (released)
+    up_lr_scale: float = 1.0
     # the learned temperature's own peak rate (same warm-up and schedule); None = optim.lr (released).
     # At an adapter method's high rate the temperature falls much faster than under full fine-tuning.
     temperature_lr: Optional[float] = None
@@ -77,8 +80,9 @@ class OptimConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"optim.schedule={self.schedule!r} is not one of linear, cosine, constant")
-        if self.text_lr_scale <= 0:
-            raise ConfigError(f"optim.text_lr_scale must be > 0, got {self.text_lr_scale!r}")
+        for name in ("text_lr_scale", "up_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"optim.{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError("optim.warmup_fraction must be in [0, 1)")
         if not 0 <= self.ema_decay < 1:

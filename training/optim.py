@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from harma import HarmaModel
+from harma.adapters import output_projections
 from harma.inject import text_tower_parameters
 from training.config import OptimConfig
 
@@ -57,7 +58,10 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
       (method.md §7.14), kept here with ``cfg.decay_scalars=True``; ``False`` turns that off.
 
     With ``cfg.text_lr_scale != 1`` the text tower's parameters (:func:`text_parameter_ids`) go to
-    ``text_decay`` / ``text_no_decay`` / ``text_scalars`` groups whose ``lr`` is scaled.
+    ``text_decay`` / ``text_no_decay`` / ``text_scalars`` groups whose ``lr`` is scaled. With
+    ``cfg.up_lr_scale != 1`` the adapters' zero-initialised output projections
+    (:func:`harma.adapters.output_projections`) go to ``up_decay`` / ``up_no_decay`` groups
+    (``text_up_...`` in the text tower) whose ``lr`` is scaled by it (LoRA+); both scales multiply.
 
     With ``cfg.temperature_lr`` set, a :class:`harma.HarmaModel`'s learned temperature goes to a
     ``temperature`` group of its own with that ``lr`` (decayed like the other scalars).
@@ -65,30 +69,44 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     Empty groups are left out. Frozen parameters (``requires_grad=False``) are never included.
     """
     text = text_parameter_ids(model) if cfg.text_lr_scale != 1.0 else set()
+    up = {id(p) for p in output_projections(model)} if cfg.up_lr_scale != 1.0 else set()
     temperature = getattr(model, "temperature", None) if cfg.temperature_lr is not None else None
-    kinds = ("decay", "no_decay", "scalars")
-    buckets: dict[str, list[nn.Parameter]] = {k: [] for k in (*kinds, *(f"text_{k}" for k in kinds), "temperature")}
+    buckets: dict[str, list[nn.Parameter]] = {}
+    scale: dict[str, float] = {}
     for _, p in model.named_parameters():  # de-duplicates shared parameters
         if not p.requires_grad:
             continue
-        key = "scalars" if p.ndim == 0 else "no_decay" if p.ndim < 2 else "decay"
-        buckets["temperature" if p is temperature else ("text_" if id(p) in text else "") + key].append(p)
+        if p is temperature:
+            buckets.setdefault("temperature", []).append(p)
+            continue
+        kind = "scalars" if p.ndim == 0 else "no_decay" if p.ndim < 2 else "decay"
+        in_text, is_up = id(p) in text, id(p) in up
+        key = ("text_" if in_text else "") + ("up_" if is_up else "") + kind
+        buckets.setdefault(key, []).append(p)
+        scale[key] = (cfg.text_lr_scale if in_text else 1.0) * (cfg.up_lr_scale if is_up else 1.0)
     scalar_decay = cfg.weight_decay if cfg.decay_scalars else 0.0
     decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "scalars": scalar_decay, "temperature": scalar_decay}
-    lr = {"temperature": cfg.temperature_lr, **{f"text_{k}": cfg.lr * cfg.text_lr_scale for k in kinds}}
-    return [{"name": k, "params": ps, "weight_decay": decay[k.removeprefix("text_")], **({"lr": lr[k]} if k in lr else {})}
-            for k, ps in buckets.items() if ps]
+    lr = {k: cfg.lr * s for k, s in scale.items() if s != 1.0}
+    if "temperature" in buckets:
+        lr["temperature"] = cfg.temperature_lr
+    kinds = ("decay", "no_decay", "scalars")
+    order = [pre + k for pre in ("", "up_", "text_", "text_up_") for k in kinds] + ["temperature"]  # base "decay" first: the CLI logs its lr
+    return [{"name": k, "params": buckets[k], "weight_decay": decay[k.removeprefix("text_").removeprefix("up_")],
+             **({"lr": lr[k]} if k in lr else {})} for k in order if k in buckets]
 
 
 def text_parameter_ids(model: nn.Module) -> set[int]:
     """``id``s of a :class:`harma.HarmaModel`'s text-side parameters: the text tower's, adapters
     wrapped inside it included, and so the MMS adapters when ``share_mode`` gives them to the text
-    tower alone (not when both towers call them). Empty for other modules."""
+    tower alone (not when both towers call them, nor the MRS-Adapter, which serves both). Empty for
+    other modules."""
     if not isinstance(model, HarmaModel):
         return set()
     ids = {id(p) for p in text_tower_parameters(model.clip)}  # the text wrappers hold the MMS adapters they call
     if model.mms is not None and model.config.harma.share_mode != "text_only":
         ids -= {id(p) for p in model.mms.parameters()}  # shared by both towers: the base rate
+    if model.mrs is not None:  # one MRS-Adapter serves both towers (the text blocks' wrappers hold it too)
+        ids -= {id(p) for p in model.mrs.parameters()}
     return ids
 
 
