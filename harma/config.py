@@ -14,7 +14,7 @@ from typing import Any, Optional
 METHODS = ("harma", "mrs", "full", "zeroshot")
 SHARE_MODES = ("text_only", "shared", "none")
 TOWERS = ("image", "text")
-ALSO_TRAIN = ("norms", "biases")  # model.also_train: backbone parameter kinds trained beside the adapters
+ALSO_TRAIN = ("norms", "biases", "convs", "proj")  # model.also_train: backbone parameter kinds trained beside the adapters
 
 
 class ConfigError(ValueError):

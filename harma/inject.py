@@ -288,6 +288,23 @@ def locked_text_parameters(clip: nn.Module, unlocked_layers: int = 0) -> list[nn
     return [p for p in params if id(p) not in unlocked | head]
 
 
+def output_projection_parameters(clip: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices that map each tower's pooled feature into the shared embedding space:
+    the ViT's ``visual.proj``; the text tower's ``text_projection`` (``CLIP`` or an open_clip text
+    tower of ``CustomTextCLIP``) or a HF tower's ``proj`` head. Absent ones (open_clip's
+    ``hf_proj_type: null``: the identity) are skipped."""
+    text = getattr(clip, "text", None)
+    heads = [getattr(getattr(clip, "visual", None), "proj", None), getattr(clip, "text_projection", None),
+             getattr(text, "text_projection", None), getattr(text, "proj", None)]
+    found: dict[int, nn.Parameter] = {}
+    for head in heads:
+        params = [head] if isinstance(head, nn.Parameter) else list(head.parameters()) if isinstance(head, nn.Module) else []
+        for p in params:
+            if p.ndim >= 2:
+                found.setdefault(id(p), p)
+    return list(found.values())
+
+
 def adapter_wrappers(clip: nn.Module) -> list[tuple[str, _Wrapper]]:
     """All wrappers this module created, with their qualified names."""
     return [(n, m) for n, m in clip.named_modules() if isinstance(m, _Wrapper)]

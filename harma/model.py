@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from .adapters import PaddingMask
 from .config import TOWERS, ConfigError, ModelConfig
-from .inject import (adapter_wrappers, find_towers, inject_harma, inject_mrs, locked_text_parameters, remove_adapters,
-                     text_token_input, text_tower_parameters, text_tower_parts)
+from .inject import (adapter_wrappers, find_towers, inject_harma, inject_mrs, locked_text_parameters,
+                     output_projection_parameters, remove_adapters, text_token_input, text_tower_parameters,
+                     text_tower_parts)
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,10 @@ class HarmaModel(nn.Module):
         return [m for m in self.clip.modules() if id(m) not in skip]
 
     def _also_trained(self) -> list[nn.Parameter]:
-        """The backbone parameters ``model.also_train`` names, by module type: LayerNorm weights and
-        biases ("norms"); biases of linear and convolution layers and of attention input projections
-        ("biases")."""
+        """The backbone parameters ``model.also_train`` names: LayerNorm weights and biases ("norms");
+        biases of linear and convolution layers and of attention input projections ("biases");
+        convolution weights, the ViT's patch embedding ("convs"); the towers' output projection
+        matrices into the shared embedding space ("proj"). Each but "proj" by module type."""
         kinds = self.config.also_train
         found: dict[str, list[nn.Parameter]] = {k: [] for k in kinds}
         for m in self._backbone_modules():
@@ -116,6 +118,10 @@ class HarmaModel(nn.Module):
                     found["biases"].append(m.bias)
                 if isinstance(m, nn.MultiheadAttention) and m.in_proj_bias is not None:
                     found["biases"].append(m.in_proj_bias)
+            if "convs" in kinds and isinstance(m, nn.modules.conv._ConvNd):
+                found["convs"].append(m.weight)
+        if "proj" in kinds:
+            found["proj"] = output_projection_parameters(self.clip)
         for kind, params in found.items():
             if not params:
                 raise ConfigError(f"model.also_train={kind!r}: the backbone {self.config.model_name!r} has no such "

@@ -19,6 +19,8 @@ NORM_SUFFIXES = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "ln_pre
                  "ln_post.weight", "ln_post.bias", "ln_final.weight", "ln_final.bias")
 BIAS_SUFFIXES = ("attn.in_proj_bias", "attn.out_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias",
                  "mlp.base_layer.c_fc.bias", "mlp.base_layer.c_proj.bias")
+CONV_NAMES = ("visual.conv1.weight",)
+PROJ_NAMES = ("visual.proj", "clip.text_projection")
 ADAPTER_NAMES = ("adapter", "mms", "mrs", "gate", "temperature")
 
 
@@ -36,13 +38,15 @@ def _backbone_trainable(model):
 
 
 @pytest.mark.parametrize("method", ["harma", "mrs"])
-@pytest.mark.parametrize("also_train", [(), ("norms",), ("biases",), ("norms", "biases")])
+@pytest.mark.parametrize("also_train", [(), ("norms",), ("biases",), ("norms", "biases"), ("convs",), ("proj",),
+                                        ("norms", "biases", "convs", "proj")])
 def test_selects_backbone_parameters_by_module_type(method, also_train):
     _, model = _pair(method, also_train)
     _, plain = _pair(method, ())
     backbone = {n for n, _ in model.named_parameters() if not any(k in n for k in ADAPTER_NAMES)}
     expected = {n for n in backbone if ("norms" in also_train and n.endswith(NORM_SUFFIXES))
-                or ("biases" in also_train and n.endswith(BIAS_SUFFIXES))}
+                or ("biases" in also_train and n.endswith(BIAS_SUFFIXES))
+                or ("convs" in also_train and n.endswith(CONV_NAMES)) or ("proj" in also_train and n.endswith(PROJ_NAMES))}
     assert _backbone_trainable(model) == expected
     assert bool(expected) == bool(also_train)
     extra = sum(p.numel() for n, p in model.named_parameters() if n in expected)
@@ -102,7 +106,7 @@ def test_disable_adapters_and_unload_give_base_features(tiny_inputs):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(also_train=("norm",)), "model.also_train='norm' is not one of norms, biases"),
+    (dict(also_train=("norm",)), "model.also_train='norm' is not one of norms, biases, convs, proj"),
     (dict(also_train=("norms", "norms")), "lists an entry twice"),
     (dict(method="full", also_train=("norms",)), "adapter methods"),
     (dict(method="zeroshot", also_train=("biases",)), "adapter methods"),

@@ -191,3 +191,11 @@ def test_also_train_on_bert(hf_arch):
         assert not torch.allclose(model.encode_text(tokens), base_t, atol=1e-4)
         with model.disable_adapters("text"):
             assert torch.allclose(model.encode_text(tokens), base_t, atol=1e-6)
+
+
+def test_also_train_proj_on_bert_takes_the_hf_head(hf_arch):
+    """model.also_train=[proj] on a HF text tower: its linear head (hf_proj_type: linear) and the
+    ViT's proj, nothing of the BERT layers."""
+    _, model = _build(hf_arch, also_train=("proj",))
+    backbone = {n for n in model.trainable_state_dict() if not any(k in n for k in ("adapter", "mms", "gate", "temperature"))}
+    assert backbone == {"clip.visual.proj", "clip.text.proj.weight"}
