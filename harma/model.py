@@ -94,6 +94,11 @@ class HarmaModel(nn.Module):
             ids.update(id(p) for p in (item.parameters() if isinstance(item, nn.Module) else [item]))
         return {n: p for n, p in self.named_parameters() if id(p) in ids}  # named_parameters de-duplicates
 
+    @property
+    def also_trained_parameters(self) -> list[nn.Parameter]:
+        """The backbone parameters trained beside the adapters (``model.also_train``); [] without it."""
+        return [p for _, p, _ in self._also_base]
+
     def _adapter_modules(self) -> list[nn.Module]:
         """Every module the method added: each wrapper's adapter, and the shared MMS / MRS adapters."""
         return [w.adapter for _, w in adapter_wrappers(self.clip)] + [m for m in (self.mms, self.mrs) if m is not None]

@@ -179,3 +179,29 @@ def test_lr_scales_must_be_positive():
     for key in ("text_lr_scale", "up_lr_scale"):
         with pytest.raises(ConfigError, match=key):
             OptimConfig(**{key: 0})
+
+
+def test_also_train_lr_gives_the_backbone_parameters_their_own_rate():
+    """optim.also_train_lr: exactly the backbone parameters model.also_train chose get that rate (and
+    no text scale); adapters, gates and the temperature keep theirs."""
+    import dataclasses
+
+    import open_clip
+
+    from harma import ConfigError, HarmaModel
+    from tests.conftest import TINY_NAME, tiny_config
+
+    model = HarmaModel(open_clip.create_model(TINY_NAME),
+                       dataclasses.replace(tiny_config("harma"), also_train=("norms", "convs")))
+    cfg = OptimConfig(lr=1e-3, also_train_lr=2e-5, text_lr_scale=3.0, warmup_fraction=0.0, weight_decay=0.04)
+    groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
+    also = {id(p) for k in ("also_decay", "also_no_decay") for p in groups[k]["params"]}
+    assert also == {id(p) for p in model.also_trained_parameters} and also
+    assert groups["also_decay"]["lr"] == groups["also_no_decay"]["lr"] == pytest.approx(2e-5)
+    assert groups["also_decay"]["weight_decay"] == 0.04 and groups["also_no_decay"]["weight_decay"] == 0.0
+    assert groups["decay"]["lr"] == pytest.approx(1e-3) and groups["text_decay"]["lr"] == pytest.approx(3e-3)
+    assert not also & {id(p) for k, g in groups.items() if not k.startswith("also_") for p in g["params"]}
+    without = {g["name"] for g in param_groups(model, OptimConfig())}
+    assert without == {"decay", "no_decay", "scalars"}  # None: they train at optim.lr, as before
+    with pytest.raises(ConfigError, match="also_train_lr"):
+        OptimConfig(also_train_lr=-1.0)

@@ -69,6 +69,10 @@ class OptimConfig:
     # multiplies lr for the adapters' zero-initialised output projections (MGA up, MMS l2, MRS up;
     # harma.adapters.output_projections), as LoRA+ does for LoRA's B matrices; 1 = one rate (released)
     up_lr_scale: float = 1.0
+    # peak rate of the backbone parameters an adapter method trains beside its adapters
+    # (model.also_train: norms, biases, convs, proj); None = optim.lr. Full fine-tuning's rate suits
+    # backbone weights better than the adapters' (20x higher on the UCM recipe).
+    also_train_lr: Optional[float] = None
     # the learned temperature's own peak rate (same warm-up and schedule); None = optim.lr (released).
     # At an adapter method's high rate the temperature falls much faster than under full fine-tuning.
     temperature_lr: Optional[float] = None
@@ -87,6 +91,8 @@ class OptimConfig:
             raise ConfigError("optim.warmup_fraction must be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay!r}")
+        if self.also_train_lr is not None and not self.also_train_lr >= 0:
+            raise ConfigError(f"optim.also_train_lr must be >= 0 (or null for optim.lr), got {self.also_train_lr!r}")
         if self.temperature_lr is not None and not self.temperature_lr >= 0:
             raise ConfigError(f"optim.temperature_lr must be >= 0 (or null for optim.lr), got {self.temperature_lr!r}")
 

@@ -63,6 +63,10 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     (:func:`harma.adapters.output_projections`) go to ``up_decay`` / ``up_no_decay`` groups
     (``text_up_...`` in the text tower) whose ``lr`` is scaled by it (LoRA+); both scales multiply.
 
+    With ``cfg.also_train_lr`` set, the backbone parameters an adapter method trains beside its
+    adapters (``model.also_train``) go to ``also_decay`` / ``also_no_decay`` groups with that ``lr``
+    (no other scale applies to them).
+
     With ``cfg.temperature_lr`` set, a :class:`harma.HarmaModel`'s learned temperature goes to a
     ``temperature`` group of its own with that ``lr`` (decayed like the other scalars).
 
@@ -71,6 +75,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     text = text_parameter_ids(model) if cfg.text_lr_scale != 1.0 else set()
     up = {id(p) for p in output_projections(model)} if cfg.up_lr_scale != 1.0 else set()
     temperature = getattr(model, "temperature", None) if cfg.temperature_lr is not None else None
+    also = {id(p) for p in getattr(model, "also_trained_parameters", [])} if cfg.also_train_lr is not None else set()
     buckets: dict[str, list[nn.Parameter]] = {}
     scale: dict[str, float] = {}
     for _, p in model.named_parameters():  # de-duplicates shared parameters
@@ -80,6 +85,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             buckets.setdefault("temperature", []).append(p)
             continue
         kind = "scalars" if p.ndim == 0 else "no_decay" if p.ndim < 2 else "decay"
+        if id(p) in also:
+            buckets.setdefault("also_" + kind, []).append(p)
+            continue
         in_text, is_up = id(p) in text, id(p) in up
         key = ("text_" if in_text else "") + ("up_" if is_up else "") + kind
         buckets.setdefault(key, []).append(p)
@@ -90,9 +98,17 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     if "temperature" in buckets:
         lr["temperature"] = cfg.temperature_lr
     kinds = ("decay", "no_decay", "scalars")
-    order = [pre + k for pre in ("", "up_", "text_", "text_up_") for k in kinds] + ["temperature"]  # base "decay" first: the CLI logs its lr
-    return [{"name": k, "params": buckets[k], "weight_decay": decay[k.removeprefix("text_").removeprefix("up_")],
+    lr.update({f"also_{k}": cfg.also_train_lr for k in kinds if f"also_{k}" in buckets})
+    order = [pre + k for pre in ("", "up_", "text_", "text_up_", "also_") for k in kinds] + ["temperature"]  # base "decay" first: the CLI logs its lr
+    return [{"name": k, "params": buckets[k], "weight_decay": decay[_kind(k)],
              **({"lr": lr[k]} if k in lr else {})} for k in order if k in buckets]
+
+
+def _kind(group: str) -> str:
+    """``decay`` / ``no_decay`` / ``scalars`` / ``temperature`` of a group name such as ``text_up_decay``."""
+    for prefix in ("text_", "up_", "also_"):
+        group = group.removeprefix(prefix)
+    return group
 
 
 def text_parameter_ids(model: nn.Module) -> set[int]:
