@@ -154,7 +154,8 @@ class _Wrapper(nn.Module):
 
 
 class GatedMLP(_Wrapper):
-    """Wraps a block's MLP: ``m = mlp(h)``, returns ``m + sigmoid(gate) * MGA.delta(m)``.
+    """Wraps a block's MLP: ``m = mlp(h)``, returns ``m + sigmoid(gate) * MGA.delta(m)``. With
+    ``harma.attn_seam`` a second one wraps the module producing the attention output the same way.
 
     This equals the released ``sigmoid(g) * MGA(m) + (1 - sigmoid(g)) * m`` (method.md §1.2).
     """
