@@ -175,37 +175,32 @@ def inject_harma(clip: nn.Module, cfg: HarmaConfig,
     names = []
     for tower in towers:
         for i in _selected(tower.blocks, cfg.layers, tower.name):
-            base = tower.get_mlp(i)
-            ref = next(base.parameters())
-            mga = MGA(tower.width, cfg.bottleneck_for(tower.name), cfg.attn_heads,
-                      mms=mms[i] if tower.name in mms_towers else None, gate_init=cfg.gate_init,
-                      batch_first=tower.batch_first, tie_attn=cfg.tie_attn,
-                      causal=cfg.text_causal and tower.name == "text",
-                      padding=padding if cfg.text_padding_mask and tower.name == "text" else None)
-            tower.set_mlp(i, GatedMLP(base, mga.to(device=ref.device, dtype=ref.dtype), cfg.gate_init))
+            mga_mms = mms[i] if tower.name in mms_towers else None
+            tower.set_mlp(i, _gated(tower, i, tower.get_mlp(i), cfg.bottleneck_for(tower.name), mga_mms, cfg, padding))
             names.append(tower.mlp_name(i))
-            if tower.name in cfg.attn_seam:
-                names.append(_wrap_attn_out(tower, i, cfg, padding))
+            if tower.name in cfg.attn_seam:  # a second MGA, without an MMS, on the attention output
+                base = tower.get_attn_out(i)
+                if base is None:
+                    raise UnsupportedModelError(f"{tower.path}.{i}: no attention output at "
+                                                f"{'.'.join(tower.attn_attr)} for harma.attn_seam")
+                tower.set_attn_out(i, _gated(tower, i, base, cfg.attn_seam_bottleneck, None, cfg, padding))
+                names.append(tower.attn_out_name(i))
     if mms is not None:
         ref = next(towers[0].blocks[0].parameters())
         mms.to(device=ref.device, dtype=ref.dtype)
     return names, mms
 
 
-def _wrap_attn_out(tower: Tower, i: int, cfg: HarmaConfig, padding: Optional[PaddingMask]) -> str:
-    """``harma.attn_seam``: a second gated MGA (no MMS) on block ``i``'s attention output, the
-    other sub-layer output of the block (Houlsby et al. 2019 adapt both). Returns the wrapped name."""
-    base = tower.get_attn_out(i)
-    if base is None:
-        raise UnsupportedModelError(f"{tower.path}.{i}: no attention output at {'.'.join(tower.attn_attr)} "
-                                    "for harma.attn_seam")
-    ref = next(tower.blocks[i].parameters())  # open_clip's ls_1 is often an Identity, with no parameters
-    mga = MGA(tower.width, cfg.attn_seam_bottleneck, cfg.attn_heads, mms=None, gate_init=cfg.gate_init,
-              batch_first=tower.batch_first, tie_attn=cfg.tie_attn,
-              causal=cfg.text_causal and tower.name == "text",
-              padding=padding if cfg.text_padding_mask and tower.name == "text" else None)
-    tower.set_attn_out(i, GatedMLP(base, mga.to(device=ref.device, dtype=ref.dtype), cfg.gate_init))
-    return tower.attn_out_name(i)
+def _gated(tower: Tower, i: int, base: nn.Module, bottleneck: int, mms: Optional[MMSAdapter], cfg: HarmaConfig,
+           padding: Optional[PaddingMask]) -> GatedMLP:
+    """``base`` (a sub-layer of block ``i``) wrapped with a gated MGA on its output, on the block's
+    device and dtype (read from the block: open_clip's ``ls_1`` is often a parameter-free Identity)."""
+    text = tower.name == "text"
+    mga = MGA(tower.width, bottleneck, cfg.attn_heads, mms=mms, gate_init=cfg.gate_init,
+              batch_first=tower.batch_first, tie_attn=cfg.tie_attn, causal=cfg.text_causal and text,
+              padding=padding if cfg.text_padding_mask and text else None)
+    ref = next(tower.blocks[i].parameters())
+    return GatedMLP(base, mga.to(device=ref.device, dtype=ref.dtype), cfg.gate_init)
 
 
 def inject_mrs(clip: nn.Module, cfg: MRSConfig) -> tuple[list[str], MRSAdapter]:

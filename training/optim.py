@@ -77,28 +77,26 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     temperature = getattr(model, "temperature", None) if cfg.temperature_lr is not None else None
     also = {id(p) for p in getattr(model, "also_trained_parameters", [])} if cfg.also_train_lr is not None else set()
     buckets: dict[str, list[nn.Parameter]] = {}
-    scale: dict[str, float] = {}
+    lr: dict[str, float] = {}  # groups whose rate is not optim.lr
     for _, p in model.named_parameters():  # de-duplicates shared parameters
         if not p.requires_grad:
             continue
-        if p is temperature:
-            buckets.setdefault("temperature", []).append(p)
-            continue
         kind = "scalars" if p.ndim == 0 else "no_decay" if p.ndim < 2 else "decay"
-        if id(p) in also:
-            buckets.setdefault("also_" + kind, []).append(p)
-            continue
-        in_text, is_up = id(p) in text, id(p) in up
-        key = ("text_" if in_text else "") + ("up_" if is_up else "") + kind
+        if p is temperature:
+            key, rate = "temperature", cfg.temperature_lr
+        elif id(p) in also:
+            key, rate = "also_" + kind, cfg.also_train_lr
+        else:
+            in_text, is_up = id(p) in text, id(p) in up
+            key = ("text_" if in_text else "") + ("up_" if is_up else "") + kind
+            scale = (cfg.text_lr_scale if in_text else 1.0) * (cfg.up_lr_scale if is_up else 1.0)
+            rate = cfg.lr * scale if scale != 1.0 else None
         buckets.setdefault(key, []).append(p)
-        scale[key] = (cfg.text_lr_scale if in_text else 1.0) * (cfg.up_lr_scale if is_up else 1.0)
+        if rate is not None:
+            lr[key] = rate
     scalar_decay = cfg.weight_decay if cfg.decay_scalars else 0.0
     decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "scalars": scalar_decay, "temperature": scalar_decay}
-    lr = {k: cfg.lr * s for k, s in scale.items() if s != 1.0}
-    if "temperature" in buckets:
-        lr["temperature"] = cfg.temperature_lr
     kinds = ("decay", "no_decay", "scalars")
-    lr.update({f"also_{k}": cfg.also_train_lr for k in kinds if f"also_{k}" in buckets})
     order = [pre + k for pre in ("", "up_", "text_", "text_up_", "also_") for k in kinds] + ["temperature"]  # base "decay" first: the CLI logs its lr
     return [{"name": k, "params": buckets[k], "weight_decay": decay[_kind(k)],
              **({"lr": lr[k]} if k in lr else {})} for k in order if k in buckets]
