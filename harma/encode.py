@@ -21,6 +21,18 @@ from .gap import modality_gap
 from .metrics import retrieval_metrics
 
 Progress = Callable[[int, int], None]  # (done, total)
+
+
+def bar_progress(bar: Any) -> Progress:
+    """A :data:`Progress` callback driving a tqdm bar (its total follows the callback's)."""
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(done - bar.n)
+
+    return update
 Device = Union[str, torch.device, None]
 
 
@@ -157,6 +169,7 @@ def evaluate_split(
     progress: Optional[Progress] = None,
     gap: bool = True,
     text_embeddings: Optional[torch.Tensor] = None,
+    ties: str = "expected",
 ) -> EvalResult:
     """Encode a whole split and score the full image x caption similarity matrix.
 
@@ -175,6 +188,11 @@ def evaluate_split(
         gap: also compute :func:`harma.gap.modality_gap` (needs >= 2 images and captions).
         text_embeddings: precomputed normalised caption embeddings (N_txt, D) to use instead of
             encoding the captions (a frozen text tower's features are the same every epoch).
+        ties: tie rule of the R@K metrics (:func:`harma.metrics.retrieval_metrics`).
+
+    Identical captions (after cleaning) are encoded and scored once, so they tie exactly whatever
+    their batch or their position in the file; with the default ``ties="expected"`` the metrics do
+    not depend on the order of the images or captions.
 
     Returns:
         An :class:`EvalResult`.
@@ -184,7 +202,10 @@ def evaluate_split(
     if split.num_images == 0:
         raise ValueError(f"{split.name}: the split has no images")
     captions = [clean_caption(c, max_words) for c in split.captions] if clean_captions else list(split.captions)
-    n_img, total = split.num_images, split.num_images + split.num_captions
+    slot: dict[str, int] = {}  # distinct text -> its row among the distinct captions
+    inverse = torch.tensor([slot.setdefault(c, len(slot)) for c in captions], dtype=torch.long)
+    distinct = list(slot)
+    n_img, total = split.num_images, split.num_images + len(distinct)
 
     def img_progress(done: int, _: int) -> None:
         if progress is not None:
@@ -199,11 +220,14 @@ def evaluate_split(
     if text_embeddings is not None:
         if text_embeddings.shape[0] != split.num_captions:
             raise ValueError(f"{split.name}: {text_embeddings.shape[0]} text embeddings for {split.num_captions} captions")
-        txt = text_embeddings.float().cpu()
+        first_rows = torch.zeros(len(distinct), dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(len(captions)), reduce="amin", include_self=False)
+        txt = text_embeddings.float().cpu()[first_rows]
     else:
-        txt = encode_texts(model, captions, tokenizer, batch_size=2 * batch_size, device=device,
+        txt = encode_texts(model, distinct, tokenizer, batch_size=2 * batch_size, device=device,
                            progress=txt_progress)
-    sim = img @ txt.T  # (N_img, N_txt) cosine similarities
-    metrics = retrieval_metrics(sim, split.text_to_image)
+    sim = (img @ txt.T)[:, inverse]  # (N_img, N_txt) cosine similarities; equal texts, equal columns
+    txt = txt[inverse]
+    metrics = retrieval_metrics(sim, split.text_to_image, ties=ties)
     diag = modality_gap(img, txt, split.text_to_image) if gap else {}
     return EvalResult(metrics=metrics, gap=diag, num_images=split.num_images, num_captions=split.num_captions)

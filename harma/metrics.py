@@ -1,8 +1,14 @@
 """Image-text retrieval metrics: R@1/5/10 in both directions and their mean (mR).
 
-Follows the HarMA evaluation (``Retrieval.py`` L124-234, method.md §4.1), with ties broken by a
-stable descending sort instead of numpy's unstable ``argsort``. Ranks are computed by counting,
-chunk by chunk, so a 10k x 50k similarity matrix never needs a second full-size matrix.
+Follows the HarMA evaluation (``Retrieval.py`` L124-234, method.md §4.1) except for ties. Retrieval
+sets have many exactly tied scores (UCM's test split holds 377 distinct captions among 1,050, and
+identical captions have identical embeddings), and any fixed tie-break makes R@K depend on the order
+of the items in the annotation file. The default rule, ``ties="expected"``, scores each query by the
+expected hit over all orderings of its tied candidates (McSherry & Najork, ECIR 2008), which no
+reordering of the files can change. ``"stable"`` (the earlier rule: equal scores in file order),
+``"optimistic"`` and ``"pessimistic"`` (ties resolved for / against the ground truth) remain available.
+Everything is computed by counting, chunk by chunk, so a 10k x 50k similarity matrix never needs a
+second full-size matrix.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 
 KS = (1, 5, 10)
 METRIC_KEYS = tuple(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS) + ("mR",)
+TIE_RULES = ("expected", "stable", "optimistic", "pessimistic")
 
 
 def _check_inputs(
@@ -130,27 +137,125 @@ def recall_at_k(ranks: torch.Tensor, k: int) -> float:
     return 100.0 * (ranks < k).sum().item() / ranks.numel()
 
 
-def retrieval_metrics(
+def tie_counts(
     sim: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 1024
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per query, where its best-scored ground truth sits among the candidates, ties included.
+
+    For every query, with ``s`` the best score of its ground truth(s): ``above`` candidates score
+    more than ``s``, ``tied`` candidates score exactly ``s`` (the ground truth itself included), and
+    ``relevant`` of those tied candidates are ground truths (always 1 for a caption query). These
+    three numbers decide R@K under every tie rule, and none of them depends on the order of the
+    images or captions.
+
+    Args:
+        sim: (N_img, N_txt) similarity matrix.
+        text_to_image: (N_txt,) index of each caption's image; every image needs >= 1 caption.
+        chunk_size: rows/columns processed at once (memory is about ``chunk_size * N``).
+
+    Returns:
+        ``((above, tied, relevant) per image query, (above, tied, relevant) per caption query)``,
+        long tensors of shapes (N_img,) and (N_txt,).
+    """
+    t2i = _check_inputs(sim, text_to_image, chunk_size)
+    n_img, n_txt = sim.shape
+    dev = sim.device
+
+    above_t = torch.empty(n_txt, dtype=torch.long, device=dev)
+    tied_t = torch.empty(n_txt, dtype=torch.long, device=dev)
+    for c0 in range(0, n_txt, chunk_size):
+        block = sim[:, c0 : c0 + chunk_size]  # (N_img, C)
+        _check_finite(block)
+        gt = block.gather(0, t2i[c0 : c0 + chunk_size][None])  # (1, C)
+        above_t[c0 : c0 + chunk_size] = (block > gt).sum(0, dtype=torch.int32).long()
+        tied_t[c0 : c0 + chunk_size] = (block == gt).sum(0, dtype=torch.int32).long()
+
+    above_i = torch.empty(n_img, dtype=torch.long, device=dev)
+    tied_i = torch.empty(n_img, dtype=torch.long, device=dev)
+    rel_i = torch.empty(n_img, dtype=torch.long, device=dev)
+    for r0 in range(0, n_img, chunk_size):
+        rows = sim[r0 : r0 + chunk_size]  # (C, N_txt)
+        own = t2i[None, :] == torch.arange(r0, r0 + rows.shape[0], device=dev)[:, None]
+        best = rows.masked_fill(~own, float("-inf")).amax(1, keepdim=True)  # best own-caption score
+        eq = rows == best
+        above_i[r0 : r0 + chunk_size] = (rows > best).sum(1, dtype=torch.int32).long()
+        tied_i[r0 : r0 + chunk_size] = eq.sum(1, dtype=torch.int32).long()
+        rel_i[r0 : r0 + chunk_size] = (eq & own).sum(1, dtype=torch.int32).long()
+    return (above_i, tied_i, rel_i), (above_t, tied_t, torch.ones_like(tied_t))
+
+
+def hit_probability(above: torch.Tensor, tied: torch.Tensor, relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """Probability that a query finds a ground truth in its top ``k`` when tied scores are ordered
+    at random: the ``k - above`` places left for the tied group are filled by a uniform draw from it,
+    and the query misses only if none of them is relevant (hypergeometric; McSherry & Najork 2008).
+
+    Args:
+        above, tied, relevant: per-query counts from :func:`tie_counts`.
+        k: cut-off, >= 1.
+
+    Returns:
+        (N,) float64 probabilities in [0, 1].
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    slots = (k - above).clamp(min=0)
+    n, r = tied.double(), relevant.double()
+    miss = torch.ones_like(n)
+    for j in range(k):  # P(no relevant among `slots` draws) = prod_j (n - r - j) / (n - j), j < slots
+        take = j < slots
+        miss = torch.where(take, miss * ((n - r - j).clamp(min=0) / (n - j).clamp(min=1)), miss)
+    return 1.0 - miss
+
+
+def _recalls(counts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ties: str) -> list[float]:
+    above, tied, relevant = counts
+    out = []
+    for k in KS:
+        if ties == "expected":
+            hit = hit_probability(above, tied, relevant, k)
+        elif ties == "optimistic":
+            hit = (above < k).double()
+        else:  # pessimistic: the relevant ones of the tied group come last
+            hit = (above + tied - relevant < k).double()
+        out.append(100.0 * hit.mean().item())
+    return out
+
+
+def retrieval_metrics(
+    sim: torch.Tensor,
+    text_to_image: torch.Tensor | Sequence[int],
+    chunk_size: int = 1024,
+    ties: str = "expected",
 ) -> dict[str, float]:
     """R@1/5/10 for image->text and text->image retrieval, and their mean mR.
 
-    i2t: an image counts as retrieved at K if any of its captions is in the top K (best rank
-    among its ground truths). t2i: a caption's single ground-truth image must be in the top K.
-    Ties are broken as a stable descending sort would: of two equal scores, the candidate with
-    the smaller index ranks first. Values are percentages, not rounded.
+    i2t: an image counts as retrieved at K if any of its captions is in the top K. t2i: a caption's
+    single ground-truth image must be in the top K. Values are percentages, not rounded.
 
     Args:
         sim: (N_img, N_txt) image-text similarity matrix (any real dtype, any device).
         text_to_image: (N_txt,) index of each caption's image; every image needs >= 1 caption.
         chunk_size: rows/columns processed at once, bounding extra memory.
+        ties: how exactly equal scores are ordered. ``"expected"`` (default): the expected R@K over
+            all orderings of tied candidates, independent of file order. ``"stable"``: equal
+            scores keep file order (the candidate with the smaller index first).
+            ``"optimistic"`` / ``"pessimistic"``: ties resolved for / against the ground truth,
+            the bounds of every other rule. Without ties all four agree.
 
     Returns:
         Dict with keys ``i2t_R@1 i2t_R@5 i2t_R@10 t2i_R@1 t2i_R@5 t2i_R@10 mR``.
     """
-    i2t_ranks, t2i_ranks = retrieval_ranks(sim, text_to_image, chunk_size)
-    out = {f"i2t_R@{k}": recall_at_k(i2t_ranks, k) for k in KS}
-    out.update({f"t2i_R@{k}": recall_at_k(t2i_ranks, k) for k in KS})
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties={ties!r} is not one of {', '.join(TIE_RULES)}")
+    out: dict[str, float] = {}
+    if ties == "stable":
+        i2t_ranks, t2i_ranks = retrieval_ranks(sim, text_to_image, chunk_size)
+        out.update({f"i2t_R@{k}": recall_at_k(i2t_ranks, k) for k in KS})
+        out.update({f"t2i_R@{k}": recall_at_k(t2i_ranks, k) for k in KS})
+    else:
+        i2t_counts, t2i_counts = tie_counts(sim, text_to_image, chunk_size)
+        out.update(zip((f"i2t_R@{k}" for k in KS), _recalls(i2t_counts, ties)))
+        out.update(zip((f"t2i_R@{k}" for k in KS), _recalls(t2i_counts, ties)))
     out["mR"] = sum(out.values()) / len(out)
     return out
 

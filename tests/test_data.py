@@ -17,6 +17,8 @@ from harma.data import (
     ImageDataset,
     PairDataset,
     RetrievalSplit,
+    carve,
+    carve_block_split,
     carve_split,
     clean_caption,
     detect_format,
@@ -359,6 +361,51 @@ def test_carve_split_bad_args() -> None:
         carve_split(_toy_split(), val_fraction=1.0)
     with pytest.raises(ValueError):
         carve_split(_toy_split(1))
+
+
+def _tiled_split(classes: int = 3, per_class: int = 30, labels: bool = False, prefix: bool = False) -> RetrievalSplit:
+    """UCM's layout: ``per_class`` consecutive numeric ids per class, listed out of order; with
+    ``prefix`` the class is also in the name (``c1_105.jpg``), as in RSICD's ``airport_12.jpg``."""
+    ids = [c * 100 + j for c in range(classes) for j in range(1, per_class + 1)]
+    ids = ids[::-1][::2] + ids[::-1][1::2]  # file order unrelated to id order
+    images = [Path(f"/data/c{(i - 1) // 100}_{i}.jpg" if prefix else f"/data/{i}.jpg") for i in ids]
+    t2i = [n for n in range(len(ids)) for _ in range(2)]
+    caps = [f"caption of {images[n].stem}" for n in t2i]
+    lab = [f"class{(i - 1) // 100}" for i in ids] if labels else None
+    return RetrievalSplit("tiled/train", Path("/data"), images, caps, t2i, labels=lab)
+
+
+def _ids_by_class(split: RetrievalSplit) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for p in split.images:
+        i = int(p.stem.rsplit("_", 1)[-1])
+        out.setdefault((i - 1) // 100, []).append(i)
+    return {c: sorted(v) for c, v in out.items()}
+
+
+@pytest.mark.parametrize("kind", ["numeric", "labels", "prefix"])
+def test_block_carve_is_a_contiguous_run_of_ids_per_class(kind: str) -> None:
+    full = _tiled_split(labels=kind == "labels", prefix=kind == "prefix")
+    train, val = carve_block_split(full, val_fraction=0.1)
+    # the last 3 ids of every class: a block like UCM's test split, just before where it would sit
+    assert _ids_by_class(val) == {c: [c * 100 + 28, c * 100 + 29, c * 100 + 30] for c in range(3)}
+    assert set(train.images).isdisjoint(val.images) and set(train.images) | set(val.images) == set(full.images)
+    for part in (train, val):
+        for caption, i in zip(part.captions, part.text_to_image):
+            assert caption == f"caption of {part.images[i].stem}"
+    assert carve(full, "block", 0.1, seed=5)[1].images == val.images  # deterministic
+    assert carve(full, "random", 0.1, 0)[1].images == carve_split(full, 0.1, 0)[1].images
+
+
+def test_block_carve_errors() -> None:
+    named = RetrievalSplit("x", Path("/d"), [Path("/d/a.jpg"), Path("/d/b.jpg")], ["a", "b"], [0, 1])
+    with pytest.raises(DatasetError, match=r"a\.jpg.*carve_?.*random"):
+        carve_block_split(named)
+    one = _tiled_split(classes=2, per_class=1)
+    with pytest.raises(ValueError, match="class .* has 1 image"):
+        carve_block_split(one)
+    with pytest.raises(ValueError, match="carve='nope'"):
+        carve(_tiled_split(), "nope")
 
 
 def test_subset_and_validation() -> None:

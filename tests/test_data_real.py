@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harma.data import PairDataset, carve_split, clean_caption, detect_format, eval_transform, load_split
+from harma.data import PairDataset, carve_block_split, carve_split, clean_caption, detect_format, eval_transform, load_split
 
 DATASETS = Path(
     os.environ.get("HARMA_SHARED_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" / "datasets")
@@ -46,6 +46,31 @@ def test_real_ucm_carve_and_read_one_pair() -> None:
     assert (train.num_captions, val.num_captions) == (1701 * 5, 189 * 5)
     image, caption, index = PairDataset(val, eval_transform(224), caption_fn=clean_caption)[0]
     assert image.shape == (3, 224, 224) and caption == caption.lower() and index == 0
+
+
+def test_real_ucm_block_carve_mirrors_the_test_split() -> None:
+    """The default carve takes the last 9 train ids of every class; it shares far fewer verbatim captions
+    with train than a random carve does (the leak), about as few as the official test split."""
+    root = _root("ucm")
+    full = load_split(root, "train")
+    train, val = carve_block_split(full, val_fraction=0.1)
+    assert (train.num_images, val.num_images) == (1701, 189)
+    ids: dict[int, list[int]] = {}
+    for p in val.images:
+        ids.setdefault((int(p.stem) - 1) // 100, []).append(int(p.stem))
+    assert len(ids) == 21 and all(len(v) == 9 for v in ids.values())
+    train_ids = sorted(int(p.stem) for p in full.images)
+    for c, v in ids.items():  # the class's 9 highest train ids
+        assert sorted(v) == [i for i in train_ids if (i - 1) // 100 == c][-9:]
+
+    def overlap(part, rest) -> float:
+        seen = {clean_caption(c) for c in rest.captions}
+        return sum(clean_caption(c) in seen for c in part.captions) / part.num_captions
+
+    rand_train, rand_val = carve_split(full, val_fraction=0.1, seed=0)
+    block, leaky = overlap(val, train), overlap(rand_val, rand_train)
+    test = overlap(load_split(root, "test"), full)
+    assert leaky > 0.85 and block < 0.75 and abs(block - test) < 0.1, (block, leaky, test)
 
 
 def test_real_missing_split_message() -> None:

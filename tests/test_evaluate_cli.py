@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from harma import create_model, save_adapters
-from harma.data import carve_split, load_split
+from harma.data import carve_block_split, carve_split, load_split
 from harma.encode import evaluate_split
 from harma.metrics import METRIC_KEYS
 from tests.conftest import TINY_NAME, perturb_, tiny_config
@@ -106,8 +106,9 @@ def test_run_folder_best_then_last_and_carved_split(setup, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert Path(res["checkpoint"]).resolve() == (run / "last" / "adapters").resolve()
     assert "(last;" in capsys.readouterr().out
-    _, val = carve_split(load_split(s["data"], "train"), 0.3, 1)
+    _, val = carve_block_split(load_split(s["data"], "train"), 0.3)  # no recorded carve: block
     assert res["num_images"] == val.num_images == 3 and res["split"] == "train:val"
+    assert res["carve"] == {"mode": "block", "val_fraction": 0.3, "seed": 1} and res["ties"] == "expected"
     _assert_row_equal(res, _reference(s["model"], val, s))
 
     save_adapters(s["model"], run / "best")
@@ -141,7 +142,10 @@ def test_recorded_data_defaults(setup, tmp_path):
     assert main(["--checkpoint", str(ckpt), "--json", str(out), "--num-workers", "0"]) == 0
     res = json.loads(out.read_text())
     assert res["split"] == "train:val" and res["num_images"] == 3
-    assert res["carve"] == {"val_fraction": 0.3, "seed": 1}
+    # recorded by a trainer from before block carving: the random carve it used
+    assert res["carve"] == {"mode": "random", "val_fraction": 0.3, "seed": 1}
+    _, val = carve_split(load_split(s["data"], "train"), 0.3, 1)
+    _assert_row_equal(res, _reference(s["model"], val, s))
     assert main(["--checkpoint", str(ckpt), "--json", str(out), "--num-workers", "0", "--val-fraction", "0.5"]) == 0
     assert json.loads(out.read_text())["num_images"] == 5  # the flag wins
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from harma.metrics import METRIC_KEYS, format_table, recall_at_k, retrieval_metrics, retrieval_ranks
+from harma.metrics import METRIC_KEYS, TIE_RULES, format_table, recall_at_k, retrieval_metrics, retrieval_ranks
 
 
 def reference_metrics(sim: torch.Tensor, text_to_image: list[int]) -> dict[str, float]:
@@ -69,15 +69,15 @@ def test_matches_reference_with_many_ties(levels):
     sim = torch.randint(0, levels, (n_img, len(t2i)), generator=g).float()
     expect = reference_metrics(sim, t2i)
     for chunk in (4, 1024):
-        assert_close(retrieval_metrics(sim, t2i, chunk_size=chunk), expect)
+        assert_close(retrieval_metrics(sim, t2i, chunk_size=chunk, ties="stable"), expect)
     # Integer dtype and rounded floats behave the same way.
-    assert_close(retrieval_metrics(sim.long(), t2i), expect)
+    assert_close(retrieval_metrics(sim.long(), t2i, ties="stable"), expect)
 
 
 def test_rounded_scores_match_reference():
     sim, t2i = random_case(20, [5] * 20, 4, seed=3, noise=3.0)
     sim = torch.round(sim * 4) / 4
-    assert_close(retrieval_metrics(sim, t2i, chunk_size=6), reference_metrics(sim, t2i))
+    assert_close(retrieval_metrics(sim, t2i, chunk_size=6, ties="stable"), reference_metrics(sim, t2i))
 
 
 def test_all_equal_scores_rank_by_index():
@@ -159,3 +159,108 @@ def test_format_table():
     assert values.count("|") == 2 and all("." in v for v in values.replace("|", " ").split())
     with pytest.raises(ValueError, match="missing"):
         format_table({"mR": 1.0})
+
+
+# --- tie rules ---------------------------------------------------------------------------------------
+
+def tied_case(seed: int, n_img: int = 12, levels: int = 3):
+    """Scores on a few integer levels: many exact ties, among candidates and among ground truths."""
+    g = torch.Generator().manual_seed(seed)
+    caps = np.random.default_rng(seed).integers(1, 5, size=n_img).tolist()
+    t2i = [i for i, c in enumerate(caps) for _ in range(c)]
+    return torch.randint(0, levels, (n_img, len(t2i)), generator=g).double(), t2i
+
+
+def permuted(sim, t2i, seed):
+    """The same retrieval problem with images and captions listed in another order."""
+    rng = np.random.default_rng(seed)
+    pi, pt = rng.permutation(sim.shape[0]), rng.permutation(sim.shape[1])
+    new_of_old = np.empty_like(pi)
+    new_of_old[pi] = np.arange(len(pi))
+    return sim[pi][:, pt], [int(new_of_old[t2i[t]]) for t in pt]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_expected_rule_does_not_depend_on_order(seed):
+    sim, t2i = tied_case(seed)
+    base = retrieval_metrics(sim, t2i)
+    changed = False
+    for p in range(5):
+        psim, pt2i = permuted(sim, t2i, 100 * seed + p)
+        assert_close(retrieval_metrics(psim, pt2i, chunk_size=5), base)
+        changed |= retrieval_metrics(psim, pt2i, ties="stable") != retrieval_metrics(sim, t2i, ties="stable")
+    assert changed  # the stable rule does move with the order on these ties
+
+
+def brute_force_expected(sim, t2i, k):
+    """Mean hit@k over every ordering of the candidates used as the tie-break (exhaustive)."""
+    import itertools
+
+    s = sim.tolist()
+    n_img, n_txt = len(s), len(s[0])
+    i2t, t2i_hits = [], []
+    for i in range(n_img):
+        hits = []
+        for perm in itertools.permutations(range(n_txt)):
+            order = sorted(range(n_txt), key=lambda t: (-s[i][t], perm[t]))
+            hits.append(any(t2i[t] == i for t in order[:k]))
+        i2t.append(np.mean(hits))
+    for t in range(n_txt):
+        hits = []
+        for perm in itertools.permutations(range(n_img)):
+            order = sorted(range(n_img), key=lambda j: (-s[j][t], perm[j]))
+            hits.append(t2i[t] in order[:k])
+        t2i_hits.append(np.mean(hits))
+    return 100 * np.mean(i2t), 100 * np.mean(t2i_hits)
+
+
+def test_expected_rule_matches_exhaustive_orderings():
+    from harma.metrics import hit_probability, tie_counts
+
+    sim = torch.tensor([[2.0, 2, 2, 1, 2, 0], [1, 1, 1, 1, 0, 1], [2, 2, 0, 2, 2, 2]])
+    t2i = [0, 0, 1, 1, 2, 2]
+    i2t_counts, t2i_counts = tie_counts(sim, t2i)
+    for k in (1, 2, 3):
+        want_i2t, want_t2i = brute_force_expected(sim, t2i, k)
+        assert 100 * hit_probability(*i2t_counts, k).mean().item() == pytest.approx(want_i2t, abs=1e-9)
+        assert 100 * hit_probability(*t2i_counts, k).mean().item() == pytest.approx(want_t2i, abs=1e-9)
+
+
+def test_hand_computed_ties():
+    from harma.metrics import hit_probability, tie_counts
+
+    # Image 0 ranks four captions equal first; two of them are its own: R@1 = 1 - 2/4, R@2 = 1 - 1/6.
+    # Caption 0's image ties with one other image below a third: R@1 = 0, R@2 = 1/2, R@3 = 1.
+    sim = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.1], [0.9, 0.5, 0.5, 0.1, 0.1], [0.5, 0.2, 0.2, 0.2, 0.9]])
+    t2i = [0, 0, 1, 1, 2]
+    (above, tied, rel), (t_above, t_tied, _) = tie_counts(sim, t2i)
+    assert (above[0].item(), tied[0].item(), rel[0].item()) == (0, 4, 2)
+    assert hit_probability(above, tied, rel, 1)[0].item() == pytest.approx(0.5)
+    assert hit_probability(above, tied, rel, 2)[0].item() == pytest.approx(5 / 6)
+    assert (t_above[0].item(), t_tied[0].item()) == (1, 2)
+    ones = torch.ones_like(t_tied)
+    assert [hit_probability(t_above, t_tied, ones, k)[0].item() for k in (1, 2, 3)] == pytest.approx([0, 0.5, 1])
+    out = retrieval_metrics(sim, t2i)
+    # t2i R@1 per caption: 0 (image 1 scores above); 1/2 (image 0 ties image 1); 1/2 (image 1 ties
+    # image 0); 0 (two images above); 1 (image 2 alone first).
+    assert out["t2i_R@1"] == pytest.approx(100 * (0 + 0.5 + 0.5 + 0 + 1) / 5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rules_agree_without_ties_and_bound_each_other_with_them(seed):
+    sim, t2i = random_case(15, [3] * 15, 8, seed=seed)
+    results = [retrieval_metrics(sim, t2i, ties=rule) for rule in TIE_RULES]
+    for other in results[1:]:
+        assert_close(other, results[0])
+    sim, t2i = tied_case(seed)
+    got = {rule: retrieval_metrics(sim, t2i, ties=rule) for rule in TIE_RULES}
+    for key in METRIC_KEYS:
+        lo, hi = got["pessimistic"][key], got["optimistic"][key]
+        assert lo - 1e-9 <= got["expected"][key] <= hi + 1e-9
+        assert lo - 1e-9 <= got["stable"][key] <= hi + 1e-9
+    assert got["pessimistic"]["mR"] < got["optimistic"]["mR"]
+
+
+def test_unknown_tie_rule():
+    with pytest.raises(ValueError, match="ties='random'"):
+        retrieval_metrics(torch.zeros(1, 1), [0], ties="random")

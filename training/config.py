@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from harma.config import ConfigError, ModelConfig, from_dict, register_config, to_dict
+from harma.data import CARVES
 from harma.losses import LossConfig
 
 AUGMENTS = ("released", "rotations", "dihedral", "none")
@@ -26,9 +27,14 @@ class DataConfig:
     root: str = ""  # dataset folder in any supported format, or "synthetic" (generated on the fly)
     format: Optional[str] = None  # force a reader (harma_json, pe_rsitr_txt, csv, jsonl); None = detect
     train_split: str = "train"
-    val_split: Optional[str] = "val"  # model selection split; None = carve val_fraction of train (seeded)
+    val_split: Optional[str] = "val"  # model selection split; None = carve val_fraction of train
     val_fraction: float = 0.1  # used when val_split is None
-    carve_seed: int = 0
+    # how val is carved: block = the last val_fraction of the ids of every scene class, next to where
+    # UCM's test block sits (deterministic) | random = images drawn with carve_seed (leaks on
+    # tiled-scene datasets such as UCM: near-duplicate neighbours land on both sides)
+    carve: str = "block"
+    carve_seed: int = 0  # random carve only
+    carve_class_size: int = 100  # block carve, numeric file names without labels: ids per class (UCM: 100)
     clean_captions: bool = True  # released pre_caption: lower-case, strip punctuation
     max_words: int = 30  # released caption cut
     # released: crop (0.5-1) + flip + RandAugment | rotations: released + 90° turns and v-flips |
@@ -51,6 +57,10 @@ class DataConfig:
             raise ConfigError("data.label_batches must be >= 0 (0 = off)")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("data.val_fraction must be in (0, 1)")
+        if self.carve not in CARVES:
+            raise ConfigError(f"data.carve={self.carve!r} is not one of {', '.join(CARVES)}")
+        if self.carve_class_size < 1:
+            raise ConfigError("data.carve_class_size must be >= 1")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Training data from a ``DataConfig``: the train/val(/test) splits, transforms and the train loader.
 
 Model selection uses a validation split, never the test split (method.md §7.13): a named one
-(RSITMD/RSICD ``val``) or, for datasets without one (UCM), a seeded image-level carve of train.
+(RSITMD/RSICD ``val``) or, for datasets without one (UCM), a carve of train: by default a contiguous
+block of ids per scene class, as UCM's test split is made (``data.carve``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from harma.data import (
     DatasetError,
     PairDataset,
     RetrievalSplit,
-    carve_split,
+    carve,
     clean_caption,
     eval_transform,
     load_split,
@@ -91,7 +92,10 @@ def build_splits(cfg: DataConfig, root: Path) -> Splits:
     """Load train, val (named or carved from train) and the optional test split."""
     train = _load(root, cfg, cfg.train_split, "train")
     if cfg.val_split is None:
-        train, val = carve_split(train, cfg.val_fraction, cfg.carve_seed)
+        try:
+            train, val = carve(train, cfg.carve, cfg.val_fraction, cfg.carve_seed, cfg.carve_class_size)
+        except ValueError as e:
+            raise DatasetError(f"data.carve={cfg.carve}: {e}") from None
     else:
         if cfg.val_split == cfg.train_split:
             raise DatasetError(f"data.val_split equals data.train_split ({cfg.train_split!r}); "

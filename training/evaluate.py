@@ -4,8 +4,10 @@
         --json runs/ucm-harma/eval_val.json --baseline
 
 ``--checkpoint`` is an adapter directory or a run folder (``RUN/best/``, else ``RUN/last/adapters/``).
-``--split NAME`` loads that split; ``--split train:val`` / ``train:train`` carves a seeded validation
-split from train as the trainer does for datasets without a val file. Protocol: method.md §0.7, §4.1.
+``--split NAME`` loads that split; ``--split train:val`` / ``train:train`` carves a validation split
+from train as the trainer does for datasets without a val file (by default the carve the checkpoint
+was trained with). R@K counts tied scores by their expected rank (``--ties``). Protocol: method.md
+§0.7, §4.1.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import torch
 from harma import BaseWeightsError, CheckpointError, ConfigError, ModelConfig, create_model, load_adapters
 from harma.checkpoint import CONFIG_NAME, atomic_write_bytes, read_adapter_config
 from harma.config import from_dict
-from harma.data import DatasetError, RetrievalSplit, carve_split, load_split
-from harma.encode import EvalResult, evaluate_split
-from harma.metrics import format_table
+from harma.data import CARVES, DatasetError, RetrievalSplit, carve, load_split
+from harma.encode import EvalResult, bar_progress, evaluate_split
+from harma.metrics import TIE_RULES, format_table
 
 GAP_COLUMNS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
-DEFAULTS = {"val_fraction": 0.1, "carve_seed": 0, "clean_captions": True, "max_words": 30}
+DEFAULTS = {"val_fraction": 0.1, "carve_seed": 0, "carve": "block", "carve_class_size": 100,
+            "clean_captions": True, "max_words": 30}
 
 
 class CliError(Exception):
@@ -63,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score raw captions (default: cleaned as in the released code)")
     p.add_argument("--val-fraction", type=float, help="fraction of train images carved as val (default 0.1)")
     p.add_argument("--carve-seed", type=int, help="seed of the val carving (default 0)")
+    p.add_argument("--carve", choices=CARVES, help="how train:val is carved: block (a contiguous run of ids per "
+                   "class, like UCM's test split) or random (leaky on tiled scenes); default: the checkpoint's")
+    p.add_argument("--ties", choices=TIE_RULES, default="expected",
+                   help="how tied scores rank: expected (default; independent of file order), stable (file "
+                   "order), optimistic / pessimistic (the bounds)")
     p.add_argument("--disable-adapters", action="append", choices=("image", "text"), default=[], metavar="TOWER",
                    help="ablation: bypass this tower's adapters (image or text; repeat for both)")
     return p
@@ -107,15 +115,16 @@ def recorded_root(recorded: dict[str, Any]) -> str:
                    + ", which is not on this machine; pass --data DIR")
 
 
-def resolve_split(root: str | Path, spec: str, val_fraction: float, seed: int) -> RetrievalSplit:
-    """Load ``spec`` (a split name, or ``NAME:val`` / ``NAME:train`` carved from split NAME)."""
+def resolve_split(root: str | Path, spec: str, val_fraction: float, seed: int, mode: str = "block",
+                  class_size: int = 100) -> RetrievalSplit:
+    """Load ``spec`` (a split name, or ``NAME:val`` / ``NAME:train`` carved from split NAME by ``mode``)."""
     if ":" not in spec:
         return load_split(root, spec)
     base, part = spec.split(":", 1)
     if not base or part not in ("train", "val"):
         raise CliError(f"--split {spec!r}: expected NAME, NAME:val or NAME:train (e.g. train:val)")
     try:
-        train, val = carve_split(load_split(root, base), val_fraction, seed)
+        train, val = carve(load_split(root, base), mode, val_fraction, seed, class_size)
     except DatasetError:
         raise
     except ValueError as e:  # bad fraction, too few images
@@ -155,7 +164,7 @@ def _run(model: torch.nn.Module, split: RetrievalSplit, transform, tokenizer, ar
         return evaluate_split(
             model, split, transform, tokenizer, clean_captions=args.clean_captions, max_words=args.max_words,
             batch_size=args.batch_size, device=device, num_workers=args.num_workers,
-            progress=lambda done, _: bar.update(done - bar.n),
+            progress=bar_progress(bar), ties=args.ties,
         )
 
 
@@ -198,6 +207,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     directory, kind = resolve_checkpoint(args.checkpoint)
     meta = read_adapter_config(directory)
     recorded = data_defaults(meta)
+    if recorded and "carve" not in recorded:  # trained before block carving existed: it carved at random
+        recorded = {**recorded, "carve": "random"}
     for key, default in DEFAULTS.items():
         if getattr(args, key, None) is None:
             setattr(args, key, recorded.get(key, default))
@@ -211,7 +222,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
 
     print(f"checkpoint: {directory} ({kind}; method {meta['method']})", flush=True)
-    split = resolve_split(args.data, args.split, args.val_fraction, args.carve_seed)
+    split = resolve_split(args.data, args.split, args.val_fraction, args.carve_seed, args.carve,
+                          args.carve_class_size)
     if split.num_captions == 0:
         raise CliError(f"{split.name}: the split has no captions, so retrieval cannot be evaluated")
     print(f"split: {split.name} ({split.num_images} images, {split.num_captions} captions)", flush=True)
@@ -234,7 +246,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         out["disabled_adapters"] = off
     out["clean_captions"] = bool(args.clean_captions)
     if ":" in args.split:
-        out["carve"] = {"val_fraction": args.val_fraction, "seed": args.carve_seed}
+        out["carve"] = {"mode": args.carve, "val_fraction": args.val_fraction, "seed": args.carve_seed}
+    out["ties"] = args.ties
     if args.baseline:
         base_model, _, base_transform, base_tokenizer = _baseline(meta, device, args.base_weights)
         rows["baseline"] = _run(base_model, split, base_transform, base_tokenizer, args, device, "baseline")

@@ -20,7 +20,7 @@ from harma import CheckpointError, HarmaLoss, HarmaModel, load_adapter_weights
 from harma.checkpoint import atomic_write_bytes
 from harma.config import to_dict
 from harma.data import RetrievalSplit
-from harma.encode import evaluate_split
+from harma.encode import bar_progress, evaluate_split
 from training.caches import image_cache, text_features
 from training.config import TrainConfig
 from training.data import Splits, build_train_loader, build_transforms, caption_fn
@@ -214,7 +214,7 @@ class Trainer:
             return evaluate_split(self.model, split, self.eval_tf, self.tokenizer, clean_captions=d.clean_captions,
                                   max_words=d.max_words, batch_size=self.cfg.run.eval_batch_size,
                                   device=self.dist.device, num_workers=d.num_workers,
-                                  progress=lambda done, _total: bar.update(done - bar.n),
+                                  progress=bar_progress(bar),
                                   text_embeddings=text_embeddings)
 
     def _finish(self) -> None:

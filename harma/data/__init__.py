@@ -8,7 +8,7 @@ from harma.data.datasets import ImageDataset, PairDataset
 from harma.data.errors import DatasetError
 from harma.data.images import IMAGE_EXTENSIONS, open_image
 from harma.data.readers import FORMATS, detect_format, load_split
-from harma.data.split import RetrievalSplit, carve_split
+from harma.data.split import CARVES, RetrievalSplit, carve, carve_block_split, carve_split, image_classes
 from harma.data.synthetic import write_synthetic_dataset
 from harma.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 
@@ -22,7 +22,11 @@ __all__ = [
     "ImageDataset",
     "PairDataset",
     "RetrievalSplit",
+    "CARVES",
+    "carve",
+    "carve_block_split",
     "carve_split",
+    "image_classes",
     "clean_caption",
     "detect_format",
     "eval_transform",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -79,13 +80,102 @@ class RetrievalSplit:
         )
 
 
+CARVES = ("block", "random")
+_TRAILING_NUMBER = re.compile(r"^(.*?)[_-]?(\d+)$")
+
+
+def image_classes(split: RetrievalSplit, class_size: int = 100) -> tuple[list[str], list[int]]:
+    """The scene class and the position within it of every image, for carving by class.
+
+    The class is the split's label where the format has one (RSICD ``label_name``); else the file
+    name's prefix before a trailing number (``airport_12.jpg`` -> ``airport``); else, for purely
+    numeric names, blocks of ``class_size`` consecutive ids (UCM: ``1.jpg``-``100.jpg`` are the first
+    class, ``101.jpg``-``200.jpg`` the second, ...). The position is the trailing number (or the
+    name), so neighbouring ids are neighbours.
+
+    Returns:
+        ``(classes, positions)``: per image a class key and a sort key within the class.
+    """
+    if class_size < 1:
+        raise ValueError(f"class_size must be >= 1, got {class_size}")
+    classes, positions = [], []
+    for i, path in enumerate(split.images):
+        m = _TRAILING_NUMBER.match(path.stem)
+        number = int(m.group(2)) if m else None
+        if split.labels is not None:
+            cls = split.labels[i]
+        elif m and m.group(1):
+            cls = m.group(1)
+        elif m:
+            cls = f"ids {(number - 1) // class_size * class_size + 1}-{((number - 1) // class_size + 1) * class_size}"
+        else:
+            raise DatasetError(
+                f"{split.name}: cannot tell the scene class of {path.name} (no label in the annotations, "
+                "no trailing number in the file name); carve the validation split at random instead "
+                "(data.carve=random / --carve random)")
+        classes.append(cls)
+        positions.append(number if number is not None else i)
+    return classes, positions
+
+
+def carve_block_split(
+    split: RetrievalSplit, val_fraction: float = 0.1, class_size: int = 100
+) -> tuple[RetrievalSplit, RetrievalSplit]:
+    """Split by image into (train, val) with the last block of ids of every scene class as val.
+
+    Datasets of tiled scenes (UCM: 100 consecutive ids per class, neighbouring ids often tiles of
+    one area) leak through a random carve: near-duplicate neighbours and their templated captions
+    land on both sides. UCM's official test split is the last block of ids of each class, and this
+    carve takes the block just before it: each class gives its ``round(n * val_fraction)`` highest
+    ids (at least 1, at most n - 1), so validation has train neighbours on one side only, as test
+    does. On UCM train (9 per class, 189 images) 67% of its captions occur verbatim in the rest,
+    against 61% for the test split and 92% for a random carve. Deterministic: no seed. Classes are
+    found by :func:`image_classes`.
+
+    Returns:
+        ``(train, val)`` named ``"<name>:train"`` and ``"<name>:val"``, in the original image order.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    classes, positions = image_classes(split, class_size)
+    members: dict[str, list[int]] = {}
+    for i, cls in enumerate(classes):
+        members.setdefault(cls, []).append(i)
+    val: set[int] = set()
+    for cls, ids in members.items():
+        if len(ids) < 2:
+            raise ValueError(f"{split.name}: class {cls!r} has {len(ids)} image; a block carve needs at "
+                             "least 2 per class (or carve at random)")
+        ids = sorted(ids, key=lambda i: (positions[i], split.images[i].name))
+        n_val = min(len(ids) - 1, max(1, round(len(ids) * val_fraction)))
+        val.update(ids[-n_val:])
+    train = [i for i in range(split.num_images) if i not in val]
+    return (
+        split.subset(train, name=f"{split.name}:train"),
+        split.subset(sorted(val), name=f"{split.name}:val"),
+    )
+
+
+def carve(
+    split: RetrievalSplit, mode: str = "block", val_fraction: float = 0.1, seed: int = 0, class_size: int = 100
+) -> tuple[RetrievalSplit, RetrievalSplit]:
+    """Carve a validation split from ``split``: ``"block"`` (:func:`carve_block_split`, the default;
+    ``seed`` unused) or ``"random"`` (:func:`carve_split`, leaky for datasets of tiled scenes such as UCM)."""
+    if mode == "block":
+        return carve_block_split(split, val_fraction, class_size)
+    if mode == "random":
+        return carve_split(split, val_fraction, seed)
+    raise ValueError(f"carve={mode!r} is not one of {', '.join(CARVES)}")
+
+
 def carve_split(
     split: RetrievalSplit, val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[RetrievalSplit, RetrievalSplit]:
-    """Split by image into (train, val): all captions of an image stay on one side.
+    """Split by image into (train, val) at random: all captions of an image stay on one side.
 
-    Used for datasets without a validation file (UCM). Deterministic for a given ``seed``; both
-    parts keep the original image order. At least one image goes to each side.
+    Deterministic for a given ``seed``; both parts keep the original image order. At least one
+    image goes to each side. Leaky for datasets of tiled scenes (UCM), where neighbouring images
+    of a class are near-duplicates: prefer :func:`carve_block_split` there.
 
     Args:
         split: The split to carve.

@@ -1,0 +1,332 @@
+"""The whole comparison in one command: train every method for every seed, select on validation,
+report on test, and regenerate the README's results table.
+
+    python -m training.benchmark --suite ucm --seeds 0 1            # train, evaluate, aggregate
+    python -m training.benchmark --suite ucm --seeds 0 1 --dry-run  # list the runs and their CPU time
+    python -m training.benchmark --suite ucm --aggregate-only       # rebuild results/ucm.json + README
+
+Each (method, seed) trains with ``python -m training.train`` (resumable: an interrupted run continues
+from its last checkpoint), picks its best epoch on the validation carve, and is then evaluated on
+the validation carve and on the test split with ``python -m training.evaluate``'s code. Its result
+is written at once to ``results/<suite>/runs/<method>-s<seed>.json``; a run whose JSON exists is
+skipped, so the command resumes where it stopped. Last, the runs are aggregated (mean and sample
+standard deviation over seeds) into ``results/<suite>.json`` and the table between the README's
+``<!-- <suite>-table -->`` markers. Nothing is selected on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from harma.checkpoint import atomic_write_bytes
+from harma.metrics import METRIC_KEYS
+from training import evaluate as evaluate_cli
+from training.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+GAP_KEYS = ("centroid_distance", "knn_modality_purity")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a suite: how it trains (overrides of the suite's config) and how many seeds it gets."""
+
+    key: str
+    label: str
+    overrides: tuple[str, ...] = ()
+    train: bool = True  # False: evaluate the suite's base weights as they are (zero-shot)
+    max_seeds: Optional[int] = None  # at most this many of the requested seeds (None: all)
+    cpu_minutes: float = 30.0  # wall time of one run on 2 CPU cores, for --dry-run
+
+
+@dataclass(frozen=True)
+class Published:
+    """A number from a paper, shown beside ours and labelled as theirs."""
+
+    label: str
+    test_mR: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    config: str  # training config, relative to the repository root
+    data: str  # default dataset folder
+    test_split: str
+    base_checkpoint: str  # the backbone as a checkpoint folder: the zero-shot row
+    methods: tuple[Method, ...]
+    published: tuple[Published, ...] = field(default=())
+
+
+TUNED = ("model.backbone_dropout=false", "model.learn_temperature=false", "model.temperature_init=0.05",
+         "model.also_train=[norms,biases]")
+PE_RSITR = "PE-RSITR (Yuan et al. 2023), Table III, UCM test, CLIP ViT-B/32"
+
+SUITES = {
+    "ucm": Suite(
+        name="ucm",
+        config="training/configs/ucm_minilm_harma.yaml",
+        data="../shared/datasets/ucm",
+        test_split="test",
+        base_checkpoint="checkpoints/rs-backbone",
+        methods=(
+            Method("zeroshot", "zero-shot (backbone alone)", train=False, max_seeds=1, cpu_minutes=0.5),
+            Method("harma", "HarMA, as released (MMS in the text tower)", cpu_minutes=28),
+            Method("full", "full fine-tuning (both towers)", ("model.method=full", "optim.lr=3e-4"), cpu_minutes=30),
+            Method("harma_tuned", "HarMA, tuned recipe (no backbone dropout, temperature 0.05, norms and biases)",
+                   TUNED, cpu_minutes=30),
+            Method("mrs", "MRS-Adapter (PE-RSITR)", ("model.method=mrs", "loss.triplet=0", "loss.intra_image=1",
+                                                       "loss.intra_text=1"), max_seeds=1, cpu_minutes=40),
+            Method("harma_paper", "HarMA, paper sharing (MMS shared by both towers)",
+                   ("model.harma.share_mode=shared",), max_seeds=1, cpu_minutes=30),
+        ),
+        published=(
+            Published("zero-shot, CLIP ViT-B/32 (theirs)", 33.08, PE_RSITR),
+            Published("full fine-tuning, CLIP ViT-B/32 (theirs)", 52.43, PE_RSITR),
+            Published("MRS-Adapter, CLIP ViT-B/32 (theirs)", 55.71, PE_RSITR),
+            Published("RemoteCLIP ViT-B/32 (theirs)", 56.36, "RemoteCLIP (Liu et al. 2024), UCM test"),
+        ),
+    ),
+}
+
+
+class BenchmarkError(Exception):
+    """A user-facing problem: printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Run:
+    method: Method
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method.key}-s{self.seed}"
+
+
+def plan(suite: Suite, seeds: list[int], only: Optional[list[str]] = None) -> list[Run]:
+    """The runs in the order they are made: every method's first seed, then the second, ..."""
+    keys = [m.key for m in suite.methods]
+    unknown = sorted(set(only or []) - set(keys))
+    if unknown:
+        raise BenchmarkError(f"--methods {' '.join(unknown)}: not in suite {suite.name} ({', '.join(keys)})")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise BenchmarkError(f"--seeds must list distinct seeds, got {seeds}")
+    runs = []
+    for i, seed in enumerate(seeds):
+        for m in suite.methods:
+            if (only and m.key not in only) or (m.max_seeds is not None and i >= m.max_seeds):
+                continue
+            runs.append(Run(m, seed))
+    return runs
+
+
+def train_command(suite: Suite, run: Run, runs_dir: Path, data: str) -> list[str]:
+    """The ``python -m training.train`` command of one run (seeded data order and adapter init)."""
+    return [sys.executable, "-m", "training.train", "--config", suite.config, *run.method.overrides,
+            f"data.root={data}", f"run.seed={run.seed}", f"model.init_seed={run.seed}",
+            f"run.out_dir={runs_dir.as_posix()}", f"run.name={suite.name}-{run.name}", "run.resume=auto"]
+
+
+def _evaluate(checkpoint: Path, data: str, split: str, extra: list[str]) -> dict[str, Any]:
+    args = evaluate_cli.build_parser().parse_args(
+        ["--checkpoint", str(checkpoint), "--data", data, "--split", split, "--num-workers", "1", *extra])
+    try:
+        return evaluate_cli.evaluate(args)
+    except evaluate_cli.USER_ERRORS as e:
+        raise BenchmarkError(f"evaluating {checkpoint} on {split}: {e}") from None
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    keep = ("num_images", "num_captions", "split", "carve", "ties")
+    return {**{k: result[k] for k in METRIC_KEYS}, "gap": result.get("gap", {}),
+            **{k: result[k] for k in keep if k in result}}
+
+
+def _carve_args(cfg) -> list[str]:
+    d = cfg.data
+    return ["--carve", d.carve, "--val-fraction", str(d.val_fraction), "--carve-seed", str(d.carve_seed)]
+
+
+def execute(suite: Suite, run: Run, runs_dir: Path, data: str) -> dict[str, Any]:
+    """Train (or resume) one run, then evaluate its best checkpoint on val and test."""
+    cfg = load_config(ROOT / suite.config, [*run.method.overrides, f"data.root={data}"])
+    carve = {"mode": cfg.data.carve, "val_fraction": cfg.data.val_fraction, "seed": cfg.data.carve_seed}
+    out: dict[str, Any] = {"suite": suite.name, "method": run.method.key, "label": run.method.label,
+                           "seed": run.seed, "carve": carve, "ties": "expected"}
+    if not run.method.train:
+        checkpoint = ROOT / suite.base_checkpoint
+        out.update(command=None, best_epoch=None, val_mR_per_epoch=[], trained_params=0, train_minutes=0.0)
+    else:
+        cmd = train_command(suite, run, runs_dir, data)
+        out["command"] = shlex.join(["python", *cmd[1:]])
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT)
+        if proc.returncode != 0:
+            raise BenchmarkError(f"{run.name}: training exited with {proc.returncode} ({out['command']})")
+        run_dir = runs_dir / f"{suite.name}-{run.name}"
+        checkpoint = run_dir / "best"
+        epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        meta = json.loads((checkpoint / "adapter_config.json").read_text())
+        out.update(best_epoch=meta["extra"]["epoch"], val_mR_per_epoch=[round(e["val"]["mR"], 4) for e in epochs],
+                   trained_params=meta["trainable_params"],
+                   train_minutes=round(sum(e.get("epoch_s", 0.0) for e in epochs) / 60, 1),
+                   wall_minutes_this_call=round((time.time() - t0) / 60, 1), run_dir=run_dir.as_posix())
+    out["val"] = _summary(_evaluate(checkpoint, data, "train:val", _carve_args(cfg)))
+    out["test"] = _summary(_evaluate(checkpoint, data, suite.test_split, []))
+    return out
+
+
+def _mean_sd(values: list[float]) -> tuple[float, Optional[float]]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(suite: Suite, results_dir: Path) -> dict[str, Any]:
+    """Mean and sample sd over seeds per method, in the suite's method order, from the run JSONs."""
+    rows = []
+    for m in suite.methods:
+        runs = []
+        for path in sorted((results_dir / suite.name / "runs").glob(f"{m.key}-s*.json")):
+            try:
+                runs.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as e:
+                raise BenchmarkError(f"{path}: cannot read the run result ({e})") from None
+        runs = [r for r in runs if r.get("method") == m.key]
+        if not runs:
+            continue
+        runs.sort(key=lambda r: r["seed"])
+        row: dict[str, Any] = {"method": m.key, "label": m.label, "seeds": [r["seed"] for r in runs],
+                               "trained_params": runs[0]["trained_params"],
+                               "train_minutes": round(statistics.fmean(r["train_minutes"] for r in runs), 1)}
+        for part in ("test", "val"):
+            for k in METRIC_KEYS:
+                mean, sd = _mean_sd([r[part][k] for r in runs])
+                row[f"{part}_{k}"] = mean
+                if k == "mR":
+                    row[f"{part}_mR_sd"] = sd
+            for k in GAP_KEYS:
+                row[f"{part}_{k}"] = statistics.fmean(r[part]["gap"][k] for r in runs)
+        row["best_epochs"] = [r["best_epoch"] for r in runs]
+        rows.append(row)
+    first = next(iter(rows), None)
+    protocol = {}
+    if first is not None:
+        one = json.loads(next((results_dir / suite.name / "runs").glob(f"{first['method']}-s*.json")).read_text())
+        protocol = {"val": {k: one["val"].get(k) for k in ("split", "carve", "num_images", "num_captions")},
+                    "test": {k: one["test"].get(k) for k in ("split", "num_images", "num_captions")},
+                    "ties": one["val"].get("ties", "expected")}
+    return {"suite": suite.name, "config": suite.config, "protocol": protocol, "rows": rows,
+            "pending": [m.key for m in suite.methods if m.key not in {r["method"] for r in rows}],
+            "published": [vars(p) for p in suite.published]}
+
+
+def _pm(mean: float, sd: Optional[float]) -> str:
+    return f"{mean:.2f} ± {sd:.2f}" if sd is not None else f"{mean:.2f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README table of an aggregated results file (test first; val is what selected the epoch)."""
+    head = ("| method | seeds | test mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | val mR "
+            "| test centroid gap | test k-NN modality purity | trained params | train time (2 CPU cores) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results["rows"]:
+        cells = [r["label"], ", ".join(str(s) for s in r["seeds"]) if r["trained_params"] else "-",
+                 "**" + _pm(r["test_mR"], r["test_mR_sd"]) + "**"]
+        cells += [f"{r[f'test_{d}_R@{k}']:.2f}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        cells += [_pm(r["val_mR"], r["val_mR_sd"]), f"{r['test_centroid_distance']:.3f}",
+                  f"{r['test_knn_modality_purity']:.3f}", f"{r['trained_params']:,}",
+                  f"{r['train_minutes']:.0f} min" if r["train_minutes"] else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for p in results.get("published", []):
+        lines.append(f"| {p['label']} | - | {p['test_mR']:.2f} | | | | | | | | | | | |")
+    if results.get("pending"):
+        lines.append("")
+        lines.append("Not yet run on this protocol: " + ", ".join(f"`{k}`" for k in results["pending"]) + ".")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, suite: str, table: str) -> bool:
+    """Replace the text between ``<!-- SUITE-table -->`` and ``<!-- /SUITE-table -->``; True if changed."""
+    start, end = f"<!-- {suite}-table -->", f"<!-- /{suite}-table -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise BenchmarkError(f"{readme}: no {start} ... {end} markers to put the table between")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    new = f"{before}{start}\n{table}\n{end}{after}"
+    if new != text:
+        atomic_write_bytes(readme, new.encode())
+    return new != text
+
+
+def write_results(suite: Suite, results_dir: Path, readme: Optional[Path]) -> dict[str, Any]:
+    results = aggregate(suite, results_dir)
+    atomic_write_bytes(results_dir / f"{suite.name}.json", (json.dumps(results, indent=1) + "\n").encode())
+    if readme is not None:
+        update_readme(readme, suite.name, markdown(results))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="ucm", choices=sorted(SUITES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="seeds (methods marked for one seed take the first)")
+    p.add_argument("--methods", nargs="+", help="only these methods (default: all of the suite)")
+    p.add_argument("--data", help="dataset folder (default: the suite's, ../shared/datasets/<name> from a checkout)")
+    p.add_argument("--runs-dir", default="runs/benchmark", help="where the run folders go (resumable)")
+    p.add_argument("--results-dir", default="results", help="where the run JSONs and the aggregate go")
+    p.add_argument("--readme", default="README.md", help="README whose table is regenerated ('' = none)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, done or not, and their CPU time")
+    p.add_argument("--aggregate-only", action="store_true", help="only rebuild the aggregate and the table")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    suite = SUITES[args.suite]
+    results_dir, runs_dir = Path(args.results_dir), Path(args.runs_dir).resolve()
+    readme = Path(args.readme) if args.readme else None
+    data = args.data or suite.data
+    try:
+        runs = plan(suite, args.seeds, args.methods)
+        todo = [r for r in runs if not (results_dir / suite.name / "runs" / f"{r.name}.json").is_file()]
+        if args.dry_run:
+            for r in runs:
+                state = "done" if r not in todo else f"~{r.method.cpu_minutes:.0f} min on 2 CPU cores"
+                print(f"{r.name:<16} {state}")
+            total = sum(r.method.cpu_minutes for r in todo)
+            print(f"{len(todo)} of {len(runs)} runs to go, about {total / 60:.1f} h on 2 CPU cores")
+            return 0
+        if not args.aggregate_only:
+            if todo and not Path(data).is_dir():
+                raise BenchmarkError(f"dataset folder {data} not found; pass --data DIR")
+            for n, r in enumerate(todo, 1):
+                print(f"[benchmark {n}/{len(todo)}] {r.name}", flush=True)
+                result = execute(suite, r, runs_dir, data)
+                path = results_dir / suite.name / "runs" / f"{r.name}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, (json.dumps(evaluate_cli._json_safe(result), indent=1) + "\n").encode())
+                print(f"[benchmark {n}/{len(todo)}] {r.name}: val mR {result['val']['mR']:.2f}, "
+                      f"test mR {result['test']['mR']:.2f} -> {path}", flush=True)
+                write_results(suite, results_dir, readme)
+        results = write_results(suite, results_dir, readme)
+        print(markdown(results))
+    except (BenchmarkError, OSError) as e:
+        return evaluate_cli.fail(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
