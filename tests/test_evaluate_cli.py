@@ -228,3 +228,39 @@ def test_recorded_root_falls_back_to_the_configured_path(tmp_path, monkeypatch):
     for recorded in ({}, {"root": "synthetic"}):
         with pytest.raises(CliError, match="--data is required"):
             recorded_root(recorded)
+
+
+def _write_templated(root: Path, order: list[int]) -> Path:
+    """A csv split whose captions repeat across images (as UCM's do), listed in the given image order."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    rows = ["image,caption"]
+    for i in order:
+        captions = [f"scene {i % 3} with trees", f"scene {i % 3}", f"picture {i}", "an aerial view"]
+        rows += [f"images/{i}.png,{c}" for c in (captions if order[0] == 0 else captions[::-1])]
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_metrics_do_not_depend_on_file_order(setup, tmp_path):
+    """The same split with images and captions listed in reverse: the same numbers (default tie rule);
+    the stable rule, which ranks tied captions in file order, moves."""
+    s = setup
+    forward = _write_templated(tmp_path / "fwd", list(range(8)))
+    backward = _write_templated(tmp_path / "bwd", list(range(8))[::-1])
+    got = {}
+    for name, data in (("fwd", forward), ("bwd", backward)):
+        for ties in ("expected", "stable"):
+            out = tmp_path / f"{name}-{ties}.json"
+            assert main(_args(s["adapters"], data, out, "--split", "train", "--baseline", "--ties", ties)) == 0
+            got[name, ties] = json.loads(out.read_text())
+    for row in (lambda r: r, lambda r: r["baseline"]):
+        for k in METRIC_KEYS:
+            assert row(got["fwd", "expected"])[k] == pytest.approx(row(got["bwd", "expected"])[k], abs=1e-9), k
+    assert got["fwd", "expected"]["ties"] == "expected"
+    assert any(got["fwd", "stable"][k] != got["bwd", "stable"][k] for k in METRIC_KEYS)

@@ -1,0 +1,115 @@
+"""``python -m training.benchmark``: the run plan, resuming by result file, aggregation over seeds, the
+README table, and one real (tiny) train -> select on val -> evaluate on test run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from harma.metrics import METRIC_KEYS
+from tests.test_encode import write_split
+from training import benchmark
+from training.benchmark import SUITES, BenchmarkError, Method, Suite, aggregate, markdown, plan, update_readme
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _suite(**kw) -> Suite:
+    methods = (Method("zeroshot", "zero-shot", train=False, max_seeds=1), Method("a", "method A"),
+               Method("b", "method B", ("model.method=mrs",), max_seeds=1))
+    return Suite(name="toy", config="training/configs/debug_tiny.yaml", data="", test_split="test",
+                 base_checkpoint="", methods=methods, **kw)
+
+
+def test_plan_orders_by_seed_and_honours_max_seeds():
+    runs = plan(_suite(), [3, 1, 2])
+    assert [r.name for r in runs] == ["zeroshot-s3", "a-s3", "b-s3", "a-s1", "a-s2"]
+    assert [r.name for r in plan(_suite(), [0, 1], ["a"])] == ["a-s0", "a-s1"]
+    with pytest.raises(BenchmarkError, match="--methods c"):
+        plan(_suite(), [0], ["c"])
+    with pytest.raises(BenchmarkError, match="distinct"):
+        plan(_suite(), [0, 0])
+
+
+def test_dry_run_lists_runs_and_skips_finished_ones(tmp_path, capsys):
+    done = tmp_path / "ucm" / "runs"
+    done.mkdir(parents=True)
+    (done / "harma-s0.json").write_text("{}")
+    assert benchmark.main(["--suite", "ucm", "--seeds", "0", "1", "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "harma-s0         done" in out and "harma-s1         ~" in out and "mrs-s1" not in out
+    n_runs = len(plan(SUITES["ucm"], [0, 1]))
+    assert f"{n_runs - 1} of {n_runs} runs to go" in out
+
+
+def _fake_run(results: Path, method: str, seed: int, test_mr: float, val_mr: float) -> None:
+    part = lambda mr: {**{k: mr for k in METRIC_KEYS}, "gap": {"centroid_distance": 0.3, "knn_modality_purity": 0.8},
+                       "split": "x", "num_images": 10, "num_captions": 50}
+    path = results / "toy" / "runs" / f"{method}-s{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"method": method, "seed": seed, "trained_params": 1234, "train_minutes": 10.0 + seed,
+                                "best_epoch": 2, "val": part(val_mr), "test": part(test_mr)}))
+
+
+def test_aggregate_means_and_sample_sd_and_the_table(tmp_path):
+    _fake_run(tmp_path, "a", 0, 40.0, 50.0)
+    _fake_run(tmp_path, "a", 1, 44.0, 52.0)
+    _fake_run(tmp_path, "zeroshot", 0, 10.0, 11.0)
+    suite = _suite(published=(benchmark.Published("theirs", 55.71, "paper"),))
+    res = aggregate(suite, tmp_path)
+    assert [r["method"] for r in res["rows"]] == ["zeroshot", "a"] and res["pending"] == ["b"]
+    a = res["rows"][1]
+    assert a["seeds"] == [0, 1] and a["test_mR"] == 42.0 and a["val_mR"] == 51.0
+    assert a["test_mR_sd"] == pytest.approx(statistics.stdev([40.0, 44.0])) and a["train_minutes"] == 10.5
+    assert res["rows"][0]["test_mR_sd"] is None
+    table = markdown(res)
+    assert "| method A | 0, 1 | **42.00 ± 2.83** |" in table and "| 51.00 ± 1.41 |" in table
+    assert "| theirs | - | 55.71 |" in table and "`b`" in table
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- toy-table -->\nold\n<!-- /toy-table -->\nend\n")
+    assert update_readme(readme, "toy", table)
+    assert readme.read_text() == f"intro\n<!-- toy-table -->\n{table}\n<!-- /toy-table -->\nend\n"
+    assert not update_readme(readme, "toy", table)
+    with pytest.raises(BenchmarkError, match="markers"):
+        update_readme(readme, "other", table)
+
+
+def test_readme_table_is_generated_from_the_results():
+    """results/ucm.json is the aggregate of results/ucm/runs/*.json and the README shows its table."""
+    results = ROOT / "results" / "ucm.json"
+    if not (ROOT / "results" / "ucm" / "runs").is_dir():
+        pytest.skip("no benchmark runs in this checkout")
+    committed = json.loads(results.read_text())
+    assert committed == json.loads(json.dumps(aggregate(SUITES["ucm"], ROOT / "results")))
+    block = (ROOT / "README.md").read_text().split("<!-- ucm-table -->\n", 1)[1].split("\n<!-- /ucm-table -->")[0]
+    assert block == markdown(committed)
+
+
+@pytest.mark.slow
+def test_one_tiny_run_end_to_end_and_resume(tmp_path, monkeypatch):
+    """Train a tiny HarMA, select on the carved val, evaluate val and test, aggregate; a second call
+    finds the result file and trains nothing."""
+    data = write_split(tmp_path / "data", n_images=12)
+    (data / "test.csv").write_text((data / "train.csv").read_text())  # any captioned split will do here
+    suite = Suite(name="toy", config="training/configs/debug_tiny.yaml", data=str(data), test_split="test",
+                  base_checkpoint="", methods=(Method("harma", "HarMA", ("data.val_split=null", "data.val_fraction=0.25", "run.epochs=1",
+                                                                         "run.batch_size=4")),))
+    monkeypatch.setitem(SUITES, "toy", suite)
+    args = ["--suite", "toy", "--seeds", "0", "--results-dir", str(tmp_path / "res"), "--readme", "",
+            "--runs-dir", str(tmp_path / "runs")]
+    assert benchmark.main(args) == 0
+    run = json.loads((tmp_path / "res" / "toy" / "runs" / "harma-s0.json").read_text())
+    assert run["best_epoch"] == 1 and len(run["val_mR_per_epoch"]) == 1 and run["trained_params"] > 0
+    assert run["val"]["mR"] == pytest.approx(run["val_mR_per_epoch"][0], abs=1e-3)  # selection = reported val
+    assert run["val"]["split"] == "train:val" and run["val"]["carve"]["mode"] == "block"
+    assert run["test"]["split"] == "test" and run["test"]["num_images"] == 12
+    assert "run.seed=0" in run["command"] and "model.init_seed=0" in run["command"]
+    agg = json.loads((tmp_path / "res" / "toy.json").read_text())
+    assert agg["rows"][0]["test_mR"] == run["test"]["mR"]
+
+    monkeypatch.setattr(benchmark, "execute", lambda *a: pytest.fail("a finished run was trained again"))
+    assert benchmark.main(args) == 0
