@@ -47,6 +47,7 @@ class Method:
     train: bool = True  # False: evaluate the suite's base weights as they are (zero-shot)
     max_seeds: Optional[int] = None  # at most this many of the requested seeds (None: all)
     cpu_minutes: float = 30.0  # wall time of one run on 2 CPU cores, for --dry-run
+    ship: Optional[str] = None  # --ship exports the first seed's best/ to checkpoints/<ship> (fp16)
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,15 @@ SUITES = {
         base_checkpoint="checkpoints/rs-backbone",
         methods=(
             Method("zeroshot", "zero-shot (backbone alone)", train=False, max_seeds=1, cpu_minutes=0.5),
-            Method("harma", "HarMA, as released (MMS in the text tower)", cpu_minutes=28),
+            Method("harma", "HarMA, as released (MMS in the text tower)", cpu_minutes=28, ship="ucm-harma"),
             Method("full", "full fine-tuning (both towers)", ("model.method=full", "optim.lr=3e-4"), cpu_minutes=30),
             Method("harma_tuned", "HarMA, tuned recipe (no backbone dropout, temperature 0.05, norms and biases)",
-                   TUNED, cpu_minutes=30),
+                   TUNED, cpu_minutes=30, ship="ucm-harma-tuned"),
             Method("mrs", "MRS-Adapter (PE-RSITR)", ("model.method=mrs", "loss.triplet=0", "loss.intra_image=1",
-                                                       "loss.intra_text=1"), max_seeds=1, cpu_minutes=40),
+                                                       "loss.intra_text=1"), max_seeds=1, cpu_minutes=40,
+                   ship="ucm-mrs"),
             Method("harma_paper", "HarMA, paper sharing (MMS shared by both towers)",
-                   ("model.harma.share_mode=shared",), max_seeds=1, cpu_minutes=30),
+                   ("model.harma.share_mode=shared",), max_seeds=1, cpu_minutes=30, ship="ucm-harma-paper"),
         ),
         published=(
             Published("zero-shot, CLIP ViT-B/32 (theirs)", 33.08, PE_RSITR),
@@ -275,7 +277,78 @@ def write_results(suite: Suite, results_dir: Path, readme: Optional[Path]) -> di
     atomic_write_bytes(results_dir / f"{suite.name}.json", (json.dumps(results, indent=1) + "\n").encode())
     if readme is not None:
         update_readme(readme, suite.name, markdown(results))
+        if (results_dir / suite.name / "shipped").is_dir():
+            update_readme(readme, f"{suite.name}-shipped", shipped_markdown(results_dir, suite))
     return results
+
+
+def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str) -> list[str]:
+    """Export the given seed's best/ of every shipped method to ``checkpoints/<name>`` (fp16), evaluate
+    the exported files on val and test (with the zero-shot baseline), record that in
+    ``results/<suite>/shipped/<name>.json`` and in the model card. The seed is fixed in advance (the
+    first one), so nothing is chosen on test. Returns the names shipped."""
+    from training.export import export
+
+    shipped = []
+    for m in suite.methods:
+        run_dir = runs_dir / f"{suite.name}-{m.key}-s{seed}"
+        if not m.ship:
+            continue
+        if not (run_dir / "best").is_dir():
+            print(f"ship {m.ship}: no {run_dir / 'best'} on this machine, skipped", flush=True)
+            continue
+        out = ROOT / "checkpoints" / m.ship
+        export(run_dir, out, "fp16")
+        cfg = load_config(ROOT / suite.config, [*m.overrides, f"data.root={data}"])
+        name = f"checkpoints/{m.ship}"
+        val = _evaluate(out, data, "train:val", _carve_args(cfg))
+        test = _evaluate(out, data, suite.test_split, ["--baseline"])
+        record = {"suite": suite.name, "method": m.key, "label": m.label, "seed": seed, "checkpoint": name,
+                  "best_epoch": json.loads((out / "adapter_config.json").read_text())["extra"]["epoch"],
+                  "command": f"python -m training.evaluate --checkpoint {name} --data {data} --split "
+                             f"{suite.test_split} --baseline",
+                  "val": _summary(val), "test": _summary(test), "baseline_test": _summary(test["baseline"])}
+        path = results_dir / suite.name / "shipped" / f"{m.ship}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(evaluate_cli._json_safe(record), indent=1) + "\n").encode())
+        card = (out / "MODEL_CARD.md").read_text()
+        atomic_write_bytes(out / "MODEL_CARD.md", (card + _card_section(record)).encode())
+        shipped.append(m.ship)
+    return shipped
+
+
+def _card_section(record: dict[str, Any]) -> str:
+    carve = record["val"].get("carve") or {}
+    rows = [("validation (block carve of train, " f"{record['val']['num_images']} images)", record["val"]),
+            (f"test ({record['test']['split']}, {record['test']['num_images']} images)", record["test"]),
+            ("test, zero-shot backbone", record["baseline_test"])]
+    lines = ["", "## Held-out evaluation of these stored weights", "",
+             f"Selected epoch {record['best_epoch']} on the validation carve ({carve.get('mode')}, fraction "
+             f"{carve.get('val_fraction')}); test was not looked at to choose anything. Seed {record['seed']}. "
+             "R@K with tied scores counted at their expected rank.", "",
+             f"`{record['command']}`", "",
+             "| split | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in METRIC_KEYS) + " |" for name, r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def shipped_markdown(results_dir: Path, suite: Suite) -> str:
+    """The README table of the shipped checkpoints: exactly what ``training.evaluate`` prints for them."""
+    records = []
+    for m in suite.methods:
+        path = results_dir / suite.name / "shipped" / f"{m.ship}.json"
+        if m.ship and path.is_file():
+            records.append(json.loads(path.read_text()))
+    head = "| checkpoint | seed | best epoch | val mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | test mR |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    if records:
+        base = records[0]["baseline_test"]
+        lines.append("| zero-shot backbone (`--baseline`) | - | - | - | "
+                     + " | ".join(f"{base[k]:.2f}" for k in METRIC_KEYS) + " |")
+    for r in records:
+        lines.append(f"| `{r['checkpoint']}` | {r['seed']} | {r['best_epoch']} | {r['val']['mR']:.2f} | "
+                     + " | ".join(f"{r['test'][k]:.2f}" for k in METRIC_KEYS) + " |")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default="README.md", help="README whose table is regenerated ('' = none)")
     p.add_argument("--dry-run", action="store_true", help="list the runs, done or not, and their CPU time")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the aggregate and the table")
+    p.add_argument("--ship", action="store_true",
+                   help="export the first seed's runs of the shipped methods to checkpoints/ (fp16), evaluate them, "
+                        "and rebuild the README's shipped-checkpoint table")
     return p
 
 
@@ -309,7 +385,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             total = sum(r.method.cpu_minutes for r in todo)
             print(f"{len(todo)} of {len(runs)} runs to go, about {total / 60:.1f} h on 2 CPU cores")
             return 0
-        if not args.aggregate_only:
+        if args.ship:
+            names = ship(suite, args.seeds[0], runs_dir, results_dir, data)
+            print(f"shipped: {', '.join(names) or 'nothing'}")
+        elif not args.aggregate_only:
             if todo and not Path(data).is_dir():
                 raise BenchmarkError(f"dataset folder {data} not found; pass --data DIR")
             for n, r in enumerate(todo, 1):

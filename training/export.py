@@ -39,6 +39,16 @@ def _licence(root: str) -> str:
     return next((text for key, text in LICENCES.items() if key in name), "see the dataset's own licence")
 
 
+def _selection(data: dict) -> str:
+    """Where the epoch was selected, in words (a named split or how val was carved from train)."""
+    if data.get("val_split"):
+        return f"split `{data['val_split']}`"
+    fraction = data.get("val_fraction")
+    if data.get("carve", "random") == "block":
+        return f"a block carve of train (the last {fraction} of the ids of every class, as UCM's test split is made)"
+    return f"a random {fraction} carve of train (seed {data.get('carve_seed')}; leaky on tiled scenes such as UCM)"
+
+
 def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str, origin: Optional[str] = None) -> str:
     """Markdown card from an adapter config, the run's resolved config and its metrics rows."""
     model, data, extra = meta["model"], config.get("data", {}), meta.get("extra", {})
@@ -58,8 +68,7 @@ def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str
              f"- open_clip architecture: `{base.get('model_name')}`; backbone initialised from: {init}",
              "- **not CLIP-pretrained**: no CLIP weights were available; see the README for what the backbone is"
              if not base.get("pretrained") else "- CLIP-pretrained backbone",
-             f"- training data: `{data.get('root')}` split `{data.get('train_split')}`, selected on "
-             f"`{data.get('val_split') or 'a seeded ' + str(data.get('val_fraction')) + ' carve of train'}`",
+             f"- training data: `{data.get('root')}` split `{data.get('train_split')}`, selected on {_selection(data)}",
              f"- data licence: {_licence(str(data.get('root', '')))}",
              *([origin] if origin else []),
              f"- selected epoch: {extra.get('epoch')} (validation mR, never test)"
