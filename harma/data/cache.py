@@ -1,6 +1,7 @@
 """Decoded images cached once as one memory-mapped uint8 array, so epochs are not bound by JPEG decoding.
 
-The cache file is keyed by the image paths (with size and modification time) and the side length,
+The cache file is keyed by the image paths (with size and modification time), the side length and
+the band choice of multi-band images (``HARMA_BANDS``),
 built with a temporary file + rename (an interrupted build leaves nothing half-written), and read
 with ``mmap_mode="r"`` so DataLoader workers share the pages instead of copying them.
 """
@@ -15,11 +16,12 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from harma.data.images import open_image
+from harma.data.images import DEFAULT_BANDS, image_bands, open_image
 
 
 def cache_key(paths: Sequence[Union[str, Path]], size: int) -> str:
-    h = hashlib.sha256(f"v1|{size}".encode())
+    bands = image_bands()  # a band choice other than the default (HARMA_BANDS) is another cache
+    h = hashlib.sha256((f"v1|{size}" + (f"|bands={bands}" if bands != DEFAULT_BANDS else "")).encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
