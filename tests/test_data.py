@@ -173,6 +173,63 @@ def test_txt_count_mismatch_names_both_files_and_counts(tmp_path: Path) -> None:
     assert "train_filename.txt has 2 lines" in msg and "train_caps.txt has 3 lines" in msg
 
 
+def test_txt_caption_file_with_lines_missing_is_refused(tmp_path: Path) -> None:
+    """20 images x 5 captions with the first 20 caption lines deleted still divides (4 per image);
+    the reader must not pair every image with another image's captions."""
+    names = [f"{i}.jpg" for i in range(1, 21)]
+    for name in names:
+        _img(tmp_path / name)
+    _write(tmp_path / "train_filename.txt", "\n".join(names) + "\n")
+    caps = [f"caption {c} of {name}" for name in names for c in range(5)]
+    _write(tmp_path / "train_caps.txt", "\n".join(caps) + "\n")
+    assert _grouped(load_split(tmp_path, "train"))["1.jpg"] == [f"caption {c} of 1.jpg" for c in range(5)]
+    _write(tmp_path / "train_caps.txt", "\n".join(caps[20:]) + "\n")
+    with pytest.raises(DatasetError) as err:
+        load_split(tmp_path, "train")
+    msg = str(err.value)
+    assert "train_caps.txt has 80 lines (4.00 per filename)" in msg and "5 caption lines per filename" in msg
+    split = load_split(tmp_path, "train", expected_captions_per_image=4)  # said explicitly: accepted
+    assert split.num_captions == 80 and split.text_to_image[:5] == [0, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "json", "csv", "jsonl"])
+def test_empty_caption_is_named_by_file_and_line_or_dropped(tmp_path: Path, caplog, fmt: str) -> None:
+    for name in ("1.jpg", "2.jpg"):
+        _img(tmp_path / name)
+    caps = {"1.jpg": ["a b", "   "], "2.jpg": ["e f", "g h"]}
+    if fmt == "txt":
+        _write(tmp_path / "train_filename.txt", "1.jpg\n1.jpg\n2.jpg\n2.jpg\n")
+        _write(tmp_path / "train_caps.txt", "a b\n   \ne f\ng h\n")
+        where = "train_caps.txt: line 2"
+    elif fmt == "json":
+        _write(tmp_path / "dataset_train.json", json.dumps([{"image": k, "caption": v} for k, v in caps.items()]))
+        where = "dataset_train.json: entry 0, caption 1"
+    elif fmt == "csv":
+        rows = ["image,caption"] + [f"{k},{c}" for k, v in caps.items() for c in v]
+        _write(tmp_path / "train.csv", "\n".join(rows) + "\n")
+        where = "train.csv: line 3"
+    else:
+        lines = [json.dumps({"image": k, "caption": c}) for k, v in caps.items() for c in v]
+        _write(tmp_path / "train.jsonl", "\n".join(lines) + "\n")
+        where = "train.jsonl: line 2"
+    with pytest.raises(DatasetError, match=f"{where}: empty caption") as err:
+        load_split(tmp_path, "train")
+    assert "allow_empty" in str(err.value)
+    with caplog.at_level(logging.WARNING):
+        split = load_split(tmp_path, "train", allow_empty=True)
+    assert split.num_captions == 3 and _grouped(split) == {"1.jpg": ["a b"], "2.jpg": ["e f", "g h"]}
+    assert "dropped 1 empty caption" in caplog.text
+
+
+def test_image_left_without_captions_is_dropped_with_them(tmp_path: Path) -> None:
+    for name in ("1.jpg", "2.jpg", "3.jpg"):
+        _img(tmp_path / name)
+    rows = ["image,caption", "1.jpg,a", "2.jpg,", "3.jpg,c"]
+    _write(tmp_path / "train.csv", "\n".join(rows) + "\n")
+    split = load_split(tmp_path, "train", allow_empty=True)
+    assert [p.name for p in split.images] == ["1.jpg", "3.jpg"] and split.text_to_image == [0, 1]
+
+
 def test_txt_missing_split(tmp_path: Path) -> None:
     _write(tmp_path / "train_filename.txt", "1.jpg\n")
     _write(tmp_path / "train_caps.txt", "a\n")

@@ -264,3 +264,21 @@ def test_metrics_do_not_depend_on_file_order(setup, tmp_path):
             assert row(got["fwd", "expected"])[k] == pytest.approx(row(got["bwd", "expected"])[k], abs=1e-9), k
     assert got["fwd", "expected"]["ties"] == "expected"
     assert any(got["fwd", "stable"][k] != got["bwd", "stable"][k] for k in METRIC_KEYS)
+
+
+def test_misaligned_caption_file_is_an_error_not_a_score(setup, tmp_path, capsys):
+    """A PE-RSITR caption file missing its first lines used to be read as 4 captions per image."""
+    from PIL import Image
+
+    root = tmp_path / "txt"
+    (root / "images").mkdir(parents=True)
+    names = [f"{i}.jpg" for i in range(1, 11)]
+    for n in names:
+        Image.new("RGB", (24, 24), (10 * len(n), 20, 30)).save(root / "images" / n)
+    (root / "test_filename.txt").write_text("\n".join(names) + "\n")
+    captions = [f"caption {c} of {n}" for n in names for c in range(5)]
+    (root / "test_caps.txt").write_text("\n".join(captions[10:]) + "\n")  # 10 lines short: 4.00 per image
+    assert main(_args(setup["adapters"], root, tmp_path / "o.json", "--split", "test")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "test_caps.txt has 40 lines" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.json").exists()

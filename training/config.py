@@ -27,6 +27,11 @@ class DataConfig:
     root: str = ""  # dataset folder in any supported format, or "synthetic" (generated on the fly)
     format: Optional[str] = None  # force a reader (harma_json, pe_rsitr_txt, csv, jsonl); None = detect
     train_split: str = "train"
+    # captions per image: checked for every image when set; it is also how the positional PE-RSITR txt
+    # layout groups caption lines (default there: 5, as published), so a caption file with lines
+    # missing is refused instead of pairing images with other images' captions
+    captions_per_image: Optional[int] = None
+    allow_empty: bool = False  # drop empty/whitespace captions (counted in the log) instead of refusing the file
     val_split: Optional[str] = "val"  # model selection split; None = carve val_fraction of train
     val_fraction: float = 0.1  # used when val_split is None
     # how val is carved: block = the last val_fraction of the ids of every scene class, next to where
@@ -59,6 +64,8 @@ class DataConfig:
             raise ConfigError("data.val_fraction must be in (0, 1)")
         if self.carve not in CARVES:
             raise ConfigError(f"data.carve={self.carve!r} is not one of {', '.join(CARVES)}")
+        if self.captions_per_image is not None and self.captions_per_image < 1:
+            raise ConfigError("data.captions_per_image must be >= 1 (or null)")
         if self.carve_class_size < 1:
             raise ConfigError("data.carve_class_size must be >= 1")
 

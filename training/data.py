@@ -78,7 +78,8 @@ def prepare_root(cfg: DataConfig, run_dir: Path, seed: int, write: bool) -> Path
 
 def _load(root: Path, cfg: DataConfig, split: str, role: str) -> RetrievalSplit:
     try:
-        out = load_split(root, split, format=cfg.format)
+        out = load_split(root, split, format=cfg.format, expected_captions_per_image=cfg.captions_per_image,
+                         allow_empty=cfg.allow_empty)
     except DatasetError as e:
         hint = " (or data.val_split=null to carve a validation split from train)" if role == "val" else ""
         raise DatasetError(f"data.{role}_split={split!r}: {e}{hint}") from None

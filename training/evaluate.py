@@ -32,7 +32,7 @@ from harma.metrics import TIE_RULES, format_table
 
 GAP_COLUMNS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
 DEFAULTS = {"val_fraction": 0.1, "carve_seed": 0, "carve": "block", "carve_class_size": 100,
-            "clean_captions": True, "max_words": 30}
+            "clean_captions": True, "max_words": 30, "captions_per_image": None, "allow_empty": False}
 
 
 class CliError(Exception):
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--carve-seed", type=int, help="seed of the val carving (default 0)")
     p.add_argument("--carve", choices=CARVES, help="how train:val is carved: block (a contiguous run of ids per "
                    "class, like UCM's test split) or random (leaky on tiled scenes); default: the checkpoint's")
+    p.add_argument("--captions-per-image", type=int,
+                   help="captions per image to expect (PE-RSITR txt groups its lines by it; default: 5 there)")
+    p.add_argument("--allow-empty", action="store_true", default=None,
+                   help="drop empty captions instead of refusing the file")
     p.add_argument("--ties", choices=TIE_RULES, default="expected",
                    help="how tied scores rank: expected (default; independent of file order), stable (file "
                    "order), optimistic / pessimistic (the bounds)")
@@ -116,15 +120,16 @@ def recorded_root(recorded: dict[str, Any]) -> str:
 
 
 def resolve_split(root: str | Path, spec: str, val_fraction: float, seed: int, mode: str = "block",
-                  class_size: int = 100) -> RetrievalSplit:
-    """Load ``spec`` (a split name, or ``NAME:val`` / ``NAME:train`` carved from split NAME by ``mode``)."""
+                  class_size: int = 100, **load: Any) -> RetrievalSplit:
+    """Load ``spec`` (a split name, or ``NAME:val`` / ``NAME:train`` carved from split NAME by ``mode``);
+    ``load`` goes to :func:`harma.data.load_split` (``expected_captions_per_image``, ``allow_empty``)."""
     if ":" not in spec:
-        return load_split(root, spec)
+        return load_split(root, spec, **load)
     base, part = spec.split(":", 1)
     if not base or part not in ("train", "val"):
         raise CliError(f"--split {spec!r}: expected NAME, NAME:val or NAME:train (e.g. train:val)")
     try:
-        train, val = carve(load_split(root, base), mode, val_fraction, seed, class_size)
+        train, val = carve(load_split(root, base, **load), mode, val_fraction, seed, class_size)
     except DatasetError:
         raise
     except ValueError as e:  # bad fraction, too few images
@@ -223,7 +228,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"checkpoint: {directory} ({kind}; method {meta['method']})", flush=True)
     split = resolve_split(args.data, args.split, args.val_fraction, args.carve_seed, args.carve,
-                          args.carve_class_size)
+                          args.carve_class_size, expected_captions_per_image=args.captions_per_image,
+                          allow_empty=args.allow_empty)
     if split.num_captions == 0:
         raise CliError(f"{split.name}: the split has no captions, so retrieval cannot be evaluated")
     print(f"split: {split.name} ({split.num_images} images, {split.num_captions} captions)", flush=True)

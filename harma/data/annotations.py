@@ -23,10 +23,13 @@ class Annotations:
     captions: list[str] = field(default_factory=list)
     text_to_image: list[int] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)  # per caption: file and line/entry, for messages
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
-    def add(self, ref: str, captions: Sequence[str], label: str | None = None) -> int:
-        """Append captions to image ``ref`` (created on first sight); return its index."""
+    def add(self, ref: str, captions: Sequence[str], label: str | None = None, where: str | None = None) -> int:
+        """Append captions to image ``ref`` (created on first sight); return its index.
+
+        ``where`` names the file and line (or entry) the captions come from, for messages."""
         idx = self._index.get(ref)
         if idx is None:  # first sight of this spelling: normalise ("./a.jpg" is "a.jpg")
             key = os.path.normpath(ref)
@@ -40,7 +43,29 @@ class Annotations:
             self.labels[idx] = label
         self.captions.extend(captions)
         self.text_to_image.extend([idx] * len(captions))
+        place = where or self.source
+        self.where.extend([place] if len(captions) == 1 else [f"{place}, caption {j}" for j in range(len(captions))])
         return idx
+
+    def drop_empty_captions(self, allow_empty: bool) -> int:
+        """Refuse (default) or drop captions that are empty or only whitespace; returns how many were
+        dropped. Images left without a caption are dropped with them."""
+        empty = [t for t, c in enumerate(self.captions) if not c.strip()]
+        if not empty:
+            return 0
+        if not allow_empty:
+            raise DatasetError(f"{self.where[empty[0]]}: empty caption ({len(empty)} empty in {self.source}); "
+                               "fix the file, or pass allow_empty=True (data.allow_empty=true) to drop them")
+        keep = [t for t in range(len(self.captions)) if self.captions[t].strip()]
+        used = sorted({self.text_to_image[t] for t in keep})
+        new_index = {old: new for new, old in enumerate(used)}
+        self.captions = [self.captions[t] for t in keep]
+        self.where = [self.where[t] for t in keep]
+        self.text_to_image = [new_index[self.text_to_image[t]] for t in keep]
+        self.refs = [self.refs[i] for i in used]
+        self.labels = [self.labels[i] for i in used]
+        self._index = {ref: i for i, ref in enumerate(self.refs)}
+        return len(empty)
 
     def label_list(self) -> list[str] | None:
         """Per-image labels when every image has one, else ``None``."""

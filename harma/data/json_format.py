@@ -90,5 +90,5 @@ def read_harma_json(root: Path, split: str) -> Annotations:
         image = record_image(entry, ("image",), where)
         captions = record_captions(entry, ("caption",), where)
         label = entry.get("label_name")
-        ann.add(image, captions, None if label is None else str(label))
+        ann.add(image, captions, None if label is None else str(label), where=where)
     return ann

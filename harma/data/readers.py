@@ -124,6 +124,7 @@ def load_split(
     check_images: bool = True,
     allow_missing: bool = False,
     expected_captions_per_image: int | None = None,
+    allow_empty: bool = False,
 ) -> RetrievalSplit:
     """Load one split of a retrieval dataset folder.
 
@@ -135,7 +136,10 @@ def load_split(
         check_images: Check that every image file exists (no decoding).
         allow_missing: Drop missing images and their captions (with a warning) instead of
             raising. Only used when ``check_images`` is set.
-        expected_captions_per_image: When given, every image must have exactly this many.
+        expected_captions_per_image: When given, every image must have exactly this many. For the
+            positional PE-RSITR txt layout it is also how captions are grouped (default 5 there).
+        allow_empty: Drop empty or whitespace-only captions (with a warning giving the count)
+            instead of raising an error that names the file and line of the first.
 
     Returns:
         The split, named ``"<folder>/<split>"`` (``"<folder>/all"`` for an image folder), with
@@ -153,7 +157,13 @@ def load_split(
         out = RetrievalSplit(f"{root.name}/all", root, images, [], [])
         source = str(root)
     else:
-        ann = _ANNOTATED[fmt][1](root, split)
+        if fmt == "pe_rsitr_txt":
+            ann = _ANNOTATED[fmt][1](root, split, expected_captions_per_image)
+        else:
+            ann = _ANNOTATED[fmt][1](root, split)
+        dropped = ann.drop_empty_captions(allow_empty)
+        if dropped:
+            logger.warning("%s: dropped %d empty caption(s) (allow_empty)", ann.source, dropped)
         if not ann.refs:
             raise DatasetError(f"{ann.source}: no images listed")
         base = _image_base(root, ann.refs)

@@ -78,7 +78,7 @@ def read_csv(root: Path, split: str) -> Annotations:
             if not image:
                 raise DatasetError(f"{where}: empty {header[i_img]!r}")
             label = row[i_lab].strip() if i_lab is not None and i_lab < len(row) else None
-            ann.add(image, [row[i_cap].strip()], label or None)
+            ann.add(image, [row[i_cap].strip()], label or None, where=where)
     except csv.Error as e:
         raise DatasetError(f"{path}: line {reader.line_num}: {e}") from None
     return ann
@@ -110,5 +110,5 @@ def read_jsonl(root: Path, split: str) -> Annotations:
         image = record_image(record, IMAGE_KEYS, where)
         captions = record_captions(record, CAPTION_KEYS, where)
         label = record.get(LABEL_KEY)
-        ann.add(image, captions, None if label is None else str(label))
+        ann.add(image, captions, None if label is None else str(label), where=where)
     return ann

@@ -2,7 +2,10 @@
 
 Two variants: one filename line per image (the caps file has k lines per image, caption line c
 belongs to image c // k), or one filename line per caption (same line count; lines naming the same
-file, consecutive or not, are one image).
+file, consecutive or not, are one image). The grouping is by position, so k must be known: a
+caption file missing a few lines would otherwise still divide evenly and give every image another
+image's captions. k is the format's 5 (UCM, RSICD, RSITMD as published) unless the caller says
+otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from harma.data.annotations import Annotations, pick_split_file, read_text
 from harma.data.errors import DatasetError
 
 _NAMES, _CAPS = "_filename.txt", "_caps.txt"
+CAPTIONS_PER_IMAGE = 5  # PE-RSITR's files: five caption lines per filename line
 
 
 def txt_splits(root: Path) -> list[str]:
@@ -31,12 +35,15 @@ def _lines(path: Path) -> list[str]:
     return lines
 
 
-def read_pe_rsitr_txt(root: Path, split: str) -> Annotations:
+def read_pe_rsitr_txt(root: Path, split: str, captions_per_image: int | None = None) -> Annotations:
     """Read the PE-RSITR filename/caption pair of ``split`` in ``root``.
 
     Args:
         root: Dataset folder.
         split: Split name (the file prefix).
+        captions_per_image: caption lines per filename line when the files list one filename per
+            image (default :data:`CAPTIONS_PER_IMAGE`); equal line counts always mean one filename
+            per caption.
 
     Returns:
         The grouped annotations (no labels in this format).
@@ -47,10 +54,15 @@ def read_pe_rsitr_txt(root: Path, split: str) -> Annotations:
     caps_path = root / (split + _CAPS)
     names, caps = _lines(names_path), _lines(caps_path)
     n_f, n_c = len(names), len(caps)
-    if n_f == 0 or n_c % n_f != 0:
+    k = captions_per_image or CAPTIONS_PER_IMAGE
+    if n_f == 0 or (n_c != n_f and n_c != k * n_f):
+        per = f" ({n_c / n_f:.2f} per filename)" if n_f else ""
         raise DatasetError(
-            f"{names_path.name} has {n_f} lines and {caps_path.name} has {n_c} lines in {root}; "
-            "expected one filename per caption or an equal number of captions per filename"
+            f"{names_path.name} has {n_f} lines and {caps_path.name} has {n_c} lines{per} in {root}; expected "
+            f"{k} caption lines per filename ({k * n_f}) or one filename per caption ({n_f}). A caption file "
+            "with lines missing or added would pair images with other images' captions. If the files "
+            "really hold another number per image, pass expected_captions_per_image "
+            "(data.captions_per_image)"
         )
     blank = next((i for i, name in enumerate(names) if not name), None)
     if blank is not None:
@@ -58,5 +70,5 @@ def read_pe_rsitr_txt(root: Path, split: str) -> Annotations:
     k = n_c // n_f
     ann = Annotations(source=f"{names_path} + {caps_path.name}")
     for c, caption in enumerate(caps):
-        ann.add(names[c // k], [caption])
+        ann.add(names[c // k], [caption], where=f"{caps_path}: line {c + 1}")
     return ann
