@@ -29,6 +29,7 @@ from harma.config import from_dict
 from harma.data import CARVES, DatasetError, RetrievalSplit, carve, load_split
 from harma.encode import EvalResult, bar_progress, evaluate_split
 from harma.metrics import TIE_RULES, format_table
+from training.state import find_best
 
 GAP_COLUMNS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
 DEFAULTS = {"val_fraction": 0.1, "carve_seed": 0, "carve": "block", "carve_class_size": 100,
@@ -81,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """Adapter directory to load and what it is: ``"adapter directory"``, ``"best"`` or ``"last"``."""
+    """Adapter directory to load and what it is: ``"adapter directory"``, ``"best"`` or ``"last"``.
+
+    A run folder gives its ``best/`` (put back first if a kill interrupted its save). It gives
+    ``last/adapters`` only when no epoch was ever validated, and says so; a run whose log records
+    validated epochs but has no ``best/`` is an error, never a silent fall-back to other weights.
+    """
     path = Path(path)
     if not path.exists():
         raise CliError(f"checkpoint {path} does not exist")
@@ -89,11 +95,20 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
         raise CliError(f"checkpoint {path} is not a folder (expected an adapter directory or a run folder)")
     if (path / CONFIG_NAME).is_file():
         return path, "adapter directory"
-    for sub, kind in (("best", "best"), (Path("last") / "adapters", "last")):
-        if (path / sub / CONFIG_NAME).is_file():
-            return path / sub, kind
+    best = find_best(path)
+    if best is not None:
+        return best, "best"
+    log = path / "metrics.jsonl"
+    validated = log.is_file() and any('"val"' in line for line in log.read_text().splitlines())
+    last = path / "last" / "adapters"
+    if validated:
+        raise CliError(f"checkpoint {path}: its metrics.jsonl records validated epochs but best/ is missing; "
+                       f"pass {last} to evaluate the last weights instead")
+    if (last / CONFIG_NAME).is_file():
+        print(f"note: {path} has no best/ (no epoch validated yet): evaluating {last}", file=sys.stderr)
+        return last, "last"
     raise CliError(f"checkpoint {path}: no {CONFIG_NAME} in it, in {path / 'best'} or in "
-                   f"{path / 'last' / 'adapters'} (is this an adapter directory or a run folder?)")
+                   f"{last} (is this an adapter directory or a run folder?)")
 
 
 def data_defaults(meta: dict[str, Any]) -> dict[str, Any]:

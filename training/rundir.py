@@ -22,7 +22,7 @@ import yaml
 
 from harma.checkpoint import atomic_write_bytes
 from training.config import TrainConfig, config_to_yaml
-from training.state import config_differences, find_last
+from training.state import config_differences, find_best, find_last
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
@@ -58,12 +58,16 @@ def plan_run(cfg: TrainConfig, config_path: Optional[str]) -> RunPlan:
             raise RunError(f"run.resume={resume}: no such run folder (use run.resume=auto to continue "
                            "the folder named by run.out_dir/run.name)")
         last = find_last(run_dir)
+        find_best(run_dir)
         if last is None:
             raise RunError(f"run.resume={resume}: {run_dir} has no last/state.pt to resume from")
         return RunPlan(run_dir, last, True)
     run_dir = Path(cfg.run.out_dir).expanduser() / (cfg.run.name or default_name(config_path, cfg))
     if resume == "auto":
-        return RunPlan(run_dir, find_last(run_dir) if run_dir.is_dir() else None, False)
+        if not run_dir.is_dir():
+            return RunPlan(run_dir, None, False)
+        find_best(run_dir)
+        return RunPlan(run_dir, find_last(run_dir), False)
     if any((run_dir / name).exists() for name in RESULTS):
         raise RunError(f"run folder {run_dir} already exists; pass run.resume=auto to continue it, "
                        "or choose another run.name / run.out_dir")

@@ -2,7 +2,8 @@
 
 A checkpoint directory is written whole into a hidden temporary folder and then swapped in with
 ``os.replace``, so a kill at any moment leaves either the previous checkpoint or the new one,
-never a mix (``.last.old`` covers the instant between the two renames). ``state.pt`` holds only
+never a mix: ``.last.old`` / ``.best.old`` hold the previous one between the two renames, and
+:func:`recover_swap` puts it back (on resume, in ``training.evaluate``, and before the next swap). ``state.pt`` holds only
 tensors and plain containers, so it loads with ``torch.load(weights_only=True)``.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from harma import CheckpointError, HarmaModel, save_adapters
-from harma.checkpoint import atomic_write_bytes
+from harma.checkpoint import CONFIG_NAME, atomic_write_bytes
 
 STATE_NAME = "state.pt"
 STATE_VERSION = 1
@@ -106,6 +107,8 @@ def config_hash(config: dict, legacy: bool = False) -> str:
 def _swap_in(tmp: Path, final: Path) -> None:
     """Replace folder ``final`` by ``tmp`` (two renames; ``.<name>.old`` bridges the gap)."""
     old = final.parent / f".{final.name}.old"
+    if not final.exists() and old.exists():  # an earlier swap was killed between its renames
+        os.replace(old, final)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -153,14 +156,25 @@ def write_last(model: HarmaModel, directory: Path, state: dict[str, Any], extra:
     _swap_in(tmp, directory)
 
 
+def recover_swap(final: Path, marker: str) -> Optional[Path]:
+    """``final`` if it holds ``marker``; else, after a swap killed between its two renames, the
+    previous version moved back from ``.<name>.old``; else None."""
+    old = final.parent / f".{final.name}.old"
+    if not (final / marker).is_file() and (old / marker).is_file():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(old, final)
+    return final if (final / marker).is_file() else None
+
+
 def find_last(run_dir: Path) -> Optional[Path]:
     """``<run>/last`` if it holds a state, recovering a swap interrupted between its renames."""
-    last, old = run_dir / "last", run_dir / ".last.old"
-    if not (last / STATE_NAME).is_file() and (old / STATE_NAME).is_file():
-        if last.exists():
-            shutil.rmtree(last)
-        os.replace(old, last)
-    return last if (last / STATE_NAME).is_file() else None
+    return recover_swap(run_dir / "last", STATE_NAME)
+
+
+def find_best(run_dir: Path) -> Optional[Path]:
+    """``<run>/best`` if it holds adapters, recovering a swap interrupted between its renames."""
+    return recover_swap(run_dir / "best", CONFIG_NAME)
 
 
 def read_state(last: Path) -> dict[str, Any]:
