@@ -129,7 +129,14 @@ def load_adapter_weights(model: HarmaModel, directory: Union[str, Path], check_b
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_NAME} is missing")
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises SafetensorError (a bare Exception subclass) on a bad file
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    bad_values = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad_values is not None:
+        raise CheckpointError(f"{weights}: tensor {bad_values} holds NaN or infinite values; this checkpoint "
+                              "cannot give meaningful embeddings (retrain, or use an earlier checkpoint)")
     own = model.trainable_state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     bad = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]

@@ -23,6 +23,20 @@ from .metrics import retrieval_metrics
 Progress = Callable[[int, int], None]  # (done, total)
 
 
+class NonFiniteEmbeddingError(ValueError):
+    """The model produced NaN or infinite embeddings (e.g. from broken base weights)."""
+
+
+def check_finite_embeddings(emb: torch.Tensor, kind: str, names: Sequence[Any]) -> None:
+    """Raise :class:`NonFiniteEmbeddingError` naming the first item whose embedding is not finite."""
+    bad = ~torch.isfinite(emb).all(dim=-1)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        raise NonFiniteEmbeddingError(
+            f"the model gives NaN or infinite {kind} embeddings for {int(bad.sum())} of {len(bad)} items "
+            f"(first: {names[first]}); check the weights it was built from")
+
+
 def bar_progress(bar: Any) -> Progress:
     """A :data:`Progress` callback driving a tqdm bar (its total follows the callback's)."""
 
@@ -226,6 +240,8 @@ def evaluate_split(
     else:
         txt = encode_texts(model, distinct, tokenizer, batch_size=2 * batch_size, device=device,
                            progress=txt_progress)
+    check_finite_embeddings(img, "image", [p.name for p in split.images])
+    check_finite_embeddings(txt, "caption", distinct)
     sim = (img @ txt.T)[:, inverse]  # (N_img, N_txt) cosine similarities; equal texts, equal columns
     txt = txt[inverse]
     metrics = retrieval_metrics(sim, split.text_to_image, ties=ties)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import PaddingMask
+from .weights import BaseWeightsError, quiet_pickle_warnings
 from .config import TOWERS, ConfigError, ModelConfig
 from .inject import (adapter_wrappers, find_towers, inject_harma, inject_mrs, locked_text_parameters,
                      output_projection_parameters, remove_adapters, text_token_input, text_tower_parameters,
@@ -286,9 +288,20 @@ def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu", *,
     if cfg.model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.model_name!r}; see open_clip.list_models() "
                          "or register a config with harma.register_model_config()")
-    with _quiet_transformers(), _partial_init_warning(dropped=bool(cfg.base_weights) or weights_follow):
-        clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device,
-                                      force_patch_dropout=cfg.patch_dropout or None)
+    try:
+        with _quiet_transformers(), quiet_pickle_warnings(), \
+                _partial_init_warning(dropped=bool(cfg.base_weights) or weights_follow):
+            clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, device=device,
+                                          force_patch_dropout=cfg.patch_dropout or None)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, KeyError) as e:
+        if not cfg.pretrained:
+            raise
+        # a file open_clip reads with torch.load(weights_only=True): a pickle that would run code, a
+        # corrupt or foreign file, or a tag with no weights here; one line, not torch's traceback
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise BaseWeightsError(f"model.pretrained={cfg.pretrained}: cannot be loaded for {cfg.model_name} "
+                               f"({type(e).__name__}: {first[:200]}); weights are read with "
+                               "torch.load(weights_only=True), so pickled code is refused") from None
     if cfg.patch_dropout and not hasattr(clip.visual, "patch_dropout"):
         raise ValueError(f"model.patch_dropout={cfg.patch_dropout} needs a ViT image tower; "
                          f"{cfg.model_name}'s is {type(clip.visual).__name__}")

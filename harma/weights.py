@@ -8,7 +8,9 @@ that names the keys (the released HarMA code loads with ``strict=False``, method
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Union
@@ -56,7 +58,8 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
         sd = load_file(str(path))
     else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            with quiet_pickle_warnings():
+                sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - turn any unpickling failure into one clear message
             raise BaseWeightsError(
                 f"{path}: not a weights-only torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
@@ -114,6 +117,14 @@ def load_base_weights(clip: nn.Module, path: Union[str, Path], strict: bool = Tr
     clip.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     return report
+
+
+@contextlib.contextmanager
+def quiet_pickle_warnings():
+    """Silence torch's warning about a file's pickle protocol: the refusal that follows says it all."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+        yield
 
 
 def open_clip_names(names: Iterable[str]) -> dict[str, str]:

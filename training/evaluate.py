@@ -27,7 +27,7 @@ from harma import BaseWeightsError, CheckpointError, ConfigError, ModelConfig, c
 from harma.checkpoint import CONFIG_NAME, atomic_write_bytes, read_adapter_config
 from harma.config import from_dict
 from harma.data import CARVES, DatasetError, RetrievalSplit, carve, load_split
-from harma.encode import EvalResult, bar_progress, evaluate_split
+from harma.encode import EvalResult, NonFiniteEmbeddingError, bar_progress, evaluate_split
 from harma.metrics import TIE_RULES, format_table
 from training.state import find_best
 
@@ -40,7 +40,7 @@ class CliError(Exception):
     """A user-facing problem: printed as one line, exit code 2."""
 
 
-USER_ERRORS = (CliError, DatasetError, CheckpointError, BaseWeightsError, ConfigError, OSError)
+USER_ERRORS = (CliError, DatasetError, CheckpointError, BaseWeightsError, ConfigError, NonFiniteEmbeddingError, OSError)
 
 
 def fail(e: BaseException) -> int:
