@@ -3,6 +3,7 @@ reduced to RGB by an explicit band choice, and clear errors (harma.data.images).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,41 @@ def test_image_cache_is_keyed_by_the_band_choice(tmp_path: Path, monkeypatch):
     swapped = ImageCache([tmp_path / "m.tif"], 16, tmp_path / "cache")
     assert first.path != swapped.path
     assert not (np.asarray(first[0]) == np.asarray(swapped[0])).all()
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    Image.fromarray(_scene()).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a download cut short: the header reads, the pixels do not
+    return path
+
+
+def test_verify_images_names_bad_files_and_remembers_good_datasets(tmp_path: Path):
+    from harma.data import verify_images
+
+    good = [tmp_path / f"{i}.png" for i in range(3)]
+    for p in good:
+        Image.fromarray(_scene()).save(p)
+    bad = _truncated_jpeg(tmp_path / "cut.jpg")
+    Image.open(bad)  # opening alone succeeds: only decoding finds it
+    with pytest.raises(DatasetError, match=r"1 of 4 images cannot be read: .*cut\.jpg"):
+        verify_images([*good, bad], tmp_path / "cache")
+    assert verify_images(good, tmp_path / "cache") == 3
+    assert verify_images(good, tmp_path / "cache") == 0  # remembered
+    Image.fromarray(_scene(seed=1)).save(good[0])
+    os.utime(good[0], ns=(1, 1))
+    assert verify_images(good, tmp_path / "cache") == 3  # a changed file is checked again
+
+
+def test_training_stops_on_a_corrupt_image_before_the_run_starts(tmp_path: Path, capsys):
+    from tests.test_encode import write_split
+    from training.train import main
+
+    data = write_split(tmp_path / "data", n_images=12)
+    _truncated_jpeg(data / "images" / "im05.png")  # JPEG bytes cut short, behind a .png name
+    code = main(["--config", "training/configs/debug_tiny.yaml", f"data.root={data}", "data.val_split=null",
+                 "data.val_fraction=0.25", f"run.out_dir={tmp_path / 'runs'}", "run.name=x"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "images cannot be read" in err and "im05.png" in err
+    assert not (tmp_path / "runs" / "x").exists()

@@ -26,11 +26,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from harma import BaseWeightsError, CheckpointError, ConfigError, UnsupportedModelError, create_model
-from harma.data import DatasetError
+from harma.data import DatasetError, verify_images
+from harma.encode import bar_progress
 from training.config import TrainConfig, load_config
-from training.data import SYNTHETIC, build_splits, prepare_root
+from training.data import SYNTHETIC, Splits, build_splits, prepare_root
 from training.distributed import barrier, broadcast_object, cleanup, init_distributed
 from training.engine import NonFiniteLossError, StepSettings, resolve_precision
 from training.loop import Trainer
@@ -103,6 +105,15 @@ def _plan(cfg: TrainConfig, config_path: Optional[str], main: bool) -> RunPlan:
     return plan
 
 
+def _verify(splits: Splits, cache_dir: Path, main: bool) -> None:
+    paths = list(dict.fromkeys(p for s in (splits.train, splits.val, splits.test) if s is not None for p in s.images))
+    with tqdm(total=len(paths), desc="checking images", unit="img", leave=False, disable=not main,
+              dynamic_ncols=True) as bar:
+        checked = verify_images(paths, cache_dir, progress=bar_progress(bar))
+    if checked and main:
+        log.info("checked %d images: all decode", checked)
+
+
 def run(cfg: TrainConfig, config_path: Optional[str]) -> int:
     register_architectures()
     _check_model(cfg)
@@ -117,6 +128,8 @@ def run(cfg: TrainConfig, config_path: Optional[str]) -> int:
     root = prepare_root(cfg.data, plan.run_dir, cfg.run.seed, write=False)
     # a real dataset is checked before anything is written, so a typo leaves no run folder behind
     splits = None if cfg.data.root == SYNTHETIC else build_splits(cfg.data, root)
+    if splits is not None:  # every image decodes, before the run starts (once per dataset: cached)
+        _verify(splits, Path(cfg.run.out_dir).expanduser() / ".image_cache", main)
     if main:
         write_config(plan.run_dir, cfg)
         if plan.last is None:  # run.resume=auto without a checkpoint: start the log afresh

@@ -6,7 +6,7 @@ from harma.data.cache import ImageCache
 from harma.data.captions import clean_caption
 from harma.data.datasets import ImageDataset, PairDataset
 from harma.data.errors import DatasetError
-from harma.data.images import IMAGE_EXTENSIONS, open_image
+from harma.data.images import IMAGE_EXTENSIONS, open_image, verify_images
 from harma.data.readers import FORMATS, detect_format, load_split
 from harma.data.split import CARVES, RetrievalSplit, carve, carve_block_split, carve_split, image_classes
 from harma.data.synthetic import write_synthetic_dataset
@@ -33,5 +33,6 @@ __all__ = [
     "load_split",
     "open_image",
     "train_transform",
+    "verify_images",
     "write_synthetic_dataset",
 ]

@@ -18,10 +18,11 @@ rule instead of letting a decoder truncate them silently:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -178,3 +179,44 @@ def open_image(path: str | Path, bands: Optional[Sequence[int]] = None) -> Image
         if path.suffix.lower() in (".tif", ".tiff"):  # e.g. more than four bands: tifffile may read it
             return to_rgb(_read_tiff(path), chosen, str(path))
         raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def verify_images(paths: Sequence[str | Path], cache_dir: Optional[str | Path] = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> int:
+    """Decode every image once, before work starts that would otherwise stop at the first bad one.
+
+    Args:
+        paths: image files (e.g. every image of the train and val splits).
+        cache_dir: where to remember that exactly these files (path, size, modification time) and
+            this band choice decoded, so the check runs once per dataset; None: always check.
+        progress: ``progress(done, total)``.
+
+    Returns:
+        How many images were decoded (0 when the cache already vouched for them).
+
+    Raises:
+        DatasetError: naming how many images failed and the first five, each with its reason.
+    """
+    h = hashlib.sha256(f"verify-v1|{image_bands()}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    marker = Path(cache_dir) / f"verified-{h.hexdigest()[:20]}" if cache_dir is not None else None
+    if marker is not None and marker.is_file():
+        return 0
+    bad: list[str] = []
+    for i, p in enumerate(paths):
+        try:
+            open_image(p)
+        except DatasetError as e:
+            bad.append(str(e))
+        if progress is not None:
+            progress(i + 1, len(paths))
+    if bad:
+        shown = "; ".join(bad[:5])
+        raise DatasetError(f"{len(bad)} of {len(paths)} images cannot be read: {shown}"
+                           + (" (and more)" if len(bad) > 5 else ""))
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{len(paths)} images decoded\n")
+    return len(paths)
