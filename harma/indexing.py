@@ -25,6 +25,13 @@ from .index import INDEX_FILE, EmbeddingIndex, texts_fingerprint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 SHARDS = ".shards"
+MIN_SHARDS, MIN_SHARD_SIZE = 16, 64  # a folder is written in at least 16 pieces (of >= 64 images)
+
+
+def effective_shard_size(n_images: int, shard_size: int) -> int:
+    """Images per shard: at most ``shard_size``, and small enough that a folder is written in at least
+    :data:`MIN_SHARDS` pieces, so an interruption loses little work whatever the folder size."""
+    return max(1, min(shard_size, max(MIN_SHARD_SIZE, -(-n_images // MIN_SHARDS))))
 MANIFEST = "manifest.json"
 Progress = Callable[[int, int], None]  # (images done, total)
 
@@ -94,7 +101,8 @@ def build_image_index(
         identity: what the embeddings depend on (:func:`harma.index.model_identity`); a partial
             build for a different identity or image list is refused unless ``overwrite``.
         batch_size: images per forward pass.
-        shard_size: images per resumable shard.
+        shard_size: images per resumable shard, at most (:func:`effective_shard_size` makes it
+            smaller for small folders, so that they are resumable too).
         num_workers: DataLoader decoding workers.
         overwrite: discard an existing index or partial build at ``out``.
         progress: ``progress(done, total)`` after every batch (resumed images count as done).
@@ -110,6 +118,7 @@ def build_image_index(
     if not paths:
         raise DatasetError(f"no images to index for {out}")
     ids = [p.relative_to(root).as_posix() if root is not None else str(p) for p in paths]
+    shard_size = effective_shard_size(len(paths), shard_size)
     identity = identity or {}
     manifest = {"version": 1, "identity": identity, "ids_sha256": texts_fingerprint(ids), "count": len(ids),
                 "shard_size": shard_size}

@@ -88,3 +88,34 @@ def test_missing_or_empty_image_folder_is_a_clear_error(setup, tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert main(base + ["--images", str(tmp_path / "empty")]) == 2
     assert "no image files found" in capsys.readouterr().err
+
+
+def test_default_shard_size_still_resumes_a_small_folder(setup, tmp_path):  # noqa: F811
+    """A 300-image folder under the default 4096-image shard size is written in pieces, so an
+    interruption keeps what was encoded (it used to keep only the manifest)."""
+    from harma.indexing import effective_shard_size
+
+    assert effective_shard_size(1890, 4096) == 119 and effective_shard_size(10**6, 4096) == 4096
+    assert effective_shard_size(8, 3) == 3 and effective_shard_size(300, 4096) == 64
+    rng = np.random.default_rng(0)
+    (tmp_path / "many").mkdir()
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "many" / f"{i:03d}.png")
+    files = list_images(tmp_path / "many")
+    model, transform = setup["model"], setup["transform"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_late(done, total):
+        if done > 200:
+            raise Stop
+
+    with pytest.raises(Stop):
+        build_image_index(model, transform, files, tmp_path / "idx", root=tmp_path / "many", batch_size=32,
+                          progress=stop_late)
+    assert len(list((tmp_path / "idx" / ".shards").glob("shard-*"))) == 3
+    seen = []
+    index = build_image_index(model, transform, files, tmp_path / "idx", root=tmp_path / "many", batch_size=32,
+                              progress=lambda d, t: seen.append(d))
+    assert seen[0] == 192 and len(index) == 300

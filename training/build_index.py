@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true",
                    help="index with the checkpoint's backbone without adapters (zero-shot)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
+    p.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard, at most (small folders use smaller shards so they resume too)")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--base-weights", help="local path of the base-weights file, if it moved")
