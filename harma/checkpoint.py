@@ -18,6 +18,7 @@ import torch
 
 from .config import ModelConfig, from_dict, to_dict
 from .model import HarmaModel, create_model
+from .weights import file_sha256
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -81,6 +82,9 @@ def save_adapters(model: HarmaModel, directory: Union[str, Path], extra: Optiona
         "versions": _versions(),
         "extra": extra or {},
     }
+    if model.base_info.get("base_weights"):  # so the folder loads from any working directory
+        meta["base"] = {**meta["base"], "base_weights_relative": Path(
+            os.path.relpath(Path(model.base_info["base_weights"]).resolve(), directory.resolve())).as_posix()}
     # Weights first, config last: a directory with a config always has matching weights.
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
@@ -170,6 +174,10 @@ def load_adapters(directory: Union[str, Path], device: Union[str, torch.device] 
     if pretrained != "__saved__":
         cfg.pretrained = pretrained
     if cfg.base_weights and not Path(cfg.base_weights).exists():
+        found = find_base_weights(Path(directory), meta["base"])
+        if found is not None:
+            cfg.base_weights = str(found)
+    if cfg.base_weights and not Path(cfg.base_weights).exists():
         raise CheckpointError(f"{directory}: base weights {cfg.base_weights} not found on this machine; "
                               "pass base_weights=PATH (sha256 " + str(meta["base"].get("base_weights_sha256")) + ")")
     _register_saved_arch(meta["base"])
@@ -177,6 +185,28 @@ def load_adapters(directory: Union[str, Path], device: Union[str, torch.device] 
     out = create_model(cfg, device, weights_follow=cfg.method == "full")
     load_adapter_weights(out[0], directory)
     return out
+
+
+def _weights_sha256(path: Path) -> Optional[str]:
+    target = path / WEIGHTS_NAME if path.is_dir() else path
+    return file_sha256(target) if target.is_file() else None
+
+
+def find_base_weights(directory: Path, base: dict) -> Optional[Path]:
+    """The base weights of a checkpoint loaded from another working directory: at the path saved
+    relative to the checkpoint folder, else a sibling of the folder with the recorded sha256
+    (``checkpoints/ucm-harma`` finds ``checkpoints/rs-backbone``)."""
+    sha = base.get("base_weights_sha256")
+    candidates = []
+    if base.get("base_weights_relative"):
+        candidates.append(directory / base["base_weights_relative"])
+    if directory.parent.is_dir():
+        candidates += sorted(p for p in directory.parent.iterdir() if p.resolve() != directory.resolve() and (
+            (p / CONFIG_NAME).is_file() or p.suffix in (".safetensors", ".pt", ".pth", ".bin")))
+    for path in candidates:
+        if path.exists() and (sha is None or _weights_sha256(path) == sha):
+            return path
+    return None
 
 
 def _register_saved_arch(base: dict) -> None:

@@ -137,3 +137,43 @@ def test_random_backbone_checkpoint_rebuilds_exactly(tmp_path, tiny_inputs):
         assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
     other = create_model(ModelConfig(model_name=TINY_NAME, method="zeroshot", init_seed=6))[0]
     assert not torch.equal(other.clip.visual.conv1.weight, model.clip.visual.conv1.weight)
+
+
+def test_checkpoint_finds_its_base_weights_from_any_working_directory(tmp_path, monkeypatch, tiny_inputs):
+    """Base weights recorded by a relative path are found relative to the checkpoint folder, or as
+    a sibling with the recorded sha256, so a checkpoint loads outside the repository root."""
+    from safetensors.torch import save_file
+
+    from tests.conftest import tiny_config
+
+    repo = tmp_path / "repo"
+    (repo / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file(open_clip.create_model(TINY_NAME).state_dict(), str(repo / "checkpoints" / "base.safetensors"))
+    monkeypatch.chdir(repo)
+    cfg = tiny_config()
+    cfg.base_weights = "checkpoints/base.safetensors"  # relative to the repository root, as shipped
+    from harma import create_model
+
+    model = create_model(cfg)[0]
+    perturb_(model)
+    save_adapters(model, "checkpoints/adapters")
+    meta = json.loads((repo / "checkpoints" / "adapters" / CONFIG_NAME).read_text())
+    assert meta["base"]["base_weights_relative"] == "../base.safetensors"
+    ref = model.encode_image(tiny_inputs[0], normalize=True)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_adapters(repo / "checkpoints" / "adapters")[0]
+    assert torch.allclose(loaded.encode_image(tiny_inputs[0], normalize=True), ref, atol=1e-6)
+
+    del meta["base"]["base_weights_relative"]  # a checkpoint from before: found by its sha256 beside it
+    (repo / "checkpoints" / "adapters" / CONFIG_NAME).write_text(json.dumps(meta))
+    (repo / "checkpoints" / "other.safetensors").write_bytes(b"not these")
+    loaded = load_adapters(repo / "checkpoints" / "adapters")[0]
+    assert torch.allclose(loaded.encode_image(tiny_inputs[0], normalize=True), ref, atol=1e-6)
+
+    (repo / "checkpoints" / "base.safetensors").rename(repo / "moved.safetensors")
+    with pytest.raises(CheckpointError, match="not found on this machine"):
+        load_adapters(repo / "checkpoints" / "adapters")
