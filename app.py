@@ -49,6 +49,7 @@ ASSETS = ROOT / "assets"
 DEFAULT_PRESET = "rs-minilm-harma"
 MAX_QUERY_CHARS = 300
 MAX_K = 50
+QUERY_CONCURRENCY = int(os.environ.get("HARMA_QUERY_CONCURRENCY", "4"))  # query events served at once (Gradio: 1)
 MAX_UPLOADS = 500
 ENV_NAMES = {"cache_dir": "HARMA_CACHE"}  # AppConfig fields whose variable is not HARMA_<FIELD>
 MAX_ENCODE = 20_000  # images the app encodes itself for an --index gallery lacking one model's index
@@ -382,10 +383,20 @@ def _progress_cb(progress: Any) -> Callable[[str, str, int, int], None]:
     return cb
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:])/(?:[^\s/'\"():,;]+/)+([^\s/'\"():,;]+)")
+
+
+def file_names_only(msg: str) -> str:
+    """A message for a visitor: absolute paths (server upload folders, the dataset's location)
+    shortened to their file names."""
+    return _ABSOLUTE_PATH.sub(r"\1", msg)
+
+
 def _fail(e: BaseException) -> str:
-    """Log, show a warning toast, and return the message for the status box."""
+    """Log (with paths), show a warning toast and return the message for the status box (file names only)."""
     msg = str(e) if isinstance(e, AppError) else one_line(e)
     log.warning("%s", msg)
+    msg = file_names_only(msg)
     gr.Warning(msg)
     return f"⚠️ {msg}"
 
@@ -448,7 +459,7 @@ def status_text(app: AppState, model_key: Optional[str], gallery_key: Optional[s
     try:
         lines.append("**Gallery:** " + app.gallery(gallery_key).describe())
     except (AppError, *USER_ERRORS) as e:
-        lines.append(f"**Gallery:** ⚠️ {e if isinstance(e, AppError) else one_line(e)}")
+        lines.append(f"**Gallery:** ⚠️ {file_names_only(str(e) if isinstance(e, AppError) else one_line(e))}")
     return "\n\n".join(lines)
 
 
@@ -706,17 +717,20 @@ def build_demo(config: Optional[AppConfig] = None,
                 metrics_note = gr.Markdown(elem_classes="harma-note", label="note")
 
         common = [k, model, gallery_key]
+        # queries are served concurrently (one pool for all query events); the model calls inside
+        # are serialised by harma.index.Retriever, everything else (search, files, streaming) overlaps
+        fast = dict(concurrency_limit=QUERY_CONCURRENCY, concurrency_id="queries")
         t2i = dict(fn=partial(search_text, app), inputs=[query] + common,
-                   outputs=[base_gallery, adapted_gallery, status])
+                   outputs=[base_gallery, adapted_gallery, status], **fast)
         search.click(**t2i, api_name="search_text")
         query.submit(**t2i, api_visibility="private")
         upload.upload(partial(search_image, app), [upload] + common, [preview, base_caps, adapted_caps, status],
-                      api_name="search_image")
+                      api_name="search_image", **fast)
 
         def on_pick(k_, model_, gallery_, evt: gr.SelectData, progress=gr.Progress()):
             return pick_image(app, evt.index, k_, model_, gallery_, progress)
 
-        picker.select(on_pick, common, [preview, base_caps, adapted_caps, status], api_visibility="private")
+        picker.select(on_pick, common, [preview, base_caps, adapted_caps, status], api_visibility="private", **fast)
         space_tab.select(partial(embedding_view, app), [model, gallery_key],
                          [base_plot, adapted_plot, gap_table, space_note], api_name="embedding_view")
         metrics_tab.select(partial(metrics_table, app), [model, gallery_key], [metric_table, metrics_note],
@@ -730,13 +744,27 @@ def build_demo(config: Optional[AppConfig] = None,
     return demo
 
 
-def launch_options(demo: gr.Blocks) -> dict[str, Any]:
-    """``launch()`` arguments: theme and css (Gradio 6 takes them here) and the folders images are served from."""
-    app: AppState = demo.harma_state
-    allowed = [str(app.cache_dir)]
+def served_folders(app: AppState) -> list[str]:
+    """The folders the app must serve files from: its thumbnails and uploads (not its embedding
+    cache), and the real (symlinks resolved) folders of the gallery's images, so a dataset whose
+    ``images/`` is a link to an image store works."""
+    folders = {app.cache_dir / "thumbs", app.cache_dir / "uploads"}
+    for key in {app.default_gallery, "data" if app.config.data else "", "index" if app.config.index else ""} - {""}:
+        try:
+            folders.update(p.resolve().parent for p in app.gallery(key).images)
+        except (AppError, *USER_ERRORS) as e:  # shown in the status line when the gallery is used
+            log.warning("gallery %s: %s", key, one_line(e))
     if app.config.data:
-        allowed.append(str(Path(app.config.data).expanduser().resolve()))
-    return dict(allowed_paths=allowed, theme=gr.themes.Soft(), css=CSS, max_file_size="25mb")
+        folders.add(Path(app.config.data).expanduser().resolve())
+    return sorted(str(f) for f in folders)
+
+
+def launch_options(demo: gr.Blocks) -> dict[str, Any]:
+    """``launch()`` arguments: theme and css (Gradio 6 takes them here), the folders files are served
+    from (:func:`served_folders`) and the embedding cache, which is never served."""
+    app: AppState = demo.harma_state
+    return dict(allowed_paths=served_folders(app), blocked_paths=[str(app.cache_dir / "index")],
+                theme=gr.themes.Soft(), css=CSS, max_file_size="25mb")
 
 
 demo = build_demo()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -291,10 +291,42 @@ def _browser_latency(url: str, n: int, k: int = 8) -> list[float]:
 QUERY = "many planes parked at an airport"
 
 
+def _parallel_queries(base: str, n: int, pid: int) -> dict[str, Any]:
+    """``n`` text queries sent at the same moment, each on its own connection: latency p50/p99,
+    errors, and the app's resident memory afterwards."""
+    import concurrent.futures
+    import threading
+
+    import httpx
+
+    start = threading.Barrier(n)
+
+    def one(i: int) -> tuple[float, Optional[str]]:
+        with httpx.Client(timeout=600) as http:
+            start.wait()
+            t0 = time.perf_counter()
+            try:
+                _, _, status = _api(http, base, "search_text", [_query(1000 + i), 8, None])
+                return time.perf_counter() - t0, None if "⚠️" not in status else status
+            except (Skip, httpx.HTTPError) as e:
+                return time.perf_counter() - t0, str(e)
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    lat = [t for t, _ in results]
+    try:
+        rss = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")) / 1024
+    except (OSError, StopIteration):
+        rss = float("nan")
+    return {f"{n} parallel p50 ms": _pct(lat, 0.5), f"{n} parallel p99 ms": _pct(lat, 0.99),
+            f"{n} parallel errors": sum(err is not None for _, err in results), "app RSS MB": rss}
+
+
 def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[dict]:
     """The real app on its default model with UCM train as the gallery: cold start to first answer
-    (warm embedding cache), text query latency through the HTTP API and gradio_client, click-to-images
-    in headless Chromium (when /usr/bin/chromium exists), embedding tab from cache."""
+    (warm embedding cache), text query latency through the HTTP API and gradio_client, 20 queries
+    sent at once (p50/p99, errors, the app's memory), click-to-images in headless Chromium (when
+    /usr/bin/chromium exists), embedding tab from cache."""
     import httpx
     from gradio_client import Client
 
@@ -323,11 +355,12 @@ def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[di
                 t_view = _time(lambda: _api(http, base, "embedding_view", [None]), torch.device("cpu"))
                 lat = [_time(lambda i=i: _api(http, base, "search_text", [_query(i), 8, None]),
                              torch.device("cpu")) for i in range(20)]
+            parallel = _parallel_queries(base, 20, proc.pid)
             client = Client(base + "/", verbose=False, download_files=False)
             lat_client = [_time(lambda i=i: client.predict(_query(i), 8, api_name="/search_text"),
                                 torch.device("cpu")) for i in range(10)]
             row = {"run": run, "server up s": up, "first answer s": first, "query p50 ms": _pct(lat, 0.5),
-                   "query p99 ms": _pct(lat, 0.99), "gradio_client p50 ms": _pct(lat_client, 0.5)}
+                   "query p99 ms": _pct(lat, 0.99), **parallel, "gradio_client p50 ms": _pct(lat_client, 0.5)}
             if CHROMIUM.is_file():
                 row["browser p50 ms"] = _pct(_browser_latency(base + "/", 10), 0.5)
             rows.append({**row, "embedding tab s": t_view})

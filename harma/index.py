@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -449,17 +450,24 @@ class Retriever:
         return retriever
 
     # -- encoding one query ----------------------------------------------------------------------
+    # Queries may come from many threads at once (a web app). Hugging Face fast tokenizers refuse
+    # concurrent use ("Already borrowed"), two retrievers often share one tokenizer and model, and on
+    # a CPU parallel forward passes only compete for the same cores: one process-wide lock makes the
+    # model calls thread-safe; everything around them (search, serving) still runs in parallel.
+    _model_lock = threading.Lock()
+
     def encode_text(self, query: str) -> torch.Tensor:
-        """(D,) normalised embedding of one text query."""
+        """(D,) normalised embedding of one text query (thread-safe)."""
         text = clean_caption(query, 30) if self.clean_queries else query.strip()
         if not text:
             raise ValueError("the query is empty (after removing punctuation)")
-        return encode_texts(self.model, [text], self.tokenizer)[0]
+        with Retriever._model_lock:
+            return encode_texts(self.model, [text], self.tokenizer)[0]
 
     def encode_image(self, image: Any) -> torch.Tensor:
-        """(D,) normalised embedding of one RGB PIL image."""
+        """(D,) normalised embedding of one RGB PIL image (thread-safe)."""
         pixels = self.preprocess(image.convert("RGB"))[None].to(_device(self.model, None))
-        with _eval_mode(self.model), torch.inference_mode():
+        with Retriever._model_lock, _eval_mode(self.model), torch.inference_mode():
             emb = self.model.encode_image(pixels, normalize=True)
         return F.normalize(emb.float(), dim=-1)[0].cpu()
 

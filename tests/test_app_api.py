@@ -56,6 +56,58 @@ def test_search_image_with_a_file(served, tmp_path):
     fake.write_bytes(b"not a png")
     preview, base, _, status = client.predict(handle_file(str(fake)), 3, api_name="/search_image")
     assert preview is None and base["data"] in ([], [[]]) and "cannot read image" in status
+    assert "fake.png" in status and "/" not in status.split("⚠️")[1]  # the file's name, not the server's path
     _, _, status = client.predict("", 4, api_name="/search_text")
     assert "type a query" in status
     assert len(client.predict("a blue circle", 2, api_name="/search_text")[0]) == 2
+
+
+def test_parallel_queries_all_answer(served):
+    """Query events are served concurrently; the model calls are serialised safely (a shared HF-style
+    tokenizer and model), so every answer is complete and right."""
+    import concurrent.futures
+
+    _, client = served
+    ref = client.predict("a red square on a grey field", 4, api_name="/search_text")
+
+    def one(i: int):
+        return client.predict("a red square on a grey field", 4, api_name="/search_text")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    for base, adapted, status in answers:
+        assert "⚠️" not in status
+        assert [x["caption"] for x in base] == [x["caption"] for x in ref[0]]
+        assert [x["caption"] for x in adapted] == [x["caption"] for x in ref[1]]
+
+
+def test_symlinked_images_folder_is_served_and_the_cache_is_not(tmp_path_factory):
+    import shutil
+
+    import httpx
+
+    setup = tiny_setup(tmp_path_factory.getbasetemp() / "harma-app")
+    linked = tmp_path_factory.mktemp("linked")
+    for f in setup["data"].iterdir():
+        if f.is_file():
+            shutil.copy(f, linked / f.name)
+    store = tmp_path_factory.mktemp("store")
+    shutil.copytree(setup["data"] / "images", store / "images")
+    (linked / "images").symlink_to(store / "images", target_is_directory=True)
+    config = app.AppConfig(data=str(linked), split="train", checkpoint=str(setup["adapters"]),
+                           cache_dir=str(linked.parent / "linked-cache"))
+    demo = app.build_demo(config)
+    opts = app.launch_options(demo)
+    assert str((store / "images").resolve()) in opts["allowed_paths"]
+    assert not any(p.endswith("linked-cache") for p in opts["allowed_paths"])
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            **opts)
+    try:
+        base, adapted, status = Client(url, verbose=False).predict("a red square on a grey field", 4,
+                                                                    api_name="/search_text")
+        assert "⚠️" not in status and len(base) == len(adapted) == 4 and all(x["image"] for x in base)
+        cached = next((linked.parent / "linked-cache" / "index").rglob("*.safetensors"))
+        r = httpx.get(f"{url.rstrip('/')}/gradio_api/file={cached}")
+        assert r.status_code in (403, 404), r.status_code
+    finally:
+        demo.close()
