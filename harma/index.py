@@ -388,6 +388,8 @@ class Retriever:
         self.captions = captions
         self.clean_queries = clean_queries
         self.from_cache: dict[str, bool] = {}
+        self._pending: list[dict] = []  # text queries waiting for the model (see encode_text)
+        self._pending_lock = threading.Lock()
 
     @classmethod
     def build(cls, model: nn.Module, preprocess: Callable, tokenizer: Callable, image_paths: Sequence[Union[str, Path]],
@@ -453,16 +455,26 @@ class Retriever:
     # Queries may come from many threads at once (a web app). Hugging Face fast tokenizers refuse
     # concurrent use ("Already borrowed"), two retrievers often share one tokenizer and model, and on
     # a CPU parallel forward passes only compete for the same cores: one process-wide lock makes the
-    # model calls thread-safe; everything around them (search, serving) still runs in parallel.
+    # model calls thread-safe, and text queries that arrive while the model is busy are encoded
+    # together in one forward pass (the first waiting thread encodes for all of them).
     _model_lock = threading.Lock()
 
     def encode_text(self, query: str) -> torch.Tensor:
-        """(D,) normalised embedding of one text query (thread-safe)."""
+        """(D,) normalised embedding of one text query (thread-safe; concurrent queries are batched)."""
         text = clean_caption(query, 30) if self.clean_queries else query.strip()
         if not text:
             raise ValueError("the query is empty (after removing punctuation)")
+        request = {"text": text}
+        with self._pending_lock:
+            self._pending.append(request)
         with Retriever._model_lock:
-            return encode_texts(self.model, [text], self.tokenizer)[0]
+            if "embedding" not in request:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                embs = encode_texts(self.model, [r["text"] for r in batch], self.tokenizer)
+                for r, e in zip(batch, embs):
+                    r["embedding"] = e
+        return request["embedding"]
 
     def encode_image(self, image: Any) -> torch.Tensor:
         """(D,) normalised embedding of one RGB PIL image (thread-safe)."""

@@ -226,6 +226,8 @@ def test_demo_wires_stable_api_names(setup):
     assert {"search_text", "search_image", "embedding_view", "metrics", "status"} <= names
     opts = app.launch_options(demo)
     assert str(setup["data"].resolve()) in opts["allowed_paths"] and "theme" in opts and "css" in opts
+    search = next(fn for fn in demo.fns.values() if fn.api_name == "search_text")
+    assert search.concurrency_limit == app.QUERY_CONCURRENCY > 1  # served concurrently, not one at a time
 
 
 def test_prebuilt_index_gallery_uses_the_matching_index(setup, tmp_path):

@@ -199,3 +199,37 @@ def test_model_identity(tiny):
     zs, _, _, _ = create_model(tiny_config("zeroshot"))
     assert model_identity(zs)["adapters_sha256"] == "none"
     assert paths_fingerprint(t["split"].images) != paths_fingerprint(t["split"].images[::-1])
+
+
+def test_concurrent_text_queries_are_batched_and_equal_to_single_ones(tiny, tmp_path):
+    """Queries that arrive while the model is busy are encoded in one forward pass, with the same
+    embeddings as one at a time."""
+    import threading
+
+    r = _build(tiny, tmp_path / "cache")
+    queries = [f"a red square number {i}" for i in range(6)]
+    alone = [r.encode_text(q) for q in queries]
+    calls = []
+    real = r.model.encode_text
+
+    def counting(tokens, *a, **k):
+        calls.append(tokens.shape[0])
+        return real(tokens, *a, **k)
+
+    r.model.encode_text = counting
+    out = [None] * len(queries)
+    try:
+        with Retriever._model_lock:  # the model is busy: every query waits
+            threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, r.encode_text(queries[i])))
+                       for i in range(len(queries))]
+            for t in threads:
+                t.start()
+            while len(r._pending) < len(queries):
+                threading.Event().wait(0.01)
+        for t in threads:
+            t.join(30)
+    finally:
+        del r.model.encode_text
+    assert calls == [len(queries)]
+    for got, ref in zip(out, alone):
+        assert torch.allclose(got, ref, atol=1e-5)
