@@ -173,7 +173,7 @@ def load_adapters(directory: Union[str, Path], device: Union[str, torch.device] 
         cfg.base_weights = base_weights
     if pretrained != "__saved__":
         cfg.pretrained = pretrained
-    if cfg.base_weights and not Path(cfg.base_weights).exists():
+    if base_weights is None and cfg.base_weights and not Path(cfg.base_weights).exists():
         found = find_base_weights(Path(directory), meta["base"])
         if found is not None:
             cfg.base_weights = str(found)
