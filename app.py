@@ -46,6 +46,7 @@ log = logging.getLogger("harma.app")
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
+DEMO = ASSETS / "demo"  # the bundled gallery (UCM test split; python -m training.build_demo)
 DEFAULT_PRESET = "rs-minilm-harma"
 MAX_QUERY_CHARS = 300
 MAX_K = 50
@@ -114,13 +115,16 @@ class AppConfig:
             elif f.name in ("umap_points", "batch_size"):
                 value = int(value)
             setattr(cfg, f.name, value)
+        if not cfg.data and not cfg.index and (DEMO / "test.csv").is_file():
+            cfg.data = str(DEMO)  # no dataset given: the bundled demo gallery, so every tab works
         return cfg
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Namespace]:
     base = AppConfig.from_env()
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=base.data, help="dataset folder (env HARMA_DATA)")
+    p.add_argument("--data", default=base.data,
+                   help="dataset folder (env HARMA_DATA; default: the bundled demo gallery, assets/demo)")
     p.add_argument("--index", nargs="+", default=base.index.split(",") if base.index else None,
                    help="image index folder(s) from python -m training.build_index (adapted and/or --baseline); "
                    "the gallery is the indexed images (env HARMA_INDEX, comma-separated)")
@@ -219,6 +223,10 @@ def dataset_gallery(root: str, split: Optional[str] = None) -> Gallery:
     else:
         raise AppError(one_line(errors[-1]))
     pool = CaptionPool.from_captions(s.captions, s.text_to_image) if s.num_captions else None
+    if path.resolve() == DEMO.resolve():
+        name = ("bundled demo gallery: UCM-Captions test split (USGS public-domain imagery, captions by "
+                "Qu et al. 2016; assets/demo/CREDITS.md); `--data DIR` for your own")
+        return Gallery(name, s, pool)
     return Gallery(s.name, s, pool)
 
 

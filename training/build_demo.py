@@ -1,0 +1,110 @@
+"""Build the app's bundled demo gallery, ``assets/demo/``, from UCM-Captions' official test split.
+
+    python -m training.build_demo --data ../shared/datasets/ucm --out assets/demo
+
+210 images (10 per class, 21 classes), downscaled to JPEG, their 1,050 captions and class labels in
+``test.csv`` (image, caption, label_name), and ``CREDITS.md``. ``python app.py`` with no dataset
+uses it, so the app works on a fresh clone and on a Hugging Face Space. The pixels are USGS
+public-domain orthoimagery (UC Merced Land Use, Yang & Newsam 2010); the captions are UCM-Captions
+(Qu et al. 2016). The gallery is the *test* split: nothing here is used for training or selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from harma.checkpoint import atomic_write_bytes
+from harma.data import DatasetError, image_classes, load_split, open_image
+
+# UC Merced Land Use classes in id order: ids 1-100 are the first, 101-200 the second, ...
+UCM_CLASSES = ("agricultural", "airplane", "baseball diamond", "beach", "buildings", "chaparral",
+               "dense residential", "forest", "freeway", "golf course", "harbor", "intersection",
+               "medium residential", "mobile home park", "overpass", "parking lot", "river", "runway",
+               "sparse residential", "storage tanks", "tennis court")
+MAX_BYTES = 6 * 2**20
+
+CREDITS = """# Demo gallery: credits and licence
+
+The app's bundled gallery: UCM-Captions' official test split (210 images, 10 per class, 21 classes;
+1,050 captions), made by `python -m training.build_demo --data <UCM-Captions folder> --out assets/demo`.
+It is used for demonstration only; nothing in this folder is used for training or model selection.
+
+- **Images**: UC Merced Land Use dataset, Yang & Newsam, "Bag-of-visual-words and spatial extensions
+  for land-use classification", ACM SIGSPATIAL 2010. Tiles of USGS National Map Urban Area Imagery,
+  which is in the public domain. Downscaled here to {side} px JPEG.
+- **Captions**: UCM-Captions, Qu, Zhang, Li, Li & Wang, "Deep semantic understanding of high
+  resolution remote sensing image", CITS 2016; the test split as published with PE-RSITR
+  (Yuan et al. 2023). Class labels follow the image ids (100 per class, in alphabetical order).
+
+Obtain the full dataset from its authors (see the project README, "Datasets").
+"""
+
+
+def ucm_class(key: str) -> str:
+    """The UCM class name for an :func:`harma.data.image_classes` key of numeric ids ("ids 101-200")."""
+    first = int(key.split()[1].split("-")[0])
+    index = (first - 1) // 100
+    if not 0 <= index < len(UCM_CLASSES):
+        raise DatasetError(f"image ids {key} are outside UC Merced's 21 classes of 100 ids")
+    return UCM_CLASSES[index]
+
+
+def build(data: Path, out: Path, split: str = "test", side: int = 192, quality: int = 85) -> int:
+    """Write the gallery; returns its size in bytes."""
+    s = load_split(data, split)
+    classes, _ = image_classes(s)
+    if s.labels is None:
+        labels = [ucm_class(c) for c in classes]
+    else:
+        labels = list(s.labels)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    names = []
+    for path in s.images:
+        img = open_image(path)
+        img.thumbnail((side, side))
+        name = f"images/{path.stem}.jpg"
+        img.save(tmp / name, quality=quality, optimize=True)
+        names.append(name)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "caption", "label_name"])
+    for caption, i in zip(s.captions, s.text_to_image):
+        writer.writerow([names[i], caption.strip(), labels[i]])
+    atomic_write_bytes(tmp / f"{split}.csv", buf.getvalue().encode())
+    atomic_write_bytes(tmp / "CREDITS.md", CREDITS.format(side=side).encode())
+    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    if size > MAX_BYTES:
+        shutil.rmtree(tmp)
+        raise DatasetError(f"the demo gallery would take {size / 2**20:.1f} MB (limit 6 MB); lower --side or --quality")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return size
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.build_demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="UCM-Captions folder (PE-RSITR txt with a test split)")
+    p.add_argument("--out", default="assets/demo", help="gallery folder (replaced)")
+    p.add_argument("--split", default="test", help="split to bundle (default: test)")
+    p.add_argument("--side", type=int, default=192, help="longest image side in pixels")
+    p.add_argument("--quality", type=int, default=85, help="JPEG quality")
+    args = p.parse_args(argv)
+    try:
+        size = build(Path(args.data), Path(args.out), args.split, args.side, args.quality)
+    except (DatasetError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({size / 2**20:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
