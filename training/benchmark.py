@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -283,9 +284,9 @@ def write_results(suite: Suite, results_dir: Path, readme: Optional[Path]) -> di
 
 
 def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str) -> list[str]:
-    """Export the given seed's best/ of every shipped method to ``checkpoints/<name>`` (fp16), evaluate
-    the exported files on val and test (with the zero-shot baseline), record that in
-    ``results/<suite>/shipped/<name>.json`` and in the model card. The seed is fixed in advance (the
+    """Export the given seed's best/ of every shipped method to ``checkpoints/<name>`` (fp16, with the
+    run's ``metrics.jsonl``), evaluate the exported files on val and test (with the zero-shot
+    baseline), record that in ``results/<suite>/shipped/<name>.json`` and in the model card. The seed is fixed in advance (the
     first one), so nothing is chosen on test. Returns the names shipped."""
     from training.export import export
 
@@ -299,6 +300,7 @@ def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str) 
             continue
         out = ROOT / "checkpoints" / m.ship
         export(run_dir, out, "fp16")
+        shutil.copy(run_dir / "metrics.jsonl", out / "metrics.jsonl")  # every epoch's validation, beside the pick
         cfg = load_config(ROOT / suite.config, [*m.overrides, f"data.root={data}"])
         name = f"checkpoints/{m.ship}"
         val = _evaluate(out, data, "train:val", _carve_args(cfg))
