@@ -444,8 +444,8 @@ def _ids_by_class(split: RetrievalSplit) -> dict[int, list[int]]:
 def test_block_carve_is_a_contiguous_run_of_ids_per_class(kind: str) -> None:
     full = _tiled_split(labels=kind == "labels", prefix=kind == "prefix")
     train, val = carve_block_split(full, val_fraction=0.1)
-    # the last 3 ids of every class: a block like UCM's test split, just before where it would sit
-    assert _ids_by_class(val) == {c: [c * 100 + 28, c * 100 + 29, c * 100 + 30] for c in range(3)}
+    # the first 3 ids of every class: a contiguous block, like UCM's test split (which is the last one)
+    assert _ids_by_class(val) == {c: [c * 100 + 1, c * 100 + 2, c * 100 + 3] for c in range(3)}
     assert set(train.images).isdisjoint(val.images) and set(train.images) | set(val.images) == set(full.images)
     for part in (train, val):
         for caption, i in zip(part.captions, part.text_to_image):

@@ -34,8 +34,8 @@ class DataConfig:
     allow_empty: bool = False  # drop empty/whitespace captions (counted in the log) instead of refusing the file
     val_split: Optional[str] = "val"  # model selection split; None = carve val_fraction of train
     val_fraction: float = 0.1  # used when val_split is None
-    # how val is carved: block = the last val_fraction of the ids of every scene class, next to where
-    # UCM's test block sits (deterministic) | random = images drawn with carve_seed (leaks on
+    # how val is carved: block = the first val_fraction of the ids of every scene class, a contiguous
+    # block like UCM's test split (deterministic) | random = images drawn with carve_seed (leaks on
     # tiled-scene datasets such as UCM: near-duplicate neighbours land on both sides)
     carve: str = "block"
     carve_seed: int = 0  # random carve only
