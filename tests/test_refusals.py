@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from harma.checkpoint import WEIGHTS_NAME
 from tests.test_evaluate_cli import _args, setup  # noqa: F401  (the module fixture)
+from training.build_index import main as build_index_main
 from training.evaluate import main as evaluate_main
+from training.export import main as export_main
 from training.train import main as train_main
 
 
@@ -83,5 +85,10 @@ def test_pickled_pretrained_is_refused_without_running_it(setup, tmp_path, capsy
     (ckpt / WEIGHTS_NAME).write_bytes((setup["adapters"] / WEIGHTS_NAME).read_bytes())
     (ckpt / "adapter_config.json").write_text(json.dumps(cfg))
     assert evaluate_main(_args(ckpt, setup["data"], tmp_path / "o.json", "--split", "train")) == 2
+    assert "cannot be loaded" in _one_error_line(capsys.readouterr().err)
+    assert build_index_main(["--checkpoint", str(ckpt), "--images", str(setup["data"]), "--out",
+                             str(tmp_path / "index"), "--num-workers", "0"]) == 2
+    assert "cannot be loaded" in _one_error_line(capsys.readouterr().err)
+    assert export_main(["--run", str(ckpt), "--out", str(tmp_path / "exported")]) == 2
     assert "cannot be loaded" in _one_error_line(capsys.readouterr().err)
     assert not marker.exists()
