@@ -644,10 +644,11 @@ def metrics_table(app: AppState, model_key: Optional[str], gallery_key: Optional
             return rows
 
         rows = app.cached(("metrics", app.model_key(model_key), gallery_key), compute)
-        note = (f"{gallery.split.name}: {gallery.split.num_images:,} images, {gallery.split.num_captions:,} captions "
-                "(cleaned as in evaluation; an image's i2t rank is the best rank among its captions). Same protocol "
-                "as `python -m training.evaluate --baseline`. If the adapters were trained on this split, the "
-                "numbers measure fit, not generalisation.")
+        note = (f"Split scored: **{gallery.split.name}**, {gallery.split.num_images:,} images, "
+                f"{gallery.split.num_captions:,} captions (cleaned as in evaluation; an image's i2t rank is the best "
+                "rank among its captions; tied scores count at their expected rank, so the order of the file does "
+                "not matter). Same protocol as `python -m training.evaluate --baseline`. If the adapters were "
+                "trained on this split, the numbers measure fit, not generalisation.")
         return rows, note
     except (AppError, *USER_ERRORS) as e:
         return [], _fail(e)
