@@ -113,3 +113,24 @@ def test_one_tiny_run_end_to_end_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(benchmark, "execute", lambda *a: pytest.fail("a finished run was trained again"))
     assert benchmark.main(args) == 0
+
+
+def test_shipped_checkpoints_match_their_records_and_the_readme():
+    """Each shipped checkpoint names the epoch that was best on the block carve (its metrics.jsonl
+    shows it), and the README's shipped table is the one its records render."""
+    from training.benchmark import shipped_markdown
+
+    shipped = ROOT / "results" / "ucm" / "shipped"
+    if not shipped.is_dir():
+        pytest.skip("no shipped checkpoints recorded in this checkout")
+    for path in shipped.glob("*.json"):
+        record = json.loads(path.read_text())
+        ckpt = ROOT / record["checkpoint"]
+        meta = json.loads((ckpt / "adapter_config.json").read_text())
+        assert meta["extra"]["epoch"] == record["best_epoch"]
+        assert meta["extra"]["data"]["carve"] == "block" and meta["extra"]["data"]["val_split"] is None
+        epochs = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        best = max(epochs, key=lambda e: e["val"]["mR"])
+        assert best["epoch"] == record["best_epoch"]
+    block = (ROOT / "README.md").read_text().split("<!-- ucm-shipped-table -->\n", 1)[1]
+    assert block.split("\n<!-- /ucm-shipped-table -->")[0] == shipped_markdown(ROOT / "results", SUITES["ucm"])

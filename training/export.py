@@ -45,7 +45,8 @@ def _selection(data: dict) -> str:
         return f"split `{data['val_split']}`"
     fraction = data.get("val_fraction")
     if data.get("carve", "random") == "block":
-        return f"a block carve of train (the last {fraction} of the ids of every class, as UCM's test split is made)"
+        return (f"a block carve of train (the first {fraction} of the ids of every class, a contiguous block as "
+                "UCM's test split is)")
     return f"a random {fraction} carve of train (seed {data.get('carve_seed')}; leaky on tiled scenes such as UCM)"
 
 
