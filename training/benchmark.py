@@ -173,7 +173,7 @@ def execute(suite: Suite, run: Run, runs_dir: Path, data: str) -> dict[str, Any]
         out.update(command=None, best_epoch=None, val_mR_per_epoch=[], trained_params=0, train_minutes=0.0)
     else:
         cmd = train_command(suite, run, runs_dir, data)
-        out["command"] = shlex.join(["python", *cmd[1:]])
+        out["command"] = shlex.join(["python", *cmd[1:]]).replace(f"{ROOT}/", "")  # no machine paths
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT)
         if proc.returncode != 0:
@@ -185,7 +185,8 @@ def execute(suite: Suite, run: Run, runs_dir: Path, data: str) -> dict[str, Any]
         out.update(best_epoch=meta["extra"]["epoch"], val_mR_per_epoch=[round(e["val"]["mR"], 4) for e in epochs],
                    trained_params=meta["trainable_params"],
                    train_minutes=round(sum(e.get("epoch_s", 0.0) for e in epochs) / 60, 1),
-                   wall_minutes_this_call=round((time.time() - t0) / 60, 1), run_dir=run_dir.as_posix())
+                   wall_minutes_this_call=round((time.time() - t0) / 60, 1),
+                   run_dir=run_dir.as_posix().replace(f"{ROOT}/", ""))
     out["val"] = _summary(_evaluate(checkpoint, data, "train:val", _carve_args(cfg)))
     out["test"] = _summary(_evaluate(checkpoint, data, suite.test_split, []))
     return out
