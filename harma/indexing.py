@@ -19,11 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import atomic_write_bytes
-from .data import DatasetError, open_image
+from .data import IMAGE_EXTENSIONS, DatasetError, open_image
 from .encode import _device, _eval_mode, _finish
 from .index import INDEX_FILE, EmbeddingIndex, texts_fingerprint
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 SHARDS = ".shards"
 MIN_SHARDS, MIN_SHARD_SIZE = 16, 64  # a folder is written in at least 16 pieces (of >= 64 images)
 

@@ -382,7 +382,7 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", *,
     """
     import open_clip
 
-    from .data.transforms import eval_transform, train_transform
+    from .data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 
     # Seeded in a forked RNG: the same config always builds the same model (a random backbone of a
     # saved run included), and building consumes nothing from the caller's random stream.
@@ -393,7 +393,7 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", *,
     pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = clip.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    mean, std = pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), pp.get("std", (0.26862954, 0.26130258, 0.27577711))
+    mean, std = pp.get("mean", CLIP_MEAN), pp.get("std", CLIP_STD)
     return model, train_transform(size, mean, std), eval_transform(size, mean, std), open_clip.get_tokenizer(cfg.model_name)
 
 
