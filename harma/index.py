@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from .ann import ANNConfig, ANNIndex
 from .checkpoint import WEIGHTS_NAME, atomic_write_bytes
 from .data import clean_caption
+from .data.images import hash_files
 from .encode import _device, _eval_mode, encode_images, encode_texts
 from .weights import file_sha256
 
@@ -245,11 +245,7 @@ def model_identity(model: nn.Module, checkpoint: Optional[Union[str, Path]] = No
 
 def paths_fingerprint(paths: Sequence[Union[str, Path]]) -> str:
     """Hash of the resolved paths, sizes and modification times (no file is read)."""
-    h = hashlib.sha256(b"paths-v1")
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+    return hash_files(hashlib.sha256(b"paths-v1"), paths).hexdigest()
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:

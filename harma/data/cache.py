@@ -16,16 +16,13 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from harma.data.images import DEFAULT_BANDS, image_bands, open_image
+from harma.data.images import DEFAULT_BANDS, hash_files, image_bands, open_image
 
 
 def cache_key(paths: Sequence[Union[str, Path]], size: int) -> str:
     bands = image_bands()  # a band choice other than the default (HARMA_BANDS) is another cache
     h = hashlib.sha256((f"v1|{size}" + (f"|bands={bands}" if bands != DEFAULT_BANDS else "")).encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:20]
+    return hash_files(h, paths).hexdigest()[:20]
 
 
 class ImageCache:

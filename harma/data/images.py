@@ -181,6 +181,15 @@ def open_image(path: str | Path, bands: Optional[Sequence[int]] = None) -> Image
         raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
+def hash_files(h: "hashlib._Hash", paths: Sequence[str | Path]) -> "hashlib._Hash":
+    """Feed each file's resolved path, size and modification time into ``h`` (no file is read): the
+    identity of a file set used by the caches keyed on it. Returns ``h``."""
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h
+
+
 def verify_images(paths: Sequence[str | Path], cache_dir: Optional[str | Path] = None,
                   progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Decode every image once, before work starts that would otherwise stop at the first bad one.
@@ -197,10 +206,7 @@ def verify_images(paths: Sequence[str | Path], cache_dir: Optional[str | Path] =
     Raises:
         DatasetError: naming how many images failed and the first five, each with its reason.
     """
-    h = hashlib.sha256(f"verify-v1|{image_bands()}".encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h = hash_files(hashlib.sha256(f"verify-v1|{image_bands()}".encode()), paths)
     marker = Path(cache_dir) / f"verified-{h.hexdigest()[:20]}" if cache_dir is not None else None
     if marker is not None and marker.is_file():
         return 0
