@@ -1,4 +1,4 @@
-"""``app.py`` handlers on a tiny checkpoint and a synthetic gallery: results, messages for bad input, caching.
+"""``harma_app`` handlers on a tiny checkpoint and a synthetic gallery: results, messages for bad input, caching.
 
 The tiny checkpoint is HarMA adapters (perturbed off their zero init) on a random tiny backbone saved as a
 base-weights file, so the app's baseline (same backbone, zero-shot) and adapted model differ. The setup is
@@ -21,7 +21,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import app
+import app  # the entry point (test_import_is_cheap_and_loads_no_model executes its file)
+from harma_app import blocks, common, controls
+from harma_app import state as app_state
+from harma_app import tab_embedding_space as space_tab
+from harma_app import tab_image_to_text as i2t
+from harma_app import tab_metrics as metrics_tab
+from harma_app import tab_text_to_image as t2i
 from harma import create_model, save_adapters
 from harma.data import load_split, write_synthetic_dataset
 from harma.encode import evaluate_split
@@ -41,7 +47,7 @@ def tiny_setup(base: Path) -> dict:
         perturb_(model)
         save_adapters(model, adapters)
         (base / "ready").touch()
-    config = app.AppConfig(data=str(data), split="train", checkpoint=str(adapters), cache_dir=str(base / "cache"))
+    config = app_state.AppConfig(data=str(data), split="train", checkpoint=str(adapters), cache_dir=str(base / "cache"))
     return dict(base=base, data=data, adapters=adapters, weights=weights, config=config)
 
 
@@ -52,7 +58,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def state(setup):
-    return app.AppState(setup["config"])
+    return app_state.AppState(setup["config"])
 
 
 def _scores(tiles):
@@ -60,7 +66,8 @@ def _scores(tiles):
 
 
 def test_import_is_cheap_and_loads_no_model(setup, monkeypatch):
-    """Executing app.py (its dependencies already imported) builds the UI only: no model, no UMAP."""
+    """Executing app.py (its dependencies already imported) builds nothing; its ``demo``, built on first access,
+    is the UI only: no model, no UMAP."""
     calls = []
     monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: calls.append(a))
     monkeypatch.setenv("HARMA_DATA", str(setup["data"]))
@@ -82,33 +89,33 @@ def test_parse_args_overrides_env(monkeypatch):
     monkeypatch.setenv("HARMA_DATA", "/from/env")
     monkeypatch.setenv("HARMA_UMAP_POINTS", "50")
     monkeypatch.setenv("HARMA_CACHE", "/cache/from/env")  # the documented name (not HARMA_CACHE_DIR)
-    cfg, args = app.parse_args(["--checkpoint", "ck", "--port", "7000"])
+    cfg, args = app_state.parse_args(["--checkpoint", "ck", "--port", "7000"])
     assert cfg.data == "/from/env" and cfg.checkpoint == "ck" and cfg.umap_points == 50 and args.port == 7000
     assert cfg.cache_dir == "/cache/from/env"
-    assert app.parse_args(["--data", "d"])[0].data == "d"
+    assert app_state.parse_args(["--data", "d"])[0].data == "d"
 
 
 def test_missing_default_checkpoints_and_no_dataset_are_messages(tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "ROOT", tmp_path)  # a checkout without checkpoints/
-    st = app.AppState(app.AppConfig(cache_dir=str(tmp_path / "cache")))
+    monkeypatch.setattr(app_state, "ROOT", tmp_path)  # a checkout without checkpoints/
+    st = app_state.AppState(app_state.AppConfig(cache_dir=str(tmp_path / "cache")))
     assert st.default_model == "preset:rs-minilm-harma"
-    status = app.status_text(st, None, st.default_gallery)
+    status = controls.status_text(st, None, st.default_gallery)
     assert "checkpoints/rs-backbone" in status and "checkpoints/ucm-harma" in status and "README" in status
     assert "--checkpoint" in status and "No gallery yet" in status and "--data" in status
-    base, adapted, msg = app.search_text(st, "many planes parked at an airport", 5, None, "")
+    base, adapted, msg = t2i.search_text(st, "many planes parked at an airport", 5, None, "")
     assert base == [] and adapted == [] and msg.startswith("⚠️") and "--data" in msg
     st.default_gallery = "data"
     st.config.data = str(tmp_path / "data")  # a gallery exists now; the model is what is missing
     (tmp_path / "data").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "a.png")
-    _, _, msg = app.search_text(st, "planes", 5, None, "data")
+    _, _, msg = t2i.search_text(st, "planes", 5, None, "data")
     assert "checkpoints/ucm-harma" in msg
-    _, _, msg = app.search_text(st, "planes", 5, "preset:clip-vit-b-32-laion", "data")
+    _, _, msg = t2i.search_text(st, "planes", 5, "preset:clip-vit-b-32-laion", "data")
     assert "no trained adapters" in msg
 
 
 def test_search_text_both_models(setup, state):
-    base, adapted, status = app.search_text(state, "a red square on a grey field", 5, None, "data")
+    base, adapted, status = t2i.search_text(state, "a red square on a grey field", 5, None, "data")
     assert len(base) == len(adapted) == 5 and "⚠️" not in status
     for tiles in (base, adapted):
         assert all(Path(path).is_file() for path, _ in tiles)
@@ -119,35 +126,35 @@ def test_search_text_both_models(setup, state):
     split = load_split(setup["data"], "train")
     truth = {i for c, i in zip(split.captions, split.text_to_image) if "a red square on a grey field" in c}
     assert truth and "✓" in status + "".join(c for _, c in base + adapted)
-    all_tiles, _, _ = app.search_text(state, "a red square on a grey field", 24, None, "data")
+    all_tiles, _, _ = t2i.search_text(state, "a red square on a grey field", 24, None, "data")
     marked = {split.images.index(Path(p)) for p, c in all_tiles if c.endswith("✓")}
     assert marked == truth
 
 
 def test_image_to_text_upload_and_pick(setup, state):
     split = load_split(setup["data"], "train")
-    preview, base, adapted, status = app.search_image(state, str(split.images[0]), 4, None, "data")
+    preview, base, adapted, status = i2t.search_image(state, str(split.images[0]), 4, None, "data")
     assert preview == str(split.images[0]) and len(base) == len(adapted) == 4 and "⚠️" not in status
     for rows in (base, adapted):
         scores = [r[1] for r in rows]
         assert [r[0] for r in rows] == [1, 2, 3, 4] and scores == sorted(scores, reverse=True)
     # picking tile 0 of the picker (image 0) ranks all captions from the stored embedding; ✓ = its own captions
     n_pool = len(state.gallery("data").pool)
-    preview, base, adapted, _ = app.pick_image(state, 0, app.MAX_K, None, "data")
-    assert preview == str(split.images[0]) and len(base) == min(n_pool, app.MAX_K)
+    preview, base, adapted, _ = i2t.pick_image(state, 0, common.MAX_K, None, "data")
+    assert preview == str(split.images[0]) and len(base) == min(n_pool, common.MAX_K)
     own = {c.lower().strip(" .") for c, i in zip(split.captions, split.text_to_image) if i == 0}
     assert {r[2].lower().strip(" .") for r in base if r[3] == "✓"} == own
-    assert len(app.picker_items(state, "data")) == len(app.picker_indices(state.gallery("data"))) == 24
+    assert len(i2t.picker_items(state, "data")) == len(i2t.picker_indices(state.gallery("data"))) == 24
 
 
 def test_metrics_equal_evaluate_split(setup, state):
-    rows, note = app.metrics_table(state, None, "data")
+    rows, note = metrics_tab.metrics_table(state, None, "data")
     assert [r[0] for r in rows] == ["baseline (zero-shot)", "adapted"] and "24 images" in note
     pair = state.models(None)
     split = load_split(setup["data"], "train")
     for row, (model, preprocess, tokenizer) in zip(rows, (pair.baseline, pair.adapted)):
         ref = evaluate_split(model, split, preprocess, tokenizer, gap=False).metrics
-        assert row[1:] == [round(ref[k], 2) for k in app.METRIC_KEYS]
+        assert row[1:] == [round(ref[k], 2) for k in metrics_tab.METRIC_KEYS]
 
 
 def test_embedding_view_is_cached(setup, state, monkeypatch):
@@ -163,28 +170,28 @@ def test_embedding_view_is_cached(setup, state, monkeypatch):
         return centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
 
     monkeypatch.setattr(harma.projection, "umap_2d", pca_2d)
-    base_fig, adapted_fig, rows, note = app.embedding_view(state, None, "data")
+    base_fig, adapted_fig, rows, note = space_tab.embedding_view(state, None, "data")
     assert len(calls) == 2  # one projection per model
     assert len(base_fig.data) == len(adapted_fig.data) == 2  # images and captions
     assert len(base_fig.data[0].x) == 24 and base_fig.data[0].hovertext[0].endswith(".png")
-    assert [r[0] for r in rows] == [name for name, _ in app.GAP_ROWS]
+    assert [r[0] for r in rows] == [name for name, _ in space_tab.GAP_ROWS]
     assert "UMAP" in note and "random_state=0" in note
     files = list((setup["base"] / "cache" / "projections").glob("*.json"))
     assert len(files) == 2  # one per model, on disk
-    fresh = app.AppState(setup["config"])  # a restarted app: served from disk, no projection
-    again = app.embedding_view(fresh, None, "data")
+    fresh = app_state.AppState(setup["config"])  # a restarted app: served from disk, no projection
+    again = space_tab.embedding_view(fresh, None, "data")
     assert len(calls) == 2
     assert list(again[0].data[0].x) == list(base_fig.data[0].x) and again[2] == rows
 
 
 def test_bad_inputs_give_messages(setup, state, tmp_path, monkeypatch):
     for query in ("", "   ", None):
-        base, adapted, msg = app.search_text(state, query, 5, None, "data")
+        base, adapted, msg = t2i.search_text(state, query, 5, None, "data")
         assert base == adapted == [] and msg.startswith("⚠️ type a query")
-    base, _, msg = app.search_text(state, "red " * 200, "not a number", None, "data")
-    assert len(base) == 8 and f"cut to {app.MAX_QUERY_CHARS} characters" in msg
-    assert app.search_text(state, "?!.", 5, None, "data")[2].startswith("⚠️")  # empty after cleaning
-    assert "unknown model" in app.search_text(state, "red", 5, "preset:nope", "data")[2]
+    base, _, msg = t2i.search_text(state, "red " * 200, "not a number", None, "data")
+    assert len(base) == 8 and f"cut to {common.MAX_QUERY_CHARS} characters" in msg
+    assert t2i.search_text(state, "?!.", 5, None, "data")[2].startswith("⚠️")  # empty after cleaning
+    assert "unknown model" in t2i.search_text(state, "red", 5, "preset:nope", "data")[2]
 
     text = tmp_path / "notes.png"
     text.write_text("not an image")
@@ -192,53 +199,53 @@ def test_bad_inputs_give_messages(setup, state, tmp_path, monkeypatch):
     corrupt.write_bytes(Path(load_split(setup["data"], "train").images[0]).read_bytes()[:60])
     for bad, expect in ((None, "upload an image"), (str(text), "cannot read image"),
                         (str(corrupt), "cannot read image"), (str(tmp_path / "gone.png"), "not found")):
-        preview, base, adapted, msg = app.search_image(state, bad, 5, None, "data")
+        preview, base, adapted, msg = i2t.search_image(state, bad, 5, None, "data")
         assert preview is None and base == adapted == [] and expect in msg, msg
     big = tmp_path / "big.png"
     Image.new("RGB", (64, 64)).save(big)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels is now a "bomb"
-    assert "decompression bomb" in app.search_image(state, str(big), 5, None, "data")[3]
+    assert "decompression bomb" in i2t.search_image(state, str(big), 5, None, "data")[3]
     monkeypatch.undo()
 
-    missing = app.AppState(dataclasses.replace(setup["config"], data=str(tmp_path / "nowhere")))
-    assert "does not exist" in app.search_text(missing, "red", 5, None, "data")[2]
-    assert "does not exist" in app.status_text(missing, None, "data")
-    assert app.picker_items(missing, "data") == []
+    missing = app_state.AppState(dataclasses.replace(setup["config"], data=str(tmp_path / "nowhere")))
+    assert "does not exist" in t2i.search_text(missing, "red", 5, None, "data")[2]
+    assert "does not exist" in controls.status_text(missing, None, "data")
+    assert i2t.picker_items(missing, "data") == []
     # the app state still serves after all of that
-    assert len(app.search_text(state, "a blue circle", 3, None, "data")[0]) == 3
+    assert len(t2i.search_text(state, "a blue circle", 3, None, "data")[0]) == 3
 
 
 def test_uploaded_gallery(setup, state, tmp_path):
     images = load_split(setup["data"], "train").images[:3]
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"\x00" * 10)
-    key, status, picker = app.use_uploads(state, [str(p) for p in images] + [str(junk)], None, "data")
+    key, status, picker = controls.use_uploads(state, [str(p) for p in images] + [str(junk)], None, "data")
     assert key.startswith("upload:") and "3 images" in status and "junk.jpg" in status and len(picker) == 3
-    base, adapted, msg = app.search_text(state, "a green triangle", 5, None, key)
+    base, adapted, msg = t2i.search_text(state, "a green triangle", 5, None, key)
     assert len(base) == len(adapted) == 3 and "⚠️" not in msg
-    assert "no captions" in app.search_image(state, str(images[0]), 3, None, key)[3]
-    assert "no captions" in app.metrics_table(state, None, key)[1]
-    again, _, _ = app.use_uploads(state, [str(p) for p in images], None, "data")
+    assert "no captions" in i2t.search_image(state, str(images[0]), 3, None, key)[3]
+    assert "no captions" in metrics_tab.metrics_table(state, None, key)[1]
+    again, _, _ = controls.use_uploads(state, [str(p) for p in images], None, "data")
     assert again == key  # same files, same gallery (and cached embeddings)
-    assert app.use_uploads(state, [str(junk)], None, "data")[0] == "data"  # nothing usable: keep the old gallery
-    assert app.use_dataset(state, None)[0] == "data"
+    assert controls.use_uploads(state, [str(junk)], None, "data")[0] == "data"  # nothing usable: keep the old gallery
+    assert controls.use_dataset(state, None)[0] == "data"
 
 
 def test_cache_is_reused_across_restarts(setup, state):
     state.retrievers(None, "data")
-    fresh = app.AppState(setup["config"])
+    fresh = app_state.AppState(setup["config"])
     base, adapted = fresh.retrievers(None, "data")
     assert base.from_cache == adapted.from_cache == {"images": True, "captions": True}
 
 
 def test_demo_wires_stable_api_names(setup):
-    demo = app.build_demo(setup["config"])
+    demo = blocks.build_demo(setup["config"])
     names = {fn.api_name for fn in demo.fns.values()}
     assert {"search_text", "search_image", "embedding_view", "metrics", "status"} <= names
-    opts = app.launch_options(demo)
+    opts = blocks.launch_options(demo)
     assert str(setup["data"].resolve()) in opts["allowed_paths"] and "theme" in opts and "css" in opts
     search = next(fn for fn in demo.fns.values() if fn.api_name == "search_text")
-    assert search.concurrency_limit == app.QUERY_CONCURRENCY > 1  # served concurrently, not one at a time
+    assert search.concurrency_limit == common.QUERY_CONCURRENCY > 1  # served concurrently, not one at a time
 
 
 def test_prebuilt_index_gallery_uses_the_matching_index(setup, tmp_path):
@@ -254,19 +261,20 @@ def test_prebuilt_index_gallery_uses_the_matching_index(setup, tmp_path):
                               identity=model_identity(model, setup["adapters"]))
     built.embeddings[:] = torch.roll(built.embeddings, 1, 0)  # a marker: results must come from this index
     built.save(tmp_path / "idx", extra=built.extra)
-    cfg = app.AppConfig(index=str(tmp_path / "idx"), checkpoint=str(setup["adapters"]), cache_dir=str(tmp_path / "c"))
-    state = app.AppState(cfg)
+    cfg = app_state.AppConfig(index=str(tmp_path / "idx"), checkpoint=str(setup["adapters"]),
+                              cache_dir=str(tmp_path / "c"))
+    state = app_state.AppState(cfg)
     assert state.default_gallery == "index"
     base, adapted = state.retrievers(None, "index")
     assert torch.equal(adapted.images.embeddings, built.embeddings) and adapted.from_cache["images"]
     assert not base.from_cache["images"] and not torch.equal(base.images.embeddings, built.embeddings)
-    tiles_base, tiles_adapted, status = app.search_text(state, "a red square", 3, None, "index")
+    tiles_base, tiles_adapted, status = t2i.search_text(state, "a red square", 3, None, "index")
     assert f"of {len(built)} images" in status
     _, rows = built.search(adapted.encode_text("a red square"), 3)
     assert [t[0] for t in tiles_adapted] == [str(built.image_paths()[r]) for r in rows.tolist()]
     # a broken index folder is a message, not a traceback
-    cfg_bad = app.AppConfig(index=str(tmp_path / "nowhere"), cache_dir=str(tmp_path / "c"))
-    _, _, status = app.search_text(app.AppState(cfg_bad), "a red square", 3, None, "index")
+    cfg_bad = app_state.AppConfig(index=str(tmp_path / "nowhere"), cache_dir=str(tmp_path / "c"))
+    _, _, status = t2i.search_text(app_state.AppState(cfg_bad), "a red square", 3, None, "index")
     assert "--index" in status and "cannot read the index" in status
 
 
@@ -276,12 +284,13 @@ def test_tiff_tiles_are_converted_once_to_cached_jpegs(setup, tmp_path):
     folder.mkdir()
     for i in range(3):
         Image.new("RGB", (300, 200), (40 * i, 90, 200)).save(folder / f"scene{i}.tif")
-    state = app.AppState(app.AppConfig(data=str(folder), checkpoint=str(setup["adapters"]), cache_dir=str(tmp_path / "c")))
-    base, adapted, status = app.search_text(state, "a scene", 3, None, "data")
+    state = app_state.AppState(app_state.AppConfig(data=str(folder), checkpoint=str(setup["adapters"]),
+                                                   cache_dir=str(tmp_path / "c")))
+    base, adapted, status = t2i.search_text(state, "a scene", 3, None, "data")
     paths = [Path(p) for p, _ in base + adapted]
     assert len(paths) == 6 and all(p.suffix == ".jpg" and p.parent == tmp_path / "c" / "thumbs" for p in paths)
     with Image.open(paths[0]) as img:
         assert max(img.size) == 256
     stamps = {p: p.stat().st_mtime_ns for p in paths}
-    again, _, _ = app.search_text(state, "a scene", 3, None, "data")
+    again, _, _ = t2i.search_text(state, "a scene", 3, None, "data")
     assert again and all(Path(p).stat().st_mtime_ns == stamps[Path(p)] for p, _ in again)  # not rewritten

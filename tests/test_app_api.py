@@ -7,7 +7,7 @@ import socket
 import pytest
 from gradio_client import Client, handle_file
 
-import app
+import harma_app as app
 from harma.data import load_split
 from tests.test_app import tiny_setup
 

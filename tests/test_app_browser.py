@@ -13,8 +13,9 @@ import os
 
 import pytest
 
-import app
+import harma_app as app
 from benchmarks.browser import CHROMIUM, launch
+from harma_app.common import ASSETS
 from tests.test_app import tiny_setup
 from tests.test_app_api import free_port
 
@@ -49,7 +50,7 @@ def url(tmp_path_factory):
 def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     update = os.environ.get("HARMA_UPDATE_SCREENSHOT") == "1"
-    out = app.ASSETS if update else tmp_path
+    out = ASSETS if update else tmp_path
     slow = 1_200_000 if update else 180_000  # ms; a real gallery is encoded once (cached afterwards)
     with sync_api.sync_playwright() as p:
         browser = launch(p)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACE_FILES = ("app.py", "harma", "assets", "checkpoints")
+SPACE_FILES = ("app.py", "harma_app", "harma", "assets", "checkpoints")
 
 
 def _free_port() -> int:

@@ -1,0 +1,80 @@
+"""The whole UI assembled from its parts (:func:`build_demo`), and its launch (:func:`main`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import gradio as gr
+
+from harma.sources import ModelSource, one_line
+
+from . import controls, tab_embedding_space, tab_image_to_text, tab_metrics, tab_text_to_image
+from .common import QUERY_CONCURRENCY, USER_ERRORS, AppError, log
+from .state import AppConfig, AppState, ModelPair, load_models, parse_args
+
+CSS = "#status {font-size: 0.95em} .harma-note {color: var(--body-text-color-subdued); font-size: 0.9em}"
+
+
+def build_demo(config: Optional[AppConfig] = None,
+               loader: Callable[[ModelSource, str], ModelPair] = load_models) -> gr.Blocks:
+    """The whole UI. Cheap: models, galleries and embeddings load on first use.
+
+    Args:
+        config: gallery and model sources; default :meth:`AppConfig.from_env`.
+        loader: ``loader(source, device) -> ModelPair``; tests and other front ends can inject models.
+    """
+    app = AppState(config or AppConfig.from_env(), loader)
+    with gr.Blocks(title="HarMA: remote-sensing image-text retrieval") as demo:
+        demo.harma_state = app  # for tests and launch_options
+        gr.Markdown("# HarMA: remote-sensing image–text retrieval\nThe frozen backbone (**baseline**) next to "
+                    "the same backbone with **HarMA adapters** (arXiv 2404.18253).")
+        top = controls.layout(app)
+        with gr.Tabs():
+            t2i = tab_text_to_image.layout()
+            i2t = tab_image_to_text.layout()
+            space = tab_embedding_space.layout()
+            metrics = tab_metrics.layout()
+
+        common = [top["k"], top["model"], top["gallery_key"]]
+        # queries are served concurrently (one pool for all query events); the model calls inside
+        # are serialised by harma.index.Retriever, everything else (search, files, streaming) overlaps
+        fast = dict(concurrency_limit=QUERY_CONCURRENCY, concurrency_id="queries")
+        tab_text_to_image.wire(app, t2i, common, top["status"], fast)
+        tab_image_to_text.wire(app, i2t, common, top["status"], fast)
+        tab_embedding_space.wire(app, space, top["model"], top["gallery_key"])
+        tab_metrics.wire(app, metrics, top["model"], top["gallery_key"])
+        controls.wire(app, demo, top, i2t["picker"])
+    return demo
+
+
+def served_folders(app: AppState) -> list[str]:
+    """The folders the app must serve files from: its thumbnails and uploads (not its embedding
+    cache), and the real (symlinks resolved) folders of the gallery's images, so a dataset whose
+    ``images/`` is a link to an image store works."""
+    folders = {app.cache_dir / "thumbs", app.cache_dir / "uploads"}
+    for key in {app.default_gallery, "data" if app.config.data else "", "index" if app.config.index else ""} - {""}:
+        try:
+            folders.update(p.resolve().parent for p in app.gallery(key).images)
+        except (AppError, *USER_ERRORS) as e:  # shown in the status line when the gallery is used
+            log.warning("gallery %s: %s", key, one_line(e))
+    if app.config.data:
+        folders.add(Path(app.config.data).expanduser().resolve())
+    return sorted(str(f) for f in folders)
+
+
+def launch_options(demo: gr.Blocks) -> dict[str, Any]:
+    """``launch()`` arguments: theme and css (Gradio 6 takes them here), the folders files are served
+    from (:func:`served_folders`) and the embedding cache, which is never served."""
+    app: AppState = demo.harma_state
+    return dict(allowed_paths=served_folders(app), blocked_paths=[str(app.cache_dir / "index")],
+                theme=gr.themes.Soft(), css=CSS, max_file_size="25mb")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python app.py [flags]``: build the UI for the flags (over ``HARMA_*``) and serve it."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config, args = parse_args(argv)
+    ui = build_demo(config)
+    ui.queue().launch(server_name=args.host, server_port=args.port, **launch_options(ui))

@@ -1,0 +1,71 @@
+"""What every part of the app shares: the checkout's paths, limits and notes, the error shown to the user
+as it is (:class:`AppError`), the errors that become messages (``USER_ERRORS``) and the helpers that turn
+an error into a status line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from harma import BaseWeightsError, CheckpointError, ConfigError
+from harma.data import DatasetError
+from harma.presets import PresetError
+from harma.sources import one_line
+
+log = logging.getLogger("harma.app")
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (or the Space): app.py, assets/, checkpoints/
+ASSETS = ROOT / "assets"
+DEMO = ASSETS / "demo"  # the bundled gallery (UCM test split; python -m training.build_demo)
+DEFAULT_PRESET = "rs-minilm-harma"
+MAX_QUERY_CHARS = 300
+MAX_K = 50
+QUERY_CONCURRENCY = int(os.environ.get("HARMA_QUERY_CONCURRENCY", "16"))  # query events served at once (Gradio: 1)
+MAX_UPLOADS = 500
+MAX_ENCODE = 20_000  # images the app encodes itself for an --index gallery lacking one model's index
+USER_ERRORS = (DatasetError, CheckpointError, BaseWeightsError, ConfigError, PresetError, ValueError, OSError)
+
+HOW_TO_DATA = ("Start the app with `--data DIR` (or set `HARMA_DATA=DIR`): a dataset folder in any supported format "
+               "(HarMA JSON, PE-RSITR txt, csv/tsv, jsonl, or a plain folder of images). Or upload images under "
+               "**Gallery source**.")
+
+
+class AppError(Exception):
+    """A problem to show to the user as it is (no traceback)."""
+
+
+def progress_cb(progress: Any) -> Callable[[str, str, int, int], None]:
+    """``Retriever.build``'s progress callback, reported to a Gradio progress bar."""
+    def cb(side: str, stage: str, done: int, total: int) -> None:
+        progress((done, total), desc=f"Encoding the gallery's {stage} with the {side} model (cached afterwards)")
+    return cb
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:])/(?:[^\s/'\"():,;]+/)+([^\s/'\"():,;]+)")
+
+
+def file_names_only(msg: str) -> str:
+    """A message for a visitor: absolute paths (server upload folders, the dataset's location)
+    shortened to their file names."""
+    return _ABSOLUTE_PATH.sub(r"\1", msg)
+
+
+def fail(e: BaseException) -> str:
+    """Log (with paths), show a warning toast and return the message for the status box (file names only)."""
+    msg = str(e) if isinstance(e, AppError) else one_line(e)
+    log.warning("%s", msg)
+    msg = file_names_only(msg)
+    gr.Warning(msg)
+    return f"⚠️ {msg}"
+
+
+def clamp_k(k: Any) -> int:
+    try:
+        return max(1, min(MAX_K, int(k)))
+    except (TypeError, ValueError):
+        return 8

@@ -1,0 +1,84 @@
+"""The controls above the tabs: model choice, top k, the status line and the gallery source (dataset or
+uploaded images), with their handlers."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional
+
+import gradio as gr
+
+from harma.sources import one_line
+
+from .common import DEFAULT_PRESET, HOW_TO_DATA, MAX_K, USER_ERRORS, AppError, fail, file_names_only, progress_cb
+from .state import AppState
+from .tab_image_to_text import picker_items
+
+
+def status_text(app: AppState, model_key: Optional[str], gallery_key: Optional[str]) -> str:
+    lines, key = [], None
+    try:
+        key = app.model_key(model_key)
+        source = app.sources[key]
+        lines.append(f"**Model:** {source.label} — " + (f"⚠️ {source.problem}" if source.problem else
+                     "baseline = the same backbone without adapters (zero-shot)"))
+    except AppError as e:
+        lines.append(f"**Model:** ⚠️ {e}")
+    default = app.sources.get(f"preset:{DEFAULT_PRESET}")
+    if default is not None and default.problem and key != default.key:
+        lines.append(f"ℹ️ {default.problem}")
+    try:
+        lines.append("**Gallery:** " + app.gallery(gallery_key).describe())
+    except (AppError, *USER_ERRORS) as e:
+        lines.append(f"**Gallery:** ⚠️ {file_names_only(str(e) if isinstance(e, AppError) else one_line(e))}")
+    return "\n\n".join(lines)
+
+
+def use_uploads(app: AppState, files: Optional[list], model_key: Optional[str], current: Optional[str],
+                progress: Any = gr.Progress()) -> tuple[str, str, list]:
+    """Make the uploaded images the gallery (embeddings computed now, with a progress bar)."""
+    try:
+        key, gallery, skipped = app.add_uploads(files)
+        msg = f"Gallery: {gallery.name}."
+        if skipped:
+            msg += " Skipped (not readable images): " + "; ".join(skipped)
+            gr.Warning(msg)
+        if app.model_problem(model_key) is None:
+            app.retrievers(model_key, key, progress_cb(progress))
+        return key, status_text(app, model_key, key) + "\n\n" + msg, picker_items(app, key)
+    except (AppError, *USER_ERRORS) as e:
+        return current or "", fail(e), picker_items(app, current)
+
+
+def use_dataset(app: AppState, model_key: Optional[str]) -> tuple[str, str, list]:
+    key = app.default_gallery
+    return key, status_text(app, model_key, key), picker_items(app, key)
+
+
+def layout(app: AppState) -> dict[str, Any]:
+    """Gallery key (session state), model dropdown, top-k slider, status line and the gallery-source accordion."""
+    choices = [(s.label + (" — unavailable" if s.problem else ""), k) for k, s in app.sources.items()]
+    gallery_key = gr.State(app.default_gallery)
+    with gr.Row():
+        model = gr.Dropdown(choices, value=app.default_model, label="Model", scale=3)
+        k = gr.Slider(1, MAX_K, value=8, step=1, label="Top k", scale=1)
+    status = gr.Markdown(elem_id="status", label="status")
+    with gr.Accordion("Gallery source", open=False):
+        gr.Markdown(HOW_TO_DATA)
+        files = gr.File(file_count="multiple", file_types=["image"], label="Images to search")
+        with gr.Row():
+            use_files = gr.Button("Use the uploaded images")
+            use_data = gr.Button("Back to the dataset", visible=bool(app.config.data))
+    return dict(gallery_key=gallery_key, model=model, k=k, status=status, files=files, use_files=use_files,
+                use_data=use_data)
+
+
+def wire(app: AppState, demo: gr.Blocks, ui: dict[str, Any], picker: gr.Gallery) -> None:
+    """Model change (API ``/status``), the gallery-source buttons, and the status line and picker on page load."""
+    model, gallery_key, status = ui["model"], ui["gallery_key"], ui["status"]
+    model.change(partial(status_text, app), [model, gallery_key], status, api_name="status")
+    ui["use_files"].click(partial(use_uploads, app), [ui["files"], model, gallery_key], [gallery_key, status, picker],
+                          api_visibility="private")
+    ui["use_data"].click(partial(use_dataset, app), [model], [gallery_key, status, picker], api_visibility="private")
+    demo.load(partial(status_text, app), [model, gallery_key], status, api_visibility="private")
+    demo.load(partial(picker_items, app), [gallery_key], picker, api_visibility="private")

@@ -1,0 +1,109 @@
+"""The "Image → text" tab: an uploaded or picked query image and the gallery's captions ranked by both models."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+
+from harma.data import open_image
+from harma.index import Hit
+
+from .common import USER_ERRORS, AppError, clamp_k, fail, progress_cb
+from .galleries import Gallery, displayable
+from .state import AppState
+
+PICKER_SIZE = 48
+
+
+def _caption_rows(hits: list[Hit], truth: Optional[int]) -> list[list]:
+    return [[h.rank, round(h.score, 4), h.metadata.get("caption", ""),
+             "✓" if truth is not None and truth in h.metadata.get("images", []) else ""] for h in hits]
+
+
+def picker_indices(gallery: Gallery) -> list[int]:
+    """Evenly spaced images of the gallery (so every class of a sorted dataset shows up)."""
+    n = gallery.split.num_images
+    step = max(1, n // PICKER_SIZE)
+    return list(range(0, n, step))[:PICKER_SIZE]
+
+
+def _rank_captions(app: AppState, model_key, gallery_key, k, progress, query_fn) -> tuple[list, list]:
+    gallery = app.gallery(gallery_key)
+    if gallery.pool is None:
+        raise AppError(f"{gallery.name} has no captions to rank; start with a dataset that has captions "
+                       "(`--data DIR`)")
+    base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress))
+    return query_fn(base, clamp_k(k)), query_fn(adapted, clamp_k(k))
+
+
+def search_image(app: AppState, image: Optional[str], k: Any, model_key: Optional[str], gallery_key: Optional[str],
+                 progress: Any = gr.Progress()) -> tuple[Optional[str], list, list, str]:
+    """Image -> text: ranked captions of the gallery's caption pool, rows (rank, score, caption, ✓)."""
+    try:
+        if not image:
+            raise AppError("upload an image, or pick one from the gallery below")
+        path = str(getattr(image, "name", image))
+        pil = open_image(path)  # refuses non-images, corrupt files and decompression bombs
+        base, adapted = _rank_captions(app, model_key, gallery_key, k, progress, lambda r, kk: r.search_image(pil, kk))
+        return path, _caption_rows(base, None), _caption_rows(adapted, None), f"Captions ranked for {Path(path).name}."
+    except (AppError, *USER_ERRORS) as e:
+        return None, [], [], fail(e)
+
+
+def pick_image(app: AppState, index: int, k: Any, model_key: Optional[str], gallery_key: Optional[str],
+               progress: Any = gr.Progress()) -> tuple[Optional[str], list, list, str]:
+    """Image -> text for tile ``index`` of the picker (its stored embedding; ✓ = its ground-truth captions)."""
+    try:
+        gallery = app.gallery(gallery_key)
+        indices = picker_indices(gallery)
+        if not 0 <= int(index) < len(indices):
+            raise AppError(f"no picker tile {index}")
+        i = indices[int(index)]
+        base, adapted = _rank_captions(app, model_key, gallery_key, k, progress,
+                                       lambda r, kk: r.search_gallery_image(i, kk))
+        return (str(gallery.images[i]), _caption_rows(base, i), _caption_rows(adapted, i),
+                f"Captions ranked for {gallery.images[i].name}; ✓ = one of its ground-truth captions.")
+    except (AppError, *USER_ERRORS) as e:
+        return None, [], [], fail(e)
+
+
+def picker_items(app: AppState, gallery_key: Optional[str]) -> list[tuple[Any, str]]:
+    """The picker's tiles (image, file name): :func:`picker_indices` of the gallery; none without one."""
+    try:
+        gallery = app.gallery(gallery_key)
+    except (AppError, *USER_ERRORS):
+        return []
+    return [(displayable(gallery.images[i], app.cache_dir / "thumbs"), gallery.images[i].name)
+            for i in picker_indices(gallery)]
+
+
+def layout() -> dict[str, Any]:
+    """The tab's components (call inside ``gr.Tabs``)."""
+    with gr.Tab("Image → text", id="i2t"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(file_types=["image"], label="Query image (upload)", type="filepath")
+                preview = gr.Image(label="Query image", interactive=False, height=200)
+            picker = gr.Gallery(label="…or pick one from the gallery", columns=6, height=340, scale=2,
+                                allow_preview=False, elem_id="picker")
+        headers = ["rank", "score", "caption", "✓"]
+        with gr.Row():
+            base_caps = gr.Dataframe(headers=headers, label="Baseline (zero-shot)", wrap=True,
+                                     column_widths=["10%", "15%", "67%", "8%"])
+            adapted_caps = gr.Dataframe(headers=headers, label="Adapted (HarMA)", wrap=True,
+                                        column_widths=["10%", "15%", "67%", "8%"])
+    return dict(upload=upload, preview=preview, picker=picker, base_caps=base_caps, adapted_caps=adapted_caps)
+
+
+def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, fast: dict) -> None:
+    """Upload (API ``/search_image``) and a click on a picker tile."""
+    outputs = [ui["preview"], ui["base_caps"], ui["adapted_caps"], status]
+    ui["upload"].upload(partial(search_image, app), [ui["upload"]] + common, outputs, api_name="search_image", **fast)
+
+    def on_pick(k_, model_, gallery_, evt: gr.SelectData, progress=gr.Progress()):
+        return pick_image(app, evt.index, k_, model_, gallery_, progress)
+
+    ui["picker"].select(on_pick, common, outputs, api_visibility="private", **fast)

@@ -1,0 +1,84 @@
+"""The "Text → image" tab: a query, example queries, and the top-k gallery tiles of both models."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from typing import Any, Optional
+
+import gradio as gr
+
+from harma.index import Hit
+
+from .common import ASSETS, MAX_QUERY_CHARS, USER_ERRORS, AppError, clamp_k, fail, progress_cb
+from .galleries import Gallery, displayable
+from .state import AppState
+
+MATCH_NOTE = ("✓ marks an image whose ground-truth captions contain the query as a whole-word phrase, after both are "
+              "normalised with `harma.data.clean_caption` (lower case, no punctuation); exact matches count.")
+
+
+def load_examples() -> list[str]:
+    try:
+        return [str(q) for q in json.loads((ASSETS / "examples.json").read_text())["queries"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["many planes parked at an airport"]
+
+
+def _tiles(app: AppState, gallery: Gallery, hits: list[Hit], matches: set[int]) -> list[tuple[Any, str]]:
+    thumbs = app.cache_dir / "thumbs"
+    return [(displayable(gallery.images[h.index], thumbs),
+             f"#{h.rank} · {h.score:.3f}{' ✓' if h.index in matches else ''}") for h in hits]
+
+
+def search_text(app: AppState, query: Optional[str], k: Any, model_key: Optional[str], gallery_key: Optional[str],
+                progress: Any = gr.Progress()) -> tuple[list, list, str]:
+    """Text -> image: top-k gallery tiles (image, "#rank · score [✓]") for the baseline and the adapted model."""
+    try:
+        query = str(query or "").strip()
+        if not query:
+            raise AppError("type a query first (e.g. one of the examples)")
+        note = ""
+        if len(query) > MAX_QUERY_CHARS:
+            query, note = query[:MAX_QUERY_CHARS], f" The query was cut to {MAX_QUERY_CHARS} characters."
+        k = clamp_k(k)
+        gallery = app.gallery(gallery_key)
+        base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress))
+        matches = gallery.pool.images_matching(query) if gallery.pool else set()
+        out, times = [], []
+        for r in (base, adapted):
+            t0 = time.perf_counter()
+            hits = r.search_text(query, k)
+            times.append(1000 * (time.perf_counter() - t0))
+            out.append(_tiles(app, gallery, hits, matches))
+        status = (f"Top {k} of {len(gallery.images):,} images for “{query}” — baseline {times[0]:.0f} ms, "
+                  f"adapted {times[1]:.0f} ms.{note}")
+        if matches:
+            status += f" {len(matches)} images have a matching ground-truth caption. {MATCH_NOTE}"
+        return out[0], out[1], status
+    except (AppError, *USER_ERRORS) as e:
+        return [], [], fail(e)
+
+
+def layout() -> dict[str, Any]:
+    """The tab's components (call inside ``gr.Tabs``)."""
+    with gr.Tab("Text → image", id="t2i"):
+        with gr.Row():
+            query = gr.Textbox(label="Query", placeholder="many planes parked at an airport",
+                               max_length=MAX_QUERY_CHARS, scale=4, elem_id="query")
+            search = gr.Button("Search", variant="primary", scale=1, elem_id="search")
+        gr.Examples([[q] for q in load_examples()], inputs=[query], label="Example queries")
+        gr.Markdown(MATCH_NOTE, elem_classes="harma-note")
+        with gr.Row():
+            base_gallery = gr.Gallery(label="Baseline (zero-shot)", columns=4, elem_id="baseline-gallery")
+            adapted_gallery = gr.Gallery(label="Adapted (HarMA)", columns=4, elem_id="adapted-gallery")
+    return dict(query=query, search=search, base_gallery=base_gallery, adapted_gallery=adapted_gallery)
+
+
+def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, fast: dict) -> None:
+    """Search button (API ``/search_text``) and Enter in the query box."""
+    t2i = dict(fn=partial(search_text, app), inputs=[ui["query"]] + common,
+               outputs=[ui["base_gallery"], ui["adapted_gallery"], status], **fast)
+    ui["search"].click(**t2i, api_name="search_text")
+    ui["query"].submit(**t2i, api_visibility="private")
