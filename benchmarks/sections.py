@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from harma import HarmaConfig, ModelConfig, create_model
-from harma.ann import ANNConfig, ANNIndex, recall_at_k
-from harma.index import ANN_THRESHOLD, EmbeddingIndex, exact_topk
 from harma.losses import HarmaLoss, LossConfig
+from harma.retrieval import ANN_THRESHOLD, EmbeddingIndex, exact_topk
+from harma.retrieval.ann import ANNConfig, ANNIndex, recall_at_k
 
 from .browser import CHROMIUM, launch
 

@@ -9,26 +9,39 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .checkpoint import CheckpointError, load_adapter_weights, load_adapters, read_adapter_config, save_adapters
-from .config import ConfigError, HarmaConfig, ModelConfig, MRSConfig
-from .index import EmbeddingIndex, Retriever
-from .inject import UnsupportedModelError, find_towers, remove_adapters
+from .archs import register_model_config
+from .checkpoint import load_adapter_weights, load_adapters, read_adapter_config, save_adapters
+from .config import HarmaConfig, ModelConfig, MRSConfig
+from .errors import (
+                     BaseWeightsError,
+                     CheckpointError,
+                     ConfigError,
+                     DatasetError,
+                     HarmaError,
+                     NonFiniteEmbeddingError,
+                     UnsupportedModelError,
+)
+from .inject import find_towers, remove_adapters
 from .losses import HarmaLoss, LossConfig
-from .model import HarmaModel, build_clip, create_model, register_model_config
-from .weights import BaseWeightsError, load_base_weights
+from .model import HarmaModel, build_clip, create_model
+from .retrieval import EmbeddingIndex, Retriever
+from .weights import load_base_weights
 
 __all__ = [
     "__version__",
     "BaseWeightsError",
     "CheckpointError",
     "ConfigError",
+    "DatasetError",
     "EmbeddingIndex",
     "HarmaConfig",
+    "HarmaError",
     "HarmaLoss",
     "HarmaModel",
     "LossConfig",
     "ModelConfig",
     "MRSConfig",
+    "NonFiniteEmbeddingError",
     "UnsupportedModelError",
     "build_clip",
     "create_model",

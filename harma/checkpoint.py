@@ -10,47 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import open_clip
 import torch
 
+from .archs import ensure_arch
 from .config import ModelConfig, from_dict, to_dict
+from .errors import CheckpointError
+from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, atomic_write_json, file_sha256, read_safetensors
 from .model import HarmaModel, create_model
-from .weights import file_sha256
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """An adapter directory is missing, malformed, or belongs to another base model."""
-
-
 def _versions() -> dict[str, str]:
-    import open_clip
-
-    from . import __version__
+    from . import __version__  # the package's own attribute: harma/__init__ imports this module
 
     return {"harma": __version__, "open_clip": open_clip.__version__, "torch": torch.__version__}
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints and run files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_adapters(model: HarmaModel, directory: Union[str, Path], extra: Optional[dict[str, Any]] = None,
@@ -87,7 +65,7 @@ def save_adapters(model: HarmaModel, directory: Union[str, Path], extra: Optiona
             os.path.relpath(Path(model.base_info["base_weights"]).resolve(), directory.resolve())).as_posix()}
     # Weights first, config last: a directory with a config always has matching weights.
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_json(directory / CONFIG_NAME, meta)
     return directory
 
 
@@ -117,8 +95,6 @@ def _base_mismatch(needed: dict, have: dict) -> list[str]:
 
 def load_adapter_weights(model: HarmaModel, directory: Union[str, Path], check_base: bool = True) -> None:
     """Load saved tensors into ``model`` (same method and base), strictly."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta = read_adapter_config(directory)
     if meta["method"] != model.config.method:
@@ -133,10 +109,7 @@ def load_adapter_weights(model: HarmaModel, directory: Union[str, Path], check_b
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_NAME} is missing")
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:  # safetensors raises SafetensorError (a bare Exception subclass) on a bad file
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    tensors = read_safetensors(weights, CheckpointError)
     bad_values = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad_values is not None:
         raise CheckpointError(f"{weights}: tensor {bad_values} holds NaN or infinite values; this checkpoint "
@@ -180,7 +153,7 @@ def load_adapters(directory: Union[str, Path], device: Union[str, torch.device] 
     if cfg.base_weights and not Path(cfg.base_weights).exists():
         raise CheckpointError(f"{directory}: base weights {cfg.base_weights} not found on this machine; "
                               "pass base_weights=PATH (sha256 " + str(meta["base"].get("base_weights_sha256")) + ")")
-    _register_saved_arch(meta["base"])
+    ensure_arch(meta["base"].get("model_name"), meta["base"].get("model_cfg"))
     # a `full` folder holds every trained tensor, so a tower open_clip left random is filled next
     out = create_model(cfg, device, weights_follow=cfg.method == "full")
     load_adapter_weights(out[0], directory)
@@ -207,18 +180,3 @@ def find_base_weights(directory: Path, base: dict) -> Optional[Path]:
         if path.exists() and (sha is None or _weights_sha256(path) == sha):
             return path
     return None
-
-
-def _register_saved_arch(base: dict) -> None:
-    """Custom architectures (tests, the project's own backbone) are re-registered from the JSON."""
-    import open_clip
-
-    from .model import register_model_config
-
-    from .presets import ARCHS, register_project_models, resolve_arch
-
-    name, arch = base.get("model_name"), base.get("model_cfg")
-    if name in ARCHS:
-        register_project_models()
-    elif arch and name not in open_clip.list_models():
-        register_model_config(name, resolve_arch(arch))

@@ -8,17 +8,16 @@ the PE-RSITR MRS-Adapter (method.md §6).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+from .errors import ConfigError
 
 METHODS = ("harma", "mrs", "full", "zeroshot")
 SHARE_MODES = ("text_only", "shared", "none")
 TOWERS = ("image", "text")
 ALSO_TRAIN = ("norms", "biases", "convs", "proj")  # model.also_train: backbone parameter kinds trained beside the adapters
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid."""
 
 
 @dataclass
@@ -169,14 +168,19 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; nested dataclasses are filled recursively.
+    """Build dataclass ``cls`` from a mapping (parsed YAML/JSON, ``key=value`` overrides, environment).
 
-    Unknown keys raise ``ConfigError`` naming the key and the valid ones.
+    The one config parser of the project (library, training and app). Each value is read as its
+    field's declared type where that is unambiguous: a string as int, float or bool (YAML reads
+    ``4e-4`` as a string, environment variables are strings), an int as float, a number as str;
+    ``Optional[X]`` accepts None. Nested dataclasses are filled recursively. Unknown keys and values
+    of the wrong type raise :class:`ConfigError` naming the key (``where`` prefixes the names).
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
@@ -184,33 +188,41 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         )
     kwargs = {}
     for key, value in data.items():
-        ftype = names[key].type
-        sub = _dataclass_type(ftype)
-        if sub is not None and isinstance(value, dict):
-            value = from_dict(sub, value, f"{where}.{key}" if where else key)
-        kwargs[key] = value
+        path = f"{where}.{key}" if where else key
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            kwargs[key] = from_dict(hint, value, path)
+        else:
+            kwargs[key] = _convert(value, hint, path)
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - dataclass arity errors
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
 
 
-_DATACLASSES: dict[str, type] = {}
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def register_config(cls: type) -> type:
-    """Make a dataclass findable by name when nested configs are parsed from strings."""
-    _DATACLASSES[cls.__name__] = cls
-    return cls
-
-
-for _cls in (HarmaConfig, MRSConfig, ModelConfig):
-    register_config(_cls)
-
-
-def _dataclass_type(annotation: Any) -> Optional[type]:
-    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
-        return annotation
-    if isinstance(annotation, str):  # postponed annotations (from __future__ import annotations)
-        return _DATACLASSES.get(annotation)
-    return None
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """``value`` read as ``hint`` (see :func:`from_dict`); other types pass through to the dataclass."""
+    if typing.get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, str):
+            return int(value)
+        if hint is bool and isinstance(value, str):
+            if value.lower() not in TRUE + FALSE:
+                raise ValueError(value)
+            return value.lower() in TRUE
+        if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    except ValueError:
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    if hint in (int, float, bool, str) and value is not None and not isinstance(value, hint):
+        if not (hint is float and isinstance(value, int)):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value

@@ -17,14 +17,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .data import ImageDataset, RetrievalSplit, clean_caption
+from .errors import DatasetError, NonFiniteEmbeddingError
 from .gap import modality_gap
 from .metrics import retrieval_metrics
 
 Progress = Callable[[int, int], None]  # (done, total)
-
-
-class NonFiniteEmbeddingError(ValueError):
-    """The model produced NaN or infinite embeddings (e.g. from broken base weights)."""
 
 
 def check_finite_embeddings(emb: torch.Tensor, kind: str, names: Sequence[Any]) -> None:
@@ -51,7 +48,7 @@ Device = Union[str, torch.device, None]
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode inside the block; every submodule's own train/eval flag is restored after it."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -62,7 +59,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _device(model: nn.Module, device: Device) -> torch.device:
+def model_device(model: nn.Module, device: Device) -> torch.device:
+    """``device`` if given, else the device of the model's first parameter (CPU for none)."""
     if device is not None:
         return torch.device(device)
     p = next(model.parameters(), None)
@@ -99,15 +97,15 @@ def encode_images(
         (N, D) float32 tensor on the CPU.
     """
     _check_batch_size(batch_size)
-    dev = _device(model, device)
+    dev = model_device(model, device)
     loader = DataLoader(ImageDataset(images, transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=dev.type == "cuda")
     out: list[torch.Tensor] = []
     done, total = 0, len(images)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for pixels, _ in loader:
             emb = model.encode_image(pixels.to(dev, non_blocking=True), normalize=True)
-            out.append(_finish(emb))
+            out.append(unit_rows(emb))
             done += pixels.shape[0]
             if progress is not None:
                 progress(done, total)
@@ -137,20 +135,20 @@ def encode_texts(
         (N, D) float32 tensor on the CPU.
     """
     _check_batch_size(batch_size)
-    dev = _device(model, device)
+    dev = model_device(model, device)
     captions = list(captions)
     out: list[torch.Tensor] = []
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for b0 in range(0, len(captions), batch_size):
             tokens = tokenizer(captions[b0 : b0 + batch_size]).to(dev)
-            out.append(_finish(model.encode_text(tokens, normalize=True)))
+            out.append(unit_rows(model.encode_text(tokens, normalize=True)))
             if progress is not None:
                 progress(min(b0 + batch_size, len(captions)), len(captions))
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
-def _finish(emb: torch.Tensor) -> torch.Tensor:
-    # Re-normalise in fp32, in case the model ran in half precision.
+def unit_rows(emb: torch.Tensor) -> torch.Tensor:
+    """L2-normalised float32 rows on the CPU (re-normalised in fp32, in case the model ran in half)."""
     return torch.nn.functional.normalize(emb.float(), dim=-1).cpu()
 
 
@@ -212,9 +210,9 @@ def evaluate_split(
         An :class:`EvalResult`.
     """
     if split.num_captions == 0:
-        raise ValueError(f"{split.name}: the split has no captions, so retrieval cannot be evaluated")
+        raise DatasetError(f"{split.name}: the split has no captions, so retrieval cannot be evaluated")
     if split.num_images == 0:
-        raise ValueError(f"{split.name}: the split has no images")
+        raise DatasetError(f"{split.name}: the split has no images")
     captions = [clean_caption(c, max_words) for c in split.captions] if clean_captions else list(split.captions)
     slot: dict[str, int] = {}  # distinct text -> its row among the distinct captions
     inverse = torch.tensor([slot.setdefault(c, len(slot)) for c in captions], dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Modality-gap diagnostics for image and text embeddings (ecosystem.md §4, method.md §5.4).
+"""Modality-gap diagnostics for image and text embeddings (docs/method.md §5.4).
 
 Centroid gap and cone effect follow Liang et al., "Mind the Gap" (NeurIPS 2022); alignment and
 uniformity follow Wang & Isola (ICML 2020); the linear probe follows Fahim et al. (2024). All
@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 _CHUNK = 1024  # rows of a pairwise block processed at once
 
 
@@ -21,10 +23,10 @@ def _as_embeddings(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
     if x.shape[0] < 2 or x.shape[1] == 0:
-        raise ValueError(f"{name} needs at least 2 non-empty embeddings, got {tuple(x.shape)}")
+        raise InputError(f"{name} needs at least 2 non-empty embeddings, got {tuple(x.shape)}")
     x = x.float()
     if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise InputError(f"{name} contains NaN or infinite values")
     return F.normalize(x, dim=-1)
 
 

@@ -16,13 +16,18 @@ from typing import Optional
 import torch.nn as nn
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
-from .adapters import (MGA, GatedMLP, MMSAdapter, MRSAdapter, PaddingMask, ParallelAdapterBertOutput, ParallelAdapterBlock,
-                       _Wrapper)
+from .adapters import (
+    MGA,
+    GatedMLP,
+    MMSAdapter,
+    MRSAdapter,
+    PaddingMask,
+    ParallelAdapterBertOutput,
+    ParallelAdapterBlock,
+    _Wrapper,
+)
 from .config import HarmaConfig, MRSConfig
-
-
-class UnsupportedModelError(ValueError):
-    """The open_clip model has no tower structure the adapters can attach to."""
+from .errors import UnsupportedModelError
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harma.config import ConfigError, register_config
+from harma.config import ConfigError
 
 REDUCTIONS = ("sum", "mean")
 TERMS = ("contrastive", "triplet", "intra_image", "intra_text")
@@ -47,9 +47,6 @@ class LossConfig:
             raise ConfigError(f"loss.intra_temperature must be > 0, got {self.intra_temperature!r}")
         if not any(getattr(self, name) > 0 for name in TERMS):
             raise ConfigError(f"loss: at least one of {', '.join(TERMS)} must be > 0")
-
-
-register_config(LossConfig)
 
 
 def _check_pair(image_features: Tensor, text_features: Tensor) -> None:

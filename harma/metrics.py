@@ -17,6 +17,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .errors import InputError
+
 KS = (1, 5, 10)
 METRIC_KEYS = tuple(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS) + ("mR",)
 TIE_RULES = ("expected", "stable", "optimistic", "pessimistic")
@@ -34,7 +36,7 @@ def _check_inputs(
         raise ValueError(f"sim must hold real numbers, got dtype {sim.dtype}")
     n_img, n_txt = sim.shape
     if n_img == 0 or n_txt == 0:
-        raise ValueError(f"sim must be non-empty, got shape {tuple(sim.shape)}")
+        raise InputError(f"sim must be non-empty, got shape {tuple(sim.shape)}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
@@ -56,13 +58,13 @@ def _check_inputs(
     counts = torch.bincount(t2i, minlength=n_img)
     if (counts == 0).any():
         missing = (counts == 0).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"image(s) {missing} have no caption in text_to_image")
+        raise InputError(f"image(s) {missing} have no caption in text_to_image")
     return t2i
 
 
 def _check_finite(block: torch.Tensor) -> None:
     if block.is_floating_point() and not torch.isfinite(block).all():
-        raise ValueError("sim contains NaN or infinite values")
+        raise InputError("sim contains NaN or infinite values")
 
 
 def _count_before(

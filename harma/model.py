@@ -9,20 +9,36 @@ injector created), never by parameter-name substrings (method.md §7.5).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import pickle
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import PaddingMask
-from .weights import BaseWeightsError, quiet_pickle_warnings
-from .config import TOWERS, ConfigError, ModelConfig
-from .inject import (adapter_wrappers, find_towers, inject_harma, inject_mrs, locked_text_parameters,
-                     output_projection_parameters, remove_adapters, text_token_input, text_tower_parameters,
-                     text_tower_parts)
+from .archs import arch_config, ensure_arch
+from .config import TOWERS, ModelConfig
+from .data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
+from .errors import BaseWeightsError, ConfigError
+from .inject import (
+    adapter_wrappers,
+    find_towers,
+    inject_harma,
+    inject_mrs,
+    locked_text_parameters,
+    output_projection_parameters,
+    remove_adapters,
+    text_token_input,
+    text_tower_parameters,
+    text_tower_parts,
+)
+from .io import CONFIG_NAME
+from .weights import load_base_weights, quiet_pickle_warnings
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +220,7 @@ class HarmaModel(nn.Module):
         towers = towers or tuple(found)
         unknown = [t for t in towers if t not in TOWERS]
         if unknown:
-            raise ValueError(f"disable_adapters: unknown tower(s) {unknown}; expected 'image' and/or 'text'")
+            raise ConfigError(f"disable_adapters: unknown tower(s) {unknown}; expected 'image' and/or 'text'")
         prefixes = tuple(found[t].path + "." for t in towers if t in found)
         chosen = [w for name, w in adapter_wrappers(self.clip) if name.startswith(prefixes)]
         trained = [(p, p.detach().clone()) for tower, p, _ in self._also_base if tower in towers]
@@ -264,30 +280,13 @@ class HarmaModel(nn.Module):
         return self.clip
 
 
-def model_arch_config(model_name: str) -> Optional[dict]:
-    """The open_clip architecture dict, with installed-package paths in portable ``pkg:`` form."""
-    import open_clip
-
-    from .presets import portable_arch
-
-    return portable_arch(open_clip.get_model_config(model_name))
-
-
 def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu", *,
                weights_follow: bool = False) -> tuple[nn.Module, dict]:
     """Create the open_clip backbone with its base weights; returns the model and its identity.
 
     ``weights_follow``: the caller loads the rest of the model right after (a saved ``full``
     checkpoint), so open_clip's "initialized partially" warning would mislead and is dropped."""
-    import open_clip
-
-    from .presets import ARCHS, register_project_models
-
-    if cfg.model_name in ARCHS and cfg.model_name not in open_clip.list_models():
-        register_project_models()
-    if cfg.model_name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {cfg.model_name!r}; see open_clip.list_models() "
-                         "or register a config with harma.register_model_config()")
+    ensure_arch(cfg.model_name)
     try:
         with _quiet_transformers(), quiet_pickle_warnings(), \
                 _partial_init_warning(dropped=bool(cfg.base_weights) or weights_follow):
@@ -303,13 +302,11 @@ def build_clip(cfg: ModelConfig, device: str | torch.device = "cpu", *,
                                f"({type(e).__name__}: {first[:200]}); weights are read with "
                                "torch.load(weights_only=True), so pickled code is refused") from None
     if cfg.patch_dropout and not hasattr(clip.visual, "patch_dropout"):
-        raise ValueError(f"model.patch_dropout={cfg.patch_dropout} needs a ViT image tower; "
+        raise ConfigError(f"model.patch_dropout={cfg.patch_dropout} needs a ViT image tower; "
                          f"{cfg.model_name}'s is {type(clip.visual).__name__}")
     info = {"model_name": cfg.model_name, "pretrained": cfg.pretrained,
-            "model_cfg": model_arch_config(cfg.model_name)}
+            "model_cfg": arch_config(cfg.model_name)}
     if cfg.base_weights:
-        from .weights import load_base_weights
-
         _check_base_checkpoint_model(cfg)
         report = load_base_weights(clip, cfg.base_weights)
         info.update(base_weights=str(cfg.base_weights), base_weights_sha256=report.sha256)
@@ -360,14 +357,11 @@ def _partial_init_warning(dropped: bool):
 
 def _check_base_checkpoint_model(cfg: ModelConfig) -> None:
     """A checkpoint folder used as base weights must have been trained on the same architecture."""
-    import json
-    from pathlib import Path
-
-    meta_path = Path(cfg.base_weights) / "adapter_config.json"
+    meta_path = Path(cfg.base_weights) / CONFIG_NAME
     if meta_path.is_file():
         needed = json.loads(meta_path.read_text()).get("base", {}).get("model_name")
         if needed and needed != cfg.model_name:
-            raise ValueError(f"{cfg.base_weights} was trained on {needed}, not {cfg.model_name}")
+            raise BaseWeightsError(f"{cfg.base_weights} was trained on {needed}, not {cfg.model_name}")
 
 
 def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", *,
@@ -380,10 +374,6 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", *,
     recipe (method.md §3): RandomResizedCrop + flip + RandAugment for training, a plain square
     bicubic resize for evaluation. ``weights_follow`` as in :func:`build_clip`.
     """
-    import open_clip
-
-    from .data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
-
     # Seeded in a forked RNG: the same config always builds the same model (a random backbone of a
     # saved run included), and building consumes nothing from the caller's random stream.
     with torch.random.fork_rng(devices=[]):
@@ -395,14 +385,3 @@ def create_model(cfg: ModelConfig, device: str | torch.device = "cpu", *,
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean, std = pp.get("mean", CLIP_MEAN), pp.get("std", CLIP_STD)
     return model, train_transform(size, mean, std), eval_transform(size, mean, std), open_clip.get_tokenizer(cfg.model_name)
-
-
-def register_model_config(name: str, arch: dict) -> None:
-    """Register an open_clip architecture dict under ``name`` (e.g. the project's small RS CLIP)."""
-    import json
-
-    from open_clip import factory
-
-    # open_clip's registry (add_model_config() only takes files); JSON round trip so the stored copy
-    # compares equal to the one read back from adapter_config.json
-    factory._MODEL_CONFIGS[name] = json.loads(json.dumps(arch))

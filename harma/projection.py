@@ -55,7 +55,7 @@ def embedding_projection(images: torch.Tensor, captions: Optional[torch.Tensor] 
         images: (N, D) normalised image embeddings.
         captions: (M, D) normalised embeddings of distinct captions, or None.
         caption_rows: for the gap numbers, row of ``captions`` for each caption of the split
-            (e.g. :attr:`harma.index.CaptionPool.caption_to_text`), with ``text_to_image`` its image.
+            (e.g. :attr:`harma.retrieval.CaptionPool.caption_to_text`), with ``text_to_image`` its image.
         max_points: per modality, for the plot; the gap numbers use every embedding.
         cache_dir: folder of cached projections (``<cache_dir>/projections/``); None = no cache.
 

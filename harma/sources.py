@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .checkpoint import CheckpointError, read_adapter_config
-from .presets import ARCHS, PRESETS, Preset, PresetError, resolve_arch
+import open_clip
 
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (its type name if it has none), for a UI status."""
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+from .archs import ARCHS, resolve_arch
+from .checkpoint import read_adapter_config
+from .errors import CheckpointError, PresetError, one_line
+from .io import CONFIG_NAME
+from .presets import PRESETS, Preset
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,6 @@ class ModelSource:
 
 def pretrained_cached(model_name: str, tag: str) -> bool:
     """Whether open_clip would find ``model_name``/``tag`` without a download (best effort)."""
-    import open_clip
-
     cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
     hub = cfg.get("hf_hub", "")
     if hub:
@@ -50,7 +48,12 @@ def pretrained_cached(model_name: str, tag: str) -> bool:
     return bool(url) and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()
 
 
-def backbone_problem(model: dict, base: dict, allow_download: bool) -> Optional[str]:
+# How a front end tells its user to do something; a front end passes its own words (its flags).
+HOW = {"download": "allow downloads (network access) to fetch them",
+       "adapters": "train some (docs/cli.md) and load their adapter directory"}
+
+
+def backbone_problem(model: dict, base: dict, allow_download: bool, how: Optional[dict] = None) -> Optional[str]:
     """Why the backbone described by a checkpoint's ``model``/``base`` entries cannot be built here."""
     name, tag = model.get("model_name"), model.get("pretrained")
     if name in ARCHS:
@@ -59,13 +62,11 @@ def backbone_problem(model: dict, base: dict, allow_download: bool) -> Optional[
         except PresetError as e:
             return f"backbone {name} cannot be built here: {e}"
     else:
-        import open_clip
-
         if name not in open_clip.list_models() and not base.get("model_cfg"):
             return f"unknown open_clip model {name!r} (not in open_clip.list_models())"
     if tag and not allow_download and not pretrained_cached(name, tag):
         return (f"backbone {name} needs the open_clip weights `{tag}`, which are not in the local cache; "
-                "run the app with `--allow-download` (network access) to fetch them")
+                + {**HOW, **(how or {})}["download"])
     return None
 
 
@@ -77,7 +78,7 @@ def _find_file(path: str, near: Path, root: Path) -> Optional[Path]:
 
 def checkpoint_source(directory: Path, allow_download: bool, base_weights: Optional[str] = None,
                       key: Optional[str] = None, label: Optional[str] = None,
-                      root: Optional[Path] = None) -> ModelSource:
+                      root: Optional[Path] = None, how: Optional[dict] = None) -> ModelSource:
     """A model choice for an adapter directory, with the reason it cannot be loaded (if any).
 
     A relative base-weights path is looked up from the working directory, ``root`` (the project
@@ -96,12 +97,12 @@ def checkpoint_source(directory: Path, allow_download: bool, base_weights: Optio
         sha = meta["base"].get("base_weights_sha256")
         return ModelSource(key, label, directory, None,
                            f"{directory}: base weights `{wanted}` not found on this machine (sha256 {sha})")
-    problem = backbone_problem(meta["model"], meta["base"], allow_download)
+    problem = backbone_problem(meta["model"], meta["base"], allow_download, how)
     return ModelSource(key, label, directory, str(found) if found else None, problem)
 
 
 def preset_source(preset: Preset, allow_download: bool, root: Path,
-                  missing: Optional[Callable[[Preset, str], str]] = None) -> ModelSource:
+                  missing: Optional[Callable[[Preset, str], str]] = None, how: Optional[dict] = None) -> ModelSource:
     """A model choice for a preset whose files live under ``root``; ``missing(preset, names)`` words
     the problem when its checkpoint folders are absent."""
     key, label = f"preset:{preset.name}", f"{preset.name} (preset)"
@@ -109,7 +110,7 @@ def preset_source(preset: Preset, allow_download: bool, root: Path,
         needs = f" It also needs: {'; '.join(preset.needs)}." if preset.needs else ""
         return ModelSource(key, label, None, None,
                            f"preset {preset.name} ({preset.description}) has no trained adapters in this repository; "
-                           f"train some (README) and start with `--checkpoint DIR`.{needs}")
+                           + {**HOW, **(how or {})}["adapters"] + f".{needs}")
     adapters = root / preset.adapters
     bw = preset.model.get("base_weights")
     bw_path = (Path(bw) if Path(bw).is_absolute() else root / bw) if bw else None
@@ -118,27 +119,31 @@ def preset_source(preset: Preset, allow_download: bool, root: Path,
         names = " and ".join(f"`{p.relative_to(root) if p.is_relative_to(root) else p}`" for p in absent)
         problem = missing(preset, names) if missing else f"preset {preset.name} needs {names}, which this checkout does not have"
         return ModelSource(key, label, adapters, None, problem)
-    return checkpoint_source(adapters, allow_download, str(bw_path) if bw_path else None, key, label, root)
+    return checkpoint_source(adapters, allow_download, str(bw_path) if bw_path else None, key, label, root, how)
 
 
 def discover_sources(root: Path, checkpoint: Optional[str] = None, allow_download: bool = False,
-                     missing: Optional[Callable[[Preset, str], str]] = None) -> dict[str, ModelSource]:
-    """``checkpoint``, then the presets, then ``root/checkpoints/*/`` adapter directories (not ``full`` backbones)."""
+                     missing: Optional[Callable[[Preset, str], str]] = None,
+                     how: Optional[dict] = None) -> dict[str, ModelSource]:
+    """``checkpoint``, then the presets, then ``root/checkpoints/*/`` adapter directories (not ``full`` backbones).
+
+    ``missing(preset, names)`` words a preset's absent folders and ``how`` (keys of :data:`HOW`) the
+    remedies, in the front end's own terms (its flags); the defaults name no front end."""
     sources: dict[str, ModelSource] = {}
     if checkpoint:
-        src = checkpoint_source(Path(checkpoint), allow_download, root=root)
+        src = checkpoint_source(Path(checkpoint), allow_download, root=root, how=how)
         sources[src.key] = src
     for preset in PRESETS.values():
-        src = preset_source(preset, allow_download, root, missing)
+        src = preset_source(preset, allow_download, root, missing, how)
         sources[src.key] = src
     seen = {s.adapters.resolve() for s in sources.values() if s.adapters is not None}
-    for cfg_file in sorted((root / "checkpoints").glob("*/adapter_config.json")):
+    for cfg_file in sorted((root / "checkpoints").glob(f"*/{CONFIG_NAME}")):
         directory = cfg_file.parent
         try:
             if directory.resolve() in seen or read_adapter_config(directory)["method"] == "full":
                 continue
         except CheckpointError:
             pass  # listed, with its problem
-        src = checkpoint_source(directory, allow_download, root=root)
+        src = checkpoint_source(directory, allow_download, root=root, how=how)
         sources[src.key] = src
     return sources

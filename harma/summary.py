@@ -14,14 +14,13 @@ import sys
 from collections import Counter
 from typing import Optional
 
+import open_clip
+
 from .config import ALSO_TRAIN, METHODS, SHARE_MODES, ConfigError, HarmaConfig, ModelConfig
+from .model import HarmaModel
 
 
 def build_meta_model(model_name: str, method: str, share_mode: str = "text_only", also_train: tuple[str, ...] = ()):
-    import open_clip
-
-    from .model import HarmaModel
-
     if model_name not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model {model_name!r}")
     clip = open_clip.create_model(model_name, device="meta")

@@ -9,7 +9,7 @@ that names the keys (the released HarMA code loads with ``strict=False``, method
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +18,12 @@ from typing import Iterable, Union
 import torch
 import torch.nn as nn
 
+from .errors import BaseWeightsError
+from .io import CONFIG_NAME, WEIGHTS_NAME, file_sha256, read_safetensors, safetensors_keys
+
 PREFIXES = ("module.", "model.", "clip.", "state_dict.")
 IGNORED_KEYS = {"logit_bias"}  # optional scalars some checkpoints carry and open_clip may not
 CLIP_PREFIX = "clip."  # HarmaModel's name for its open_clip model
-FULL_WEIGHTS = "adapter_model.safetensors"  # the tensors of a harma checkpoint folder
-
-
-class BaseWeightsError(ValueError):
-    """A base-weights file cannot be read or does not match the model."""
 
 
 @dataclass
@@ -38,14 +36,6 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)
 
 
-def file_sha256(path: Union[str, Path], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a pickled torch file (weights only), unwrapping
     ``{"state_dict": ...}``-style containers and a shared key prefix."""
@@ -53,9 +43,7 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BaseWeightsError(f"base weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
+        sd = read_safetensors(path, BaseWeightsError)
     else:
         try:
             with quiet_pickle_warnings():
@@ -137,26 +125,19 @@ def base_weight_keys(path: Union[str, Path]) -> set[str]:
     """The open_clip keys that :func:`load_base_weights` takes from ``path`` (a file or a ``full`` folder)."""
     path = Path(path)
     if path.is_dir():
-        from safetensors import safe_open
-
-        with safe_open(str(path / FULL_WEIGHTS), "pt") as f:
-            return set(open_clip_names(f.keys()))
+        return set(open_clip_names(safetensors_keys(path / WEIGHTS_NAME, BaseWeightsError)))
     return set(read_state_dict(path)) - IGNORED_KEYS
 
 
 def _load_full_checkpoint(clip: nn.Module, directory: Path) -> LoadReport:
-    import json
-
-    from safetensors.torch import load_file
-
-    config, weights = directory / "adapter_config.json", directory / FULL_WEIGHTS
+    config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config.is_file() or not weights.is_file():
         raise BaseWeightsError(f"{directory}: a base-weights folder must hold adapter_config.json and "
                                "adapter_model.safetensors (a checkpoint of method 'full')")
     method = json.loads(config.read_text()).get("method")
     if method != "full":
         raise BaseWeightsError(f"{directory}: base weights must come from a 'full' checkpoint, this one is {method!r}")
-    tensors = load_file(str(weights))
+    tensors = read_safetensors(weights, BaseWeightsError)
     sd = {key: tensors[name] for key, name in open_clip_names(tensors).items()}
     own = clip.state_dict()
     unexpected = sorted(k for k in sd if k not in own)

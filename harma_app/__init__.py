@@ -1,7 +1,7 @@
 """The HarMA demo app (``python app.py``): remote-sensing image-text retrieval, the frozen backbone (baseline)
 next to the adapted model, in Gradio.
 
-Ranking, caching and metrics live in the library (``harma.index``, ``harma.metrics``, ``harma.gap``); this
+Ranking, caching and metrics live in the library (``harma.retrieval``, ``harma.metrics``, ``harma.gap``); this
 package wires them to Gradio. Importing it loads no model, builds no UI and makes no network call.
 
 Modules: :mod:`.common` (paths, limits, user-facing errors), :mod:`.state` (configuration, model sources and

@@ -8,7 +8,8 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from harma.sources import ModelSource, one_line
+from harma.errors import one_line
+from harma.sources import ModelSource
 
 from . import controls, tab_embedding_space, tab_image_to_text, tab_metrics, tab_text_to_image
 from .common import QUERY_CONCURRENCY, USER_ERRORS, AppError, log
@@ -39,7 +40,7 @@ def build_demo(config: Optional[AppConfig] = None,
 
         common = [top["k"], top["model"], top["gallery_key"]]
         # queries are served concurrently (one pool for all query events); the model calls inside
-        # are serialised by harma.index.Retriever, everything else (search, files, streaming) overlaps
+        # are serialised by harma.retrieval.Retriever, everything else (search, files, streaming) overlaps
         fast = dict(concurrency_limit=QUERY_CONCURRENCY, concurrency_id="queries")
         tab_text_to_image.wire(app, t2i, common, top["status"], fast)
         tab_image_to_text.wire(app, i2t, common, top["status"], fast)

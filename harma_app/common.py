@@ -12,10 +12,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from harma import BaseWeightsError, CheckpointError, ConfigError
-from harma.data import DatasetError
-from harma.presets import PresetError
-from harma.sources import one_line
+from harma.errors import HarmaError, one_line
 
 log = logging.getLogger("harma.app")
 
@@ -28,7 +25,7 @@ MAX_K = 50
 QUERY_CONCURRENCY = int(os.environ.get("HARMA_QUERY_CONCURRENCY", "16"))  # query events served at once (Gradio: 1)
 MAX_UPLOADS = 500
 MAX_ENCODE = 20_000  # images the app encodes itself for an --index gallery lacking one model's index
-USER_ERRORS = (DatasetError, CheckpointError, BaseWeightsError, ConfigError, PresetError, ValueError, OSError)
+USER_ERRORS = (HarmaError, OSError)  # the library's user-facing errors and unreadable files; anything else is a bug
 
 HOW_TO_DATA = ("Start the app with `--data DIR` (or set `HARMA_DATA=DIR`): a dataset folder in any supported format "
                "(HarMA JSON, PE-RSITR txt, csv/tsv, jsonl, or a plain folder of images). Or upload images under "

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from harma.sources import one_line
+from harma.errors import one_line
 
 from .common import DEFAULT_PRESET, HOW_TO_DATA, MAX_K, USER_ERRORS, AppError, fail, file_names_only, progress_cb
 from .state import AppState

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from harma.data import DatasetError, RetrievalSplit, load_split, open_image
-from harma.index import CaptionPool, EmbeddingIndex, IndexFormatError
-from harma.sources import one_line
+from harma.errors import IndexFormatError, one_line
+from harma.retrieval import CaptionPool, EmbeddingIndex
 
 from .common import DEMO, HOW_TO_DATA, MAX_UPLOADS, AppError
 

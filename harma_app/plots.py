@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harma.index import Retriever
 from harma.projection import embedding_projection
+from harma.retrieval import Retriever
 
 from .galleries import Gallery
 

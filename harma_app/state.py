@@ -17,9 +17,10 @@ import torch
 from harma import ModelConfig, create_model, load_adapters
 from harma.checkpoint import read_adapter_config
 from harma.config import from_dict
-from harma.index import Retriever
+from harma.errors import ConfigError, one_line
 from harma.presets import Preset
-from harma.sources import ModelSource, one_line
+from harma.retrieval import Retriever, RetrieverOptions
+from harma.sources import ModelSource
 from harma.sources import discover_sources as find_sources
 
 from .common import DEFAULT_PRESET, DEMO, HOW_TO_DATA, MAX_ENCODE, ROOT, USER_ERRORS, AppError
@@ -52,17 +53,13 @@ class AppConfig:
 
     @classmethod
     def from_env(cls, env: Optional[dict] = None) -> "AppConfig":
+        """The ``HARMA_*`` variables (empty ones ignored), read with the project's one config parser."""
         env = os.environ if env is None else env
-        cfg = cls()
-        for f in fields(cls):
-            value = env.get(ENV_NAMES.get(f.name, f"HARMA_{f.name.upper()}"))
-            if value in (None, ""):
-                continue
-            if f.name == "allow_download":
-                value = value.lower() in ("1", "true", "yes")
-            elif f.name in ("umap_points", "batch_size"):
-                value = int(value)
-            setattr(cfg, f.name, value)
+        names = {f.name: ENV_NAMES.get(f.name, f"HARMA_{f.name.upper()}") for f in fields(cls)}
+        try:
+            cfg = from_dict(cls, {field: env[var] for field, var in names.items() if env.get(var)})
+        except ConfigError as e:
+            raise ConfigError(f"environment: {e} (variables {', '.join(names.values())})") from None
         if not cfg.data and not cfg.index and (DEMO / "test.csv").is_file():
             cfg.data = str(DEMO)  # no dataset given: the bundled demo gallery, so every tab works
         return cfg
@@ -95,6 +92,10 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
 
 
 # -- model sources -------------------------------------------------------------------------------
+HOW = {"download": "run the app with `--allow-download` (network access) to fetch them",
+       "adapters": "train some (docs/cli.md) and start with `--checkpoint DIR`"}
+
+
 def _missing_message(preset: Preset, names: str) -> str:
     if preset.name == DEFAULT_PRESET:
         return DEFAULT_MISSING.format(missing=names)
@@ -103,7 +104,7 @@ def _missing_message(preset: Preset, names: str) -> str:
 
 def discover_sources(config: AppConfig) -> dict[str, ModelSource]:
     """``--checkpoint``, then the presets, then ``checkpoints/*/`` adapter folders (:mod:`harma.sources`)."""
-    return find_sources(ROOT, config.checkpoint, config.allow_download, _missing_message)
+    return find_sources(ROOT, config.checkpoint, config.allow_download, _missing_message, HOW)
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -129,12 +130,8 @@ def load_models(source: ModelSource, device: str = "cpu") -> ModelPair:
         model, _, preprocess, tokenizer = load_adapters(source.adapters, device, cfg.base_weights)
         cfg.method = "zeroshot"
         base, _, base_preprocess, base_tokenizer = create_model(cfg, device)
-    except (*USER_ERRORS, RuntimeError) as e:
+    except (*USER_ERRORS, RuntimeError) as e:  # RuntimeError: torch refusing a state dict or a device
         raise AppError(f"cannot load {source.label}: {one_line(e)}") from None
-    except Exception as e:  # safetensors' own error type for a corrupt weights file
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise AppError(f"cannot load {source.label}: unreadable weights ({one_line(e)})") from None
     model.eval()
     base.eval()
     return ModelPair(source, (model, preprocess, tokenizer), (base, base_preprocess, base_tokenizer), meta["method"])
@@ -224,11 +221,10 @@ class AppState:
                 for side, bundle, ckpt in (("baseline", pair.baseline, None),
                                            ("adapted", pair.adapted, pair.source.adapters)):
                     cb = None if progress is None else partial(progress, side)
-                    built.append(Retriever.build(
-                        *bundle, gallery.images, pool.texts if pool else None, checkpoint=ckpt,
-                        cache_dir=self.cache_dir / "index", progress=cb, batch_size=self.config.batch_size,
-                        caption_metadata=pool.metadata() if pool else None,
-                        prebuilt=gallery.prebuilt, max_encode=MAX_ENCODE if gallery.prebuilt else None))
+                    options = RetrieverOptions(checkpoint=ckpt, cache_dir=self.cache_dir / "index",
+                                               batch_size=self.config.batch_size, prebuilt=gallery.prebuilt,
+                                               max_encode=MAX_ENCODE if gallery.prebuilt else None)
+                    built.append(Retriever.build(*bundle, gallery.images, pool, options, progress=cb))
                 self._retrievers[key] = (built[0], built[1])
                 while len(self._retrievers) > 4:
                     self._retrievers.popitem(last=False)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from harma.index import Hit
+from harma.retrieval import Hit
 
 from .common import ASSETS, MAX_QUERY_CHARS, USER_ERRORS, AppError, clamp_k, fail, progress_cb
 from .galleries import Gallery, displayable

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harma.ann import ANNConfig, ANNIndex, default_nlist, recall_at_k
-from harma.index import EmbeddingIndex, exact_topk
+from harma.retrieval import EmbeddingIndex, exact_topk
+from harma.retrieval.ann import ANNConfig, ANNIndex, default_nlist, recall_at_k
 
 
 def clustered(n: int, d: int = 32, centers: int = 50, noise: float = 0.3, seed: int = 0) -> torch.Tensor:

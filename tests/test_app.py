@@ -14,23 +14,23 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 import app  # the entry point (test_import_is_cheap_and_loads_no_model executes its file)
+from harma import create_model, save_adapters
+from harma.data import load_split, write_synthetic_dataset
+from harma.encode import evaluate_split
 from harma_app import blocks, common, controls
 from harma_app import state as app_state
 from harma_app import tab_embedding_space as space_tab
 from harma_app import tab_image_to_text as i2t
 from harma_app import tab_metrics as metrics_tab
 from harma_app import tab_text_to_image as t2i
-from harma import create_model, save_adapters
-from harma.data import load_split, write_synthetic_dataset
-from harma.encode import evaluate_split
 from tests.conftest import TINY_NAME, perturb_, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request is a warning
@@ -252,8 +252,7 @@ def test_prebuilt_index_gallery_uses_the_matching_index(setup, tmp_path):
     """``--index`` (from training.build_index): the adapted side reads the prebuilt embeddings, the
     baseline side (no index given for it) is encoded by the app; an index for another model is not used."""
     from harma import load_adapters
-    from harma.index import model_identity
-    from harma.indexing import build_image_index, list_images
+    from harma.retrieval import build_image_index, list_images, model_identity
 
     images = setup["data"] / "images"
     model, _, preprocess, _ = load_adapters(setup["adapters"])

@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 from harma.encode import encode_images
-from harma.index import EmbeddingIndex, model_identity
-from harma.indexing import build_image_index, list_images
+from harma.retrieval import EmbeddingIndex, build_image_index, effective_shard_size, list_images, model_identity
 from tests.test_evaluate_cli import setup  # noqa: F401  (module fixture: tiny checkpoint + base weights)
 from training.build_index import main
 
@@ -93,7 +92,6 @@ def test_missing_or_empty_image_folder_is_a_clear_error(setup, tmp_path, capsys)
 def test_default_shard_size_still_resumes_a_small_folder(setup, tmp_path):  # noqa: F811
     """A 300-image folder under the default 4096-image shard size is written in pieces, so an
     interruption keeps what was encoded (it used to keep only the manifest)."""
-    from harma.indexing import effective_shard_size
 
     assert effective_shard_size(1890, 4096) == 119 and effective_shard_size(10**6, 4096) == 4096
     assert effective_shard_size(8, 3) == 3 and effective_shard_size(300, 4096) == 64

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from harma import CheckpointError, HarmaModel, load_adapter_weights, load_adapters, save_adapters
-from harma.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from harma.io import CONFIG_NAME, WEIGHTS_NAME
 from tests.conftest import TINY_NAME, perturb_, tiny_config
 
 

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from harma.data import PairDataset, carve_block_split, carve_split, clean_caption, detect_format, eval_transform, load_split
+from harma.data import (
+    PairDataset,
+    carve_block_split,
+    carve_split,
+    clean_caption,
+    detect_format,
+    eval_transform,
+    load_split,
+)
 
 DATASETS = Path(
     os.environ.get("HARMA_SHARED_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" / "datasets")

@@ -13,6 +13,7 @@ from PIL import Image
 from harma import HarmaModel
 from harma.data import RetrievalSplit, clean_caption, eval_transform, load_split
 from harma.encode import EvalResult, encode_images, encode_texts, evaluate_split
+from harma.errors import DatasetError
 from harma.metrics import METRIC_KEYS, retrieval_metrics
 from tests.conftest import TINY_NAME, perturb_, tiny_config
 
@@ -72,6 +73,7 @@ def test_encode_texts_shape_and_norm(model, split, tokenizer):
     assert torch.allclose(emb.norm(dim=-1), torch.ones(split.num_captions), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_size_invariance(model, split, tokenizer):
     a = encode_images(model, split.images, TRANSFORM, batch_size=2)
     b = encode_images(model, split.images, TRANSFORM, batch_size=7)
@@ -106,6 +108,7 @@ def test_model_mode_restored(model, split, tokenizer):
     assert not any(m.training for m in model.modules())
 
 
+@pytest.mark.slow
 def test_evaluate_split_matches_manual_similarity(model, split, tokenizer):
     calls = []
     res = evaluate_split(model, split, TRANSFORM, tokenizer, batch_size=4,
@@ -139,7 +142,7 @@ def test_clean_captions_flag(model, split, tokenizer):
 
 def test_split_without_captions_raises(model, split, tokenizer):
     gallery = RetrievalSplit("g/all", split.root, split.images, [], [])
-    with pytest.raises(ValueError, match="no captions"):
+    with pytest.raises(DatasetError, match="no captions"):
         evaluate_split(model, gallery, TRANSFORM, tokenizer)
 
 

@@ -1,4 +1,4 @@
-"""``harma.index``: exact search against brute force, save/load, the embedding cache, the Retriever."""
+"""``harma.retrieval``: exact search against brute force, save/load, the embedding cache, the Retriever."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from PIL import Image
 from harma import create_model, save_adapters
 from harma.data import load_split, write_synthetic_dataset
 from harma.encode import encode_images, encode_texts
-from harma.index import (
+from harma.errors import IndexFormatError, QueryError
+from harma.retrieval import (
     CaptionPool,
     EmbeddingIndex,
-    IndexFormatError,
     Retriever,
+    RetrieverOptions,
     cached_index,
     model_identity,
     paths_fingerprint,
@@ -125,10 +126,10 @@ def tiny(tmp_path_factory):
 
 def _build(t, cache, paths=None, checkpoint="default", model=None, progress=None):
     pool = CaptionPool.from_captions(t["split"].captions, t["split"].text_to_image)
+    options = RetrieverOptions(checkpoint=t["ckpt"] if checkpoint == "default" else checkpoint, cache_dir=cache,
+                               batch_size=8)
     return Retriever.build(model or t["model"], t["preprocess"], t["tokenizer"], paths or t["split"].images,
-                           pool.texts, caption_metadata=pool.metadata(), cache_dir=cache,
-                           checkpoint=t["ckpt"] if checkpoint == "default" else checkpoint, progress=progress,
-                           batch_size=8)
+                           pool, options, progress=progress)
 
 
 def test_retriever_results_sorted_and_equal_to_brute_force(tiny):
@@ -150,10 +151,10 @@ def test_retriever_results_sorted_and_equal_to_brute_force(tiny):
     assert {"caption", "images"} <= set(caps[0].metadata)
     # the stored gallery embedding ranks captions like a freshly encoded image
     assert [c.index for c in r.search_gallery_image(3, k=4)] == [c.index for c in caps]
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(QueryError, match="empty"):  # a user's mistake: the app shows it as a message
         r.search_text(" ... ", 3)
     no_caps = Retriever(r.model, r.preprocess, r.tokenizer, r.images)
-    with pytest.raises(ValueError, match="no captions"):
+    with pytest.raises(QueryError, match="no captions"):
         no_caps.search_image(pil, 3)
 
 

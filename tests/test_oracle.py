@@ -10,7 +10,7 @@ import torch
 
 from harma.data import RetrievalSplit, write_synthetic_dataset
 from tests.conftest import TINY_NAME
-from training.evaluate import CliError
+from training.cli import CliError
 from training.oracle import class_labels, class_only, main, text_space
 
 

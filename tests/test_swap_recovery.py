@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from harma import HarmaModel, save_adapters
-from harma.checkpoint import WEIGHTS_NAME
+from harma.io import WEIGHTS_NAME
 from tests.conftest import TINY_NAME, perturb_, tiny_config
 from training import state as state_mod
-from training.evaluate import CliError, resolve_checkpoint
+from training.cli import CliError, resolve_checkpoint
 from training.state import find_best, find_last, write_adapters_dir, write_last
 
 

@@ -94,6 +94,7 @@ def test_tiny_run_writes_the_run_folder(tmp_path, one_thread, capsys):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["optim.ema_decay=0.8"]], ids=["plain", "weight-average"])
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, extra):
     # with optim.ema_decay the validation metrics compared below come from the average, so they
@@ -203,7 +204,7 @@ def test_resume_refuses_a_changed_setting_and_a_foreign_state(tmp_path, one_thre
 
 
 def test_run_from_before_an_option_existed_resumes_at_its_default(tmp_path, one_thread):
-    from training.state import config_hash
+    from training.rundir import config_hash
 
     run = one_epoch_run(tmp_path)
     # what the code before optim.ema_decay wrote: no such key, and a hash over every key

@@ -12,7 +12,8 @@ import pytest
 from harma.metrics import METRIC_KEYS
 from tests.test_encode import write_split
 from training import benchmark
-from training.benchmark import SUITES, BenchmarkError, Method, Suite, aggregate, markdown, plan, update_readme
+from training.benchmark import SUITES, BenchmarkError, Method, Suite, aggregate, plan, update_readme
+from training.benchmark_tables import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +119,7 @@ def test_one_tiny_run_end_to_end_and_resume(tmp_path, monkeypatch):
 def test_shipped_checkpoints_match_their_records_and_the_readme():
     """Each shipped checkpoint names the epoch that was best on the block carve (its metrics.jsonl
     shows it), and the README's shipped table is the one its records render."""
-    from training.benchmark import shipped_markdown
+    from training.benchmark_tables import shipped_markdown
 
     shipped = ROOT / "results" / "ucm" / "shipped"
     if not shipped.is_dir():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import shutil
 import statistics
@@ -29,10 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from harma.checkpoint import atomic_write_bytes
+from harma.io import CONFIG_NAME, atomic_write_bytes, atomic_write_json
 from harma.metrics import METRIC_KEYS
 from training import evaluate as evaluate_cli
+from training.benchmark_tables import card_section, markdown, shipped_markdown
+from training.cli import USER_ERRORS, run_command, write_json
 from training.config import load_config
+from training.export import export
 
 ROOT = Path(__file__).resolve().parent.parent
 GAP_KEYS = ("centroid_distance", "knn_modality_purity")
@@ -147,7 +149,7 @@ def _evaluate(checkpoint: Path, data: str, split: str, extra: list[str]) -> dict
         ["--checkpoint", str(checkpoint), "--data", data, "--split", split, "--num-workers", "1", *extra])
     try:
         return evaluate_cli.evaluate(args)
-    except evaluate_cli.USER_ERRORS as e:
+    except USER_ERRORS as e:
         raise BenchmarkError(f"evaluating {checkpoint} on {split}: {e}") from None
 
 
@@ -181,7 +183,7 @@ def execute(suite: Suite, run: Run, runs_dir: Path, data: str) -> dict[str, Any]
         run_dir = runs_dir / f"{suite.name}-{run.name}"
         checkpoint = run_dir / "best"
         epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        meta = json.loads((checkpoint / "adapter_config.json").read_text())
+        meta = json.loads((checkpoint / CONFIG_NAME).read_text())
         out.update(best_epoch=meta["extra"]["epoch"], val_mR_per_epoch=[round(e["val"]["mR"], 4) for e in epochs],
                    trained_params=meta["trainable_params"],
                    train_minutes=round(sum(e.get("epoch_s", 0.0) for e in epochs) / 60, 1),
@@ -235,31 +237,6 @@ def aggregate(suite: Suite, results_dir: Path) -> dict[str, Any]:
             "published": [vars(p) for p in suite.published]}
 
 
-def _pm(mean: float, sd: Optional[float]) -> str:
-    return f"{mean:.2f} ± {sd:.2f}" if sd is not None else f"{mean:.2f}"
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """The README table of an aggregated results file (test first; val is what selected the epoch)."""
-    head = ("| method | seeds | test mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | val mR "
-            "| test centroid gap | test k-NN modality purity | trained params | train time (2 CPU cores) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results["rows"]:
-        cells = [r["label"], ", ".join(str(s) for s in r["seeds"]) if r["trained_params"] else "-",
-                 "**" + _pm(r["test_mR"], r["test_mR_sd"]) + "**"]
-        cells += [f"{r[f'test_{d}_R@{k}']:.2f}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-        cells += [_pm(r["val_mR"], r["val_mR_sd"]), f"{r['test_centroid_distance']:.3f}",
-                  f"{r['test_knn_modality_purity']:.3f}", f"{r['trained_params']:,}",
-                  f"{r['train_minutes']:.0f} min" if r["train_minutes"] else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    for p in results.get("published", []):
-        lines.append(f"| {p['label']} | - | {p['test_mR']:.2f} | | | | | | | | | | | |")
-    if results.get("pending"):
-        lines.append("")
-        lines.append("Not yet run on this protocol: " + ", ".join(f"`{k}`" for k in results["pending"]) + ".")
-    return "\n".join(lines)
-
-
 def update_readme(readme: Path, suite: str, table: str) -> bool:
     """Replace the text between ``<!-- SUITE-table -->`` and ``<!-- /SUITE-table -->``; True if changed."""
     start, end = f"<!-- {suite}-table -->", f"<!-- /{suite}-table -->"
@@ -276,7 +253,7 @@ def update_readme(readme: Path, suite: str, table: str) -> bool:
 
 def write_results(suite: Suite, results_dir: Path, readme: Optional[Path]) -> dict[str, Any]:
     results = aggregate(suite, results_dir)
-    atomic_write_bytes(results_dir / f"{suite.name}.json", (json.dumps(results, indent=1) + "\n").encode())
+    atomic_write_json(results_dir / f"{suite.name}.json", results, 1)
     if readme is not None:
         update_readme(readme, suite.name, markdown(results))
         if (results_dir / suite.name / "shipped").is_dir():
@@ -289,8 +266,6 @@ def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str) 
     run's ``metrics.jsonl``), evaluate the exported files on val and test (with the zero-shot
     baseline), record that in ``results/<suite>/shipped/<name>.json`` and in the model card. The seed is fixed in advance (the
     first one), so nothing is chosen on test. Returns the names shipped."""
-    from training.export import export
-
     shipped = []
     for m in suite.methods:
         run_dir = runs_dir / f"{suite.name}-{m.key}-s{seed}"
@@ -307,51 +282,15 @@ def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str) 
         val = _evaluate(out, data, "train:val", _carve_args(cfg))
         test = _evaluate(out, data, suite.test_split, ["--baseline"])
         record = {"suite": suite.name, "method": m.key, "label": m.label, "seed": seed, "checkpoint": name,
-                  "best_epoch": json.loads((out / "adapter_config.json").read_text())["extra"]["epoch"],
+                  "best_epoch": json.loads((out / CONFIG_NAME).read_text())["extra"]["epoch"],
                   "command": f"python -m training.evaluate --checkpoint {name} --data {data} --split "
                              f"{suite.test_split} --baseline",
                   "val": _summary(val), "test": _summary(test), "baseline_test": _summary(test["baseline"])}
-        path = results_dir / suite.name / "shipped" / f"{m.ship}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, (json.dumps(evaluate_cli._json_safe(record), indent=1) + "\n").encode())
+        write_json(results_dir / suite.name / "shipped" / f"{m.ship}.json", record, indent=1)
         card = (out / "MODEL_CARD.md").read_text()
-        atomic_write_bytes(out / "MODEL_CARD.md", (card + _card_section(record)).encode())
+        atomic_write_bytes(out / "MODEL_CARD.md", (card + card_section(record)).encode())
         shipped.append(m.ship)
     return shipped
-
-
-def _card_section(record: dict[str, Any]) -> str:
-    carve = record["val"].get("carve") or {}
-    rows = [("validation (block carve of train, " f"{record['val']['num_images']} images)", record["val"]),
-            (f"test ({record['test']['split']}, {record['test']['num_images']} images)", record["test"]),
-            ("test, zero-shot backbone", record["baseline_test"])]
-    lines = ["", "## Held-out evaluation of these stored weights", "",
-             f"Selected epoch {record['best_epoch']} on the validation carve ({carve.get('mode')}, fraction "
-             f"{carve.get('val_fraction')}); test was not looked at to choose anything. Seed {record['seed']}. "
-             "R@K with tied scores counted at their expected rank.", "",
-             f"`{record['command']}`", "",
-             "| split | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in METRIC_KEYS) + " |" for name, r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def shipped_markdown(results_dir: Path, suite: Suite) -> str:
-    """The README table of the shipped checkpoints: exactly what ``training.evaluate`` prints for them."""
-    records = []
-    for m in suite.methods:
-        path = results_dir / suite.name / "shipped" / f"{m.ship}.json"
-        if m.ship and path.is_file():
-            records.append(json.loads(path.read_text()))
-    head = "| checkpoint | seed | best epoch | val mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | test mR |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    if records:
-        base = records[0]["baseline_test"]
-        lines.append("| zero-shot backbone (`--baseline`) | - | - | - | "
-                     + " | ".join(f"{base[k]:.2f}" for k in METRIC_KEYS) + " |")
-    for r in records:
-        lines.append(f"| `{r['checkpoint']}` | {r['seed']} | {r['best_epoch']} | {r['val']['mR']:.2f} | "
-                     + " | ".join(f"{r['test'][k]:.2f}" for k in METRIC_KEYS) + " |")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,40 +313,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _run(args), (BenchmarkError, OSError))
+
+
+def _run(args: argparse.Namespace) -> None:
     suite = SUITES[args.suite]
     results_dir, runs_dir = Path(args.results_dir), Path(args.runs_dir).resolve()
     readme = Path(args.readme) if args.readme else None
     data = args.data or suite.data
-    try:
-        runs = plan(suite, args.seeds, args.methods)
-        todo = [r for r in runs if not (results_dir / suite.name / "runs" / f"{r.name}.json").is_file()]
-        if args.dry_run:
-            for r in runs:
-                state = "done" if r not in todo else f"~{r.method.cpu_minutes:.0f} min on 2 CPU cores"
-                print(f"{r.name:<16} {state}")
-            total = sum(r.method.cpu_minutes for r in todo)
-            print(f"{len(todo)} of {len(runs)} runs to go, about {total / 60:.1f} h on 2 CPU cores")
-            return 0
-        if args.ship:
-            names = ship(suite, args.seeds[0], runs_dir, results_dir, data)
-            print(f"shipped: {', '.join(names) or 'nothing'}")
-        elif not args.aggregate_only:
-            if todo and not Path(data).is_dir():
-                raise BenchmarkError(f"dataset folder {data} not found; pass --data DIR")
-            for n, r in enumerate(todo, 1):
-                print(f"[benchmark {n}/{len(todo)}] {r.name}", flush=True)
-                result = execute(suite, r, runs_dir, data)
-                path = results_dir / suite.name / "runs" / f"{r.name}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, (json.dumps(evaluate_cli._json_safe(result), indent=1) + "\n").encode())
-                print(f"[benchmark {n}/{len(todo)}] {r.name}: val mR {result['val']['mR']:.2f}, "
-                      f"test mR {result['test']['mR']:.2f} -> {path}", flush=True)
-                write_results(suite, results_dir, readme)
-        results = write_results(suite, results_dir, readme)
-        print(markdown(results))
-    except (BenchmarkError, OSError) as e:
-        return evaluate_cli.fail(e)
-    return 0
+    runs = plan(suite, args.seeds, args.methods)
+    todo = [r for r in runs if not (results_dir / suite.name / "runs" / f"{r.name}.json").is_file()]
+    if args.dry_run:
+        for r in runs:
+            state = "done" if r not in todo else f"~{r.method.cpu_minutes:.0f} min on 2 CPU cores"
+            print(f"{r.name:<16} {state}")
+        total = sum(r.method.cpu_minutes for r in todo)
+        print(f"{len(todo)} of {len(runs)} runs to go, about {total / 60:.1f} h on 2 CPU cores")
+        return
+    if args.ship:
+        names = ship(suite, args.seeds[0], runs_dir, results_dir, data)
+        print(f"shipped: {', '.join(names) or 'nothing'}")
+    elif not args.aggregate_only:
+        if todo and not Path(data).is_dir():
+            raise BenchmarkError(f"dataset folder {data} not found; pass --data DIR")
+        for n, r in enumerate(todo, 1):
+            print(f"[benchmark {n}/{len(todo)}] {r.name}", flush=True)
+            result = execute(suite, r, runs_dir, data)
+            path = write_json(results_dir / suite.name / "runs" / f"{r.name}.json", result, indent=1)
+            print(f"[benchmark {n}/{len(todo)}] {r.name}: val mR {result['val']['mR']:.2f}, "
+                  f"test mR {result['test']['mR']:.2f} -> {path}", flush=True)
+            write_results(suite, results_dir, readme)
+    results = write_results(suite, results_dir, readme)
+    print(markdown(results))
 
 
 if __name__ == "__main__":

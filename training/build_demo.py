@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from harma.checkpoint import atomic_write_bytes
 from harma.data import DatasetError, image_classes, load_split, open_image
+from harma.io import atomic_write_bytes
+from training.cli import run_command
 
 # UC Merced Land Use classes in id order: ids 1-100 are the first, 101-200 the second, ...
 UCM_CLASSES = ("agricultural", "airplane", "baseball diamond", "beach", "buildings", "chaparral",
@@ -97,13 +98,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--side", type=int, default=192, help="longest image side in pixels")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality")
     args = p.parse_args(argv)
-    try:
-        size = build(Path(args.data), Path(args.out), args.split, args.side, args.quality)
-    except (DatasetError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _build_and_report(args), (DatasetError, OSError))
+
+
+def _build_and_report(args: argparse.Namespace) -> None:
+    size = build(Path(args.data), Path(args.out), args.split, args.side, args.quality)
     print(f"wrote {args.out} ({size / 2**20:.2f} MB)")
-    return 0
 
 
 if __name__ == "__main__":

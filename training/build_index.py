@@ -5,22 +5,29 @@
 Images are encoded in resumable shards (run the same command again after an interruption); the
 result is ``OUT/embeddings.safetensors`` + ``OUT/index.json`` (ids = paths relative to ``--images``),
 plus ``OUT/ann.faiss`` above the approximate-search threshold. Load it with
-``harma.index.EmbeddingIndex.load(OUT)`` or ``python app.py --index OUT``.
+``harma.retrieval.EmbeddingIndex.load(OUT)`` or ``python app.py --index OUT``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 from harma.checkpoint import read_adapter_config
-from harma.index import model_identity
-from harma.indexing import build_image_index, list_images
-from training.evaluate import USER_ERRORS, CliError, _baseline, _load, fail, pick_device, resolve_checkpoint
+from harma.retrieval import build_image_index, list_images, model_identity
+from training.cli import (
+    CliError,
+    add_runtime_args,
+    load_baseline,
+    load_model,
+    pick_device,
+    resolve_checkpoint,
+    run_command,
+    setup_logging,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index with the checkpoint's backbone without adapters (zero-shot)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard, at most (small folders use smaller shards so they resume too)")
-    p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--base-weights", help="local path of the base-weights file, if it moved")
+    add_runtime_args(p)
     p.add_argument("--overwrite", action="store_true", help="discard an existing index or partial build at --out")
     return p
 
@@ -50,10 +55,10 @@ def run(args: argparse.Namespace) -> Path:
     if not images:
         raise CliError(f"--images {args.images}: no image files found (looked for .jpg .jpeg .png .tif .tiff .bmp .webp)")
     if args.baseline:
-        model, _, preprocess, _ = _baseline(read_adapter_config(directory), device, args.base_weights)
+        model, _, preprocess, _ = load_baseline(read_adapter_config(directory), device, args.base_weights)
         checkpoint = None
     else:
-        model, _, preprocess, _ = _load(directory, device, args.base_weights)
+        model, _, preprocess, _ = load_model(directory, device, args.base_weights)
         checkpoint = directory
     label = "baseline (no adapters)" if args.baseline else f"{directory} ({kind})"
     print(f"model: {label}; {len(images):,} images under {args.images}", flush=True)
@@ -73,13 +78,8 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except USER_ERRORS as e:  # FileExistsError (an index already at --out) is an OSError
-        return fail(e)
-    return 0
+    setup_logging()
+    return run_command(lambda: run(args))  # FileExistsError (an index already at --out) is an OSError
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from tqdm import tqdm
 from harma import HarmaModel
 from harma.data import ImageCache, RetrievalSplit
 from harma.encode import encode_texts
+from harma.inject import text_tower_parameters
+from harma.io import atomic_write_bytes
 from training.config import TrainConfig
 from training.distributed import barrier
 
@@ -63,8 +65,6 @@ def text_features(model: HarmaModel, split: RetrievalSplit, tokenizer: Callable,
     if path is not None:
         from safetensors.torch import save
 
-        from harma.checkpoint import atomic_write_bytes
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, save({"features": feats.contiguous()}))
     return feats.to(device)
@@ -76,8 +76,6 @@ def _text_key(model: HarmaModel, captions: list[str]) -> str:
     Every weight byte is hashed (about 0.2 s for MiniLM's 90 MB), not the base model's name or
     file: runs on different image-tower weights with the same locked text tower share the features.
     """
-    from harma.inject import text_tower_parameters
-
     h = hashlib.sha256(model.config.model_name.encode())
     for p in text_tower_parameters(model.clip):
         h.update(str(tuple(p.shape)).encode())

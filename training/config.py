@@ -7,15 +7,13 @@ The resolved config is written to every run folder as ``config.yaml``.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import yaml
 
-from harma.config import ConfigError, ModelConfig, from_dict, register_config, to_dict
+from harma.config import ConfigError, ModelConfig, from_dict, to_dict
 from harma.data import CARVES
 from harma.losses import LossConfig
 
@@ -146,10 +144,6 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-for _cls in (DataConfig, OptimConfig, RunConfig, TrainConfig):
-    register_config(_cls)
-
-
 def _set_override(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
     node = tree
@@ -158,48 +152,6 @@ def _set_override(tree: dict, dotted: str, raw: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {k} is not a section")
     node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
-
-
-def _coerce(cls: type, data: dict, where: str) -> dict:
-    """Convert strings/ints to the declared field types (YAML reads 4e-4 as a string)."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for key, value in data.items():
-        hint = hints.get(key)
-        if hint is None:
-            out[key] = value  # unknown: from_dict reports it
-            continue
-        sub = hint if dataclasses.is_dataclass(hint) else None
-        if sub is not None and isinstance(value, dict):
-            out[key] = _coerce(sub, value, f"{where}.{key}")
-        else:
-            out[key] = _convert(value, hint, f"{where}.{key}")
-    return out
-
-
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is Union:  # Optional[X]
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    try:
-        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return float(value)
-        if hint is int and isinstance(value, str):
-            return int(value)
-        if hint is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    except ValueError:
-        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
-    if hint in (int, float, bool, str) and not isinstance(value, hint) and value is not None:
-        if not (hint is float and isinstance(value, int)):
-            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
@@ -222,7 +174,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. run.epochs=3)")
         key, raw = item.split("=", 1)
         _set_override(tree, key.strip(), raw)
-    return from_dict(TrainConfig, _coerce(TrainConfig, tree, "config"), "")
+    return from_dict(TrainConfig, tree)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from harma.config import to_dict
 from harma.data import (
     CLIP_MEAN,
     CLIP_STD,
@@ -27,6 +28,8 @@ from harma.data import (
     load_split,
     train_transform,
 )
+from harma.data.synthetic import write_synthetic_dataset
+from harma.errors import ConfigError
 from training.config import DataConfig
 from training.sampler import ResumableBatchSampler, SeededDataset
 
@@ -45,8 +48,6 @@ class Splits:
     def info(self, cfg: DataConfig) -> dict[str, Any]:
         """JSON-ready provenance: the data config with the resolved dataset folder, and the sizes;
         enough for ``training.evaluate`` to rebuild exactly these splits."""
-        from harma.config import to_dict
-
         return {**to_dict(cfg), "root": str(self.root.resolve()), "root_config": cfg.root,
                 "sizes": {name: [s.num_images, s.num_captions] for name, s in
                           (("train", self.train), ("val", self.val), ("test", self.test)) if s is not None}}
@@ -70,8 +71,6 @@ def prepare_root(cfg: DataConfig, run_dir: Path, seed: int, write: bool) -> Path
         return root
     root = run_dir / SYNTHETIC
     if write:  # a no-op when the folder already holds this exact dataset (e.g. on resume)
-        from harma.data.synthetic import write_synthetic_dataset
-
         write_synthetic_dataset(root, n_images=cfg.synthetic_images, seed=seed)
     return root
 
@@ -95,7 +94,7 @@ def build_splits(cfg: DataConfig, root: Path) -> Splits:
     if cfg.val_split is None:
         try:
             train, val = carve(train, cfg.carve, cfg.val_fraction, cfg.carve_seed, cfg.carve_class_size)
-        except ValueError as e:
+        except (ConfigError, DatasetError) as e:
             raise DatasetError(f"data.carve={cfg.carve}: {e}") from None
     else:
         if cfg.val_split == cfg.train_split:

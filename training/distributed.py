@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from training.cli import pick_device
+
 # torch 2.x marks the public autograd all_gather deprecated in favour of the private
 # _functional_collectives; we keep the public one, whose gloo backward (all-to-all) is tested on CPU
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
@@ -35,28 +37,18 @@ class DistInfo:
     device: torch.device
 
 
-def _resolve_device(pref: str, local_rank: int) -> torch.device:
-    if pref == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if pref == "cpu":
-        return torch.device("cpu")
-    if pref == "cuda" or pref.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {pref!r} requested but CUDA is not available")
-        return torch.device(f"cuda:{local_rank}" if pref == "cuda" else pref)
-    raise ValueError(f"device {pref!r} is not one of auto, cpu, cuda, cuda:N")
-
-
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (set by torchrun) and join the process group.
 
     With ``WORLD_SIZE > 1`` the group uses NCCL when the device is CUDA, else gloo. Without those
-    variables this is a single process and no group is created.
+    variables this is a single process and no group is created. ``device_pref`` is
+    ``run.device`` (``auto | cpu | cuda | cuda:N``: ``auto`` and ``cuda`` mean this rank's GPU);
+    another name, or CUDA on a machine without it, is a :class:`training.cli.CliError`.
     """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = _resolve_device(device_pref, local_rank)
+    device = pick_device(device_pref, local_rank, option="run.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group, so NCCL binds this rank to its GPU
     if world > 1 and not dist.is_initialized():

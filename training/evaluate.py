@@ -14,40 +14,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import logging
-import math
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from harma import BaseWeightsError, CheckpointError, ConfigError, ModelConfig, create_model, load_adapters
-from harma.checkpoint import CONFIG_NAME, atomic_write_bytes, read_adapter_config
-from harma.config import from_dict
-from harma.data import CARVES, DatasetError, RetrievalSplit, carve, load_split
-from harma.encode import EvalResult, NonFiniteEmbeddingError, bar_progress, evaluate_split
+from harma.checkpoint import read_adapter_config
+from harma.data import CARVES, RetrievalSplit
+from harma.encode import EvalResult, bar_progress, evaluate_split
 from harma.metrics import TIE_RULES, format_table
-from training.state import find_best
+from training.cli import (
+    CliError,
+    add_runtime_args,
+    load_baseline,
+    load_model,
+    pick_device,
+    resolve_checkpoint,
+    resolve_split,
+    run_command,
+    setup_logging,
+    write_json,
+)
+from training.config import DataConfig
 
 GAP_COLUMNS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
-DEFAULTS = {"val_fraction": 0.1, "carve_seed": 0, "carve": "block", "carve_class_size": 100,
-            "clean_captions": True, "max_words": 30, "captions_per_image": None, "allow_empty": False}
-
-
-class CliError(Exception):
-    """A user-facing problem: printed as one line, exit code 2."""
-
-
-USER_ERRORS = (CliError, DatasetError, CheckpointError, BaseWeightsError, ConfigError, NonFiniteEmbeddingError, OSError)
-
-
-def fail(e: BaseException) -> int:
-    """Print a user-facing error as one ``error:`` line on stderr; returns exit code 2."""
-    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
+# Data settings an evaluation takes from the checkpoint's recorded data config, else the trainer's default.
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataConfig)
+            if f.name in ("val_fraction", "carve_seed", "carve", "carve_class_size", "clean_captions", "max_words",
+                          "captions_per_image", "allow_empty")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="write the results here (atomically)")
     p.add_argument("--baseline", action="store_true", help="also evaluate the backbone without adapters (zero-shot)")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch (captions: twice this)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--base-weights", help="local path of the base-weights file, if it moved")
-    p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
+    add_runtime_args(p)
     p.add_argument("--no-clean-captions", dest="clean_captions", action="store_false", default=None,
                    help="score raw captions (default: cleaned as in the released code)")
     p.add_argument("--val-fraction", type=float, help="fraction of train images carved as val (default 0.1)")
@@ -79,36 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-adapters", action="append", choices=("image", "text"), default=[], metavar="TOWER",
                    help="ablation: bypass this tower's adapters (image or text; repeat for both)")
     return p
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """Adapter directory to load and what it is: ``"adapter directory"``, ``"best"`` or ``"last"``.
-
-    A run folder gives its ``best/`` (put back first if a kill interrupted its save). It gives
-    ``last/adapters`` only when no epoch was ever validated, and says so; a run whose log records
-    validated epochs but has no ``best/`` is an error, never a silent fall-back to other weights.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CliError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise CliError(f"checkpoint {path} is not a folder (expected an adapter directory or a run folder)")
-    if (path / CONFIG_NAME).is_file():
-        return path, "adapter directory"
-    best = find_best(path)
-    if best is not None:
-        return best, "best"
-    log = path / "metrics.jsonl"
-    validated = log.is_file() and any('"val"' in line for line in log.read_text().splitlines())
-    last = path / "last" / "adapters"
-    if validated:
-        raise CliError(f"checkpoint {path}: its metrics.jsonl records validated epochs but best/ is missing; "
-                       f"pass {last} to evaluate the last weights instead")
-    if (last / CONFIG_NAME).is_file():
-        print(f"note: {path} has no best/ (no epoch validated yet): evaluating {last}", file=sys.stderr)
-        return last, "last"
-    raise CliError(f"checkpoint {path}: no {CONFIG_NAME} in it, in {path / 'best'} or in "
-                   f"{last} (is this an adapter directory or a run folder?)")
 
 
 def data_defaults(meta: dict[str, Any]) -> dict[str, Any]:
@@ -132,36 +96,6 @@ def recorded_root(recorded: dict[str, Any]) -> str:
             return str(candidate)
     raise CliError(f"the checkpoint was trained on {root}" + (f" (configured as {configured})" if configured else "")
                    + ", which is not on this machine; pass --data DIR")
-
-
-def resolve_split(root: str | Path, spec: str, val_fraction: float, seed: int, mode: str = "block",
-                  class_size: int = 100, **load: Any) -> RetrievalSplit:
-    """Load ``spec`` (a split name, or ``NAME:val`` / ``NAME:train`` carved from split NAME by ``mode``);
-    ``load`` goes to :func:`harma.data.load_split` (``expected_captions_per_image``, ``allow_empty``)."""
-    if ":" not in spec:
-        return load_split(root, spec, **load)
-    base, part = spec.split(":", 1)
-    if not base or part not in ("train", "val"):
-        raise CliError(f"--split {spec!r}: expected NAME, NAME:val or NAME:train (e.g. train:val)")
-    try:
-        train, val = carve(load_split(root, base, **load), mode, val_fraction, seed, class_size)
-    except DatasetError:
-        raise
-    except ValueError as e:  # bad fraction, too few images
-        raise CliError(f"--split {spec}: {e}") from None
-    return val if part == "val" else train
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CliError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def format_gap_table(rows: dict[str, EvalResult]) -> str:
@@ -188,38 +122,8 @@ def _run(model: torch.nn.Module, split: RetrievalSplit, transform, tokenizer, ar
         )
 
 
-def _load(directory: Path, device: torch.device, base_weights: Optional[str]):
-    try:
-        return load_adapters(directory, device=device, base_weights=base_weights)
-    except (CheckpointError, BaseWeightsError, ConfigError):
-        raise
-    except (ValueError, OSError) as e:  # e.g. an open_clip model name this install does not know
-        raise CheckpointError(f"{directory}: cannot build the model: {e}") from None
-    except Exception as e:  # safetensors' own error type for a corrupt weights file
-        if type(e).__name__ == "SafetensorError":
-            raise CheckpointError(f"{directory}: unreadable weights file: {e}") from None
-        raise
-
-
-def _baseline(meta: dict, device: torch.device, base_weights: Optional[str]):
-    """The original backbone (pretrained tag / base weights) with no adapters."""
-    cfg: ModelConfig = from_dict(ModelConfig, meta["model"], "model")
-    cfg.method = "zeroshot"
-    if base_weights is not None:
-        cfg.base_weights = base_weights
-    return create_model(cfg, device)
-
-
 def _row(res: EvalResult, **info: Any) -> dict[str, Any]:
     return {**res.to_dict(), **info}
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    return obj
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,7 +159,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     off = sorted(set(args.disable_adapters))
     if off and meta["method"] not in ("harma", "mrs"):
         raise CliError(f"--disable-adapters: a {meta['method']!r} checkpoint has no adapters to disable")
-    model, _, transform, tokenizer = _load(directory, device, args.base_weights)
+    model, _, transform, tokenizer = load_model(directory, device, args.base_weights)
     label = f"adapted ({' and '.join(off)} adapters off)" if off else "adapted"
     with model.disable_adapters(*off) if off else contextlib.nullcontext():
         adapted = _run(model, split, transform, tokenizer, args, device, label)
@@ -270,7 +174,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         out["carve"] = {"mode": args.carve, "val_fraction": args.val_fraction, "seed": args.carve_seed}
     out["ties"] = args.ties
     if args.baseline:
-        base_model, _, base_transform, base_tokenizer = _baseline(meta, device, args.base_weights)
+        base_model, _, base_transform, base_tokenizer = load_baseline(meta, device, args.base_weights)
         rows["baseline"] = _run(base_model, split, base_transform, base_tokenizer, args, device, "baseline")
         out["baseline"] = _row(rows["baseline"], checkpoint=None, method="zeroshot", **info)
         del base_model
@@ -282,18 +186,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = evaluate(args)
-        if args.json_out:
-            path = Path(args.json_out)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, (json.dumps(_json_safe(out), indent=2) + "\n").encode())
-            print(f"wrote {path}")
-    except USER_ERRORS as e:
-        return fail(e)
-    return 0
+    setup_logging()
+    return run_command(lambda: _evaluate_and_write(args))
+
+
+def _evaluate_and_write(args: argparse.Namespace) -> None:
+    out = evaluate(args)
+    if args.json_out:
+        print(f"wrote {write_json(args.json_out, out)}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 import yaml
 
-from harma import CheckpointError, HarmaModel, load_adapters, read_adapter_config, save_adapters
-from harma.checkpoint import atomic_write_bytes
+from harma import CheckpointError, HarmaError, HarmaModel, load_adapters, read_adapter_config, save_adapters
+from harma.io import atomic_write_bytes
 from harma.weights import base_weight_keys, open_clip_names
+from training.cli import run_command
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LICENCES = {
@@ -145,13 +146,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", required=True, help="destination, e.g. checkpoints/rs-backbone")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="storage dtype of the tensors")
     args = p.parse_args(argv)
-    try:
-        out = export(Path(args.run), Path(args.out), args.dtype)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _export_and_report(args), (HarmaError, OSError))
+
+
+def _export_and_report(args: argparse.Namespace) -> None:
+    out = export(Path(args.run), Path(args.out), args.dtype)
     print(f"wrote {out} ({args.dtype}) and {out / 'MODEL_CARD.md'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ once, with the best adapters, after training (report only).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -17,10 +16,10 @@ from torch import nn
 from tqdm import tqdm
 
 from harma import CheckpointError, HarmaLoss, HarmaModel, load_adapter_weights
-from harma.checkpoint import atomic_write_bytes
 from harma.config import to_dict
 from harma.data import RetrievalSplit
 from harma.encode import bar_progress, evaluate_split
+from harma.io import atomic_write_json
 from training.caches import image_cache, text_features
 from training.config import TrainConfig
 from training.data import Splits, build_train_loader, build_transforms, caption_fn
@@ -28,8 +27,8 @@ from training.distributed import DistInfo, barrier
 from training.ema import WeightEMA
 from training.engine import EpochResult, StepSettings, train_one_epoch
 from training.optim import build_optimizer, build_scheduler
-from training.rundir import RunPlan, append_metrics, trim_metrics
-from training.state import capture_rng, config_hash, read_state, restore_rng, write_adapters_dir, write_last
+from training.rundir import RunPlan, append_metrics, config_hash, trim_metrics
+from training.state import capture_rng, read_state, restore_rng, write_adapters_dir, write_last
 
 log = logging.getLogger("training.train")
 
@@ -224,7 +223,7 @@ class Trainer:
             test = self._evaluate(self.splits.test, "test")
             report = {"split": self.cfg.data.test_split, "best_epoch": self.best_epoch, "metrics": test.metrics,
                       "gap": test.gap, "note": "report only: selection used the validation split"}
-            atomic_write_bytes(self.run_dir / "test_metrics.json", (json.dumps(report, indent=2) + "\n").encode())
+            atomic_write_json(self.run_dir / "test_metrics.json", report, 2)
             log.info("test (%s) with best/: mR %.2f", self.cfg.data.test_split, test.metrics["mR"])
         best_txt = "no evaluation"
         if self.best_mr is not None:

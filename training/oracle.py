@@ -20,21 +20,22 @@ Class labels come from the annotations when they have them, else from image name
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from harma.checkpoint import atomic_write_bytes
+from harma import ModelConfig, create_model
 from harma.data import RetrievalSplit, clean_caption
+from harma.encode import encode_texts
 from harma.metrics import METRIC_KEYS, format_table, retrieval_metrics
-from training.evaluate import DEFAULTS, USER_ERRORS, CliError, fail, resolve_split
+from training.cli import CliError, resolve_split, run_command, write_json
+from training.config import DataConfig
 
 _NAMED = re.compile(r"^(?P<cls>.+?)_\d+$")
+DATA = DataConfig()  # the trainer's defaults: val carve (train:val) and caption cleaning
 
 
 def class_labels(split: RetrievalSplit) -> list[str]:
@@ -92,18 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def oracle(args: argparse.Namespace) -> dict[str, Any]:
-    split = resolve_split(args.data, args.split, 0.1, 0)
+    split = resolve_split(args.data, args.split, DATA.val_fraction, DATA.carve_seed, DATA.carve, DATA.carve_class_size)
     if split.num_captions == 0:
         raise CliError(f"{split.name}: the split has no captions")
     labels = class_labels(split)
     rows = {"scene class only": class_only(split, labels, args.seeds)}
     if not args.no_text:
-        from harma import ModelConfig, create_model
-        from harma.encode import encode_texts
-
         model, _, _, tokenizer = create_model(ModelConfig(model_name=args.model, pretrained=args.pretrained,
                                                           method="zeroshot"))
-        text = encode_texts(model, [clean_caption(c, DEFAULTS["max_words"]) for c in split.captions], tokenizer)
+        text = encode_texts(model, [clean_caption(c, DATA.max_words) for c in split.captions], tokenizer)
         rows.update(text_space(text, split, labels))
     return {"split": split.name, "num_images": split.num_images, "num_captions": split.num_captions,
             "num_classes": len(set(labels)), "text_model": None if args.no_text else args.model, "rows": rows}
@@ -111,17 +109,16 @@ def oracle(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = oracle(args)
-    except USER_ERRORS as e:
-        return fail(e)
+    return run_command(lambda: _report(args))
+
+
+def _report(args: argparse.Namespace) -> None:
+    out = oracle(args)
     print(f"{out['split']}: {out['num_images']:,} images, {out['num_captions']:,} captions, "
           f"{out['num_classes']} classes; text model {out['text_model']}")
     print(format_table(out["rows"]))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())
-    return 0
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from harma.checkpoint import WEIGHTS_NAME, atomic_write_bytes
+from harma.io import WEIGHTS_NAME, atomic_write_json
 from harma.metrics import METRIC_KEYS
+from training.cli import run_command
 
 GAP_KEYS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
 
@@ -93,28 +94,27 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="keep the rows of an existing --out file; given rows replace those with the same label "
                         "(in place) or are appended")
     args = p.parse_args(argv)
-    try:
-        if args.markdown:
-            print(markdown(json.loads(Path(args.markdown).read_text())))
-            return 0
-        if not args.rows or not args.out:
-            raise ReportError("give rows and --out, or --markdown FILE")
-        rows = []
-        for spec in args.rows:
-            label, sep, rest = spec.partition("=")
-            eval_json, sep2, source = rest.rpartition(":")
-            if not sep or not sep2 or not label:
-                raise ReportError(f"{spec!r}: expected LABEL=EVAL_JSON:SOURCE")
-            rows.append(row(label, Path(eval_json), source))
-        if args.update and Path(args.out).is_file():
-            rows = merge_rows(json.loads(Path(args.out).read_text())["rows"], rows)
-        results = {"rows": rows}
-        atomic_write_bytes(Path(args.out), (json.dumps(results, indent=1) + "\n").encode())
-        print(markdown(results))
-    except (ReportError, OSError, json.JSONDecodeError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: _report(args), (ReportError, OSError, json.JSONDecodeError, KeyError))
+
+
+def _report(args: argparse.Namespace) -> None:
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
+    if not args.rows or not args.out:
+        raise ReportError("give rows and --out, or --markdown FILE")
+    rows = []
+    for spec in args.rows:
+        label, sep, rest = spec.partition("=")
+        eval_json, sep2, source = rest.rpartition(":")
+        if not sep or not sep2 or not label:
+            raise ReportError(f"{spec!r}: expected LABEL=EVAL_JSON:SOURCE")
+        rows.append(row(label, Path(eval_json), source))
+    if args.update and Path(args.out).is_file():
+        rows = merge_rows(json.loads(Path(args.out).read_text())["rows"], rows)
+    results = {"rows": rows}
+    atomic_write_json(Path(args.out), results, 1)
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The run folder: where a run lives, whether it may be reused, its ``config.yaml`` and ``metrics.jsonl``.
+"""The run folder: where a run lives, whether it may be reused, its ``config.yaml`` and ``metrics.jsonl``,
+and which config a run and its checkpoints belong to (:func:`config_differences`, :func:`config_hash`).
 
 Layout of ``<run.out_dir>/<run.name>/``::
 
@@ -13,6 +14,7 @@ Layout of ``<run.out_dir>/<run.name>/``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +22,19 @@ from typing import Any, Optional
 
 import yaml
 
-from harma.checkpoint import atomic_write_bytes
+from harma.config import to_dict
+from harma.io import atomic_write_bytes
 from training.config import TrainConfig, config_to_yaml
-from training.state import config_differences, find_best, find_last
+from training.state import find_best, find_last
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 # A folder holding none of these has no training results (e.g. a run that failed during setup)
 # and may be reused without run.resume.
 RESULTS = (METRICS_NAME, "last", "best", ".last.old", "test_metrics.json")
+# Keys that may change when a run is resumed: they extend/shorten it or are pure logistics
+# (the sampler and per-sample seeding make results independent of num_workers).
+RESUMABLE_KEYS = ("run.resume", "run.max_steps", "run.epochs", "data.num_workers", "run.log_every")
 
 
 class RunError(ValueError):
@@ -74,10 +80,51 @@ def plan_run(cfg: TrainConfig, config_path: Optional[str]) -> RunPlan:
     return RunPlan(run_dir, None, False)
 
 
+# -- which config a run belongs to -------------------------------------------------------------
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _defaults() -> dict[str, Any]:
+    """Every ``TrainConfig`` key with its default value, flattened."""
+    return _flatten(to_dict(TrainConfig()))
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every differing key, ignoring :data:`RESUMABLE_KEYS`.
+
+    A key the saved config lacks counts as equal when the current value is its default: the run
+    predates that option and ran with the behaviour its default keeps.
+    """
+    a, b, defaults = _flatten(saved), _flatten(current), _defaults()
+    for k in set(b) - set(a):
+        if k in defaults and b[k] == defaults[k]:
+            a[k] = b[k]
+    keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def config_hash(config: dict, legacy: bool = False) -> str:
+    """sha256 of the config without the resumable keys, the folder's location (a run folder may be
+    moved and resumed by path) and the keys at their default (so adding an option, at a default that
+    keeps the old behaviour, does not orphan running jobs): identifies the run a state belongs to.
+    ``legacy=True``: the hash states written before that last rule carry (every key hashed)."""
+    ignored = {*RESUMABLE_KEYS, "run.out_dir", "run.name"}
+    defaults = {} if legacy else _defaults()
+    flat = {k: v for k, v in _flatten(config).items()
+            if k not in ignored and (k not in defaults or defaults[k] != v)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def check_resumable(plan: RunPlan, cfg: TrainConfig) -> dict[str, Any]:
     """The saved config of a resumed run; raises unless it equals ``cfg`` up to the resumable keys."""
-    from harma.config import to_dict
-
     path = plan.run_dir / CONFIG_NAME
     if not path.is_file():
         raise RunError(f"{plan.run_dir}: has a checkpoint but no {CONFIG_NAME}; cannot check it belongs to this config")

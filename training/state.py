@@ -1,17 +1,16 @@
-"""The resumable run state: ``last/`` (adapters + ``state.pt``), ``best/``, RNG capture, config checks.
+"""The resumable run state: ``last/`` (adapters + ``state.pt``), ``best/``, RNG capture.
 
 A checkpoint directory is written whole into a hidden temporary folder and then swapped in with
 ``os.replace``, so a kill at any moment leaves either the previous checkpoint or the new one,
 never a mix: ``.last.old`` / ``.best.old`` hold the previous one between the two renames, and
-:func:`recover_swap` puts it back (on resume, in ``training.evaluate``, and before the next swap). ``state.pt`` holds only
-tensors and plain containers, so it loads with ``torch.load(weights_only=True)``.
+:func:`recover_swap` puts it back (on resume, in ``training.cli.resolve_checkpoint``, and before
+the next swap). ``state.pt`` holds only tensors and plain containers, so it loads with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import random
 import shutil
@@ -22,13 +21,10 @@ import numpy as np
 import torch
 
 from harma import CheckpointError, HarmaModel, save_adapters
-from harma.checkpoint import CONFIG_NAME, atomic_write_bytes
+from harma.io import CONFIG_NAME, atomic_write_bytes
 
 STATE_NAME = "state.pt"
 STATE_VERSION = 1
-# Keys that may change when a run is resumed: they extend/shorten it or are pure logistics
-# (the sampler and per-sample seeding make results independent of num_workers).
-RESUMABLE_KEYS = ("run.resume", "run.max_steps", "run.epochs", "data.num_workers", "run.log_every")
 
 
 # -- RNG ---------------------------------------------------------------------------------------
@@ -55,52 +51,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-
-
-# -- config comparison --------------------------------------------------------------------------
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _defaults() -> dict[str, Any]:
-    """Every ``TrainConfig`` key with its default value, flattened."""
-    from harma.config import to_dict
-    from training.config import TrainConfig
-
-    return _flatten(to_dict(TrainConfig()))
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key: saved -> current`` for every differing key, ignoring :data:`RESUMABLE_KEYS`.
-
-    A key the saved config lacks counts as equal when the current value is its default: the run
-    predates that option and ran with the behaviour its default keeps.
-    """
-    a, b, defaults = _flatten(saved), _flatten(current), _defaults()
-    for k in set(b) - set(a):
-        if k in defaults and b[k] == defaults[k]:
-            a[k] = b[k]
-    keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-
-
-def config_hash(config: dict, legacy: bool = False) -> str:
-    """sha256 of the config without the resumable keys, the folder's location (a run folder may be
-    moved and resumed by path) and the keys at their default (so adding an option, at a default that
-    keeps the old behaviour, does not orphan running jobs): identifies the run a state belongs to.
-    ``legacy=True``: the hash states written before that last rule carry (every key hashed)."""
-    ignored = {*RESUMABLE_KEYS, "run.out_dir", "run.name"}
-    defaults = {} if legacy else _defaults()
-    flat = {k: v for k, v in _flatten(config).items()
-            if k not in ignored and (k not in defaults or defaults[k] != v)}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- checkpoint folders -------------------------------------------------------------------------

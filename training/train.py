@@ -16,7 +16,6 @@ became non-finite. Test hook: ``HARMA_TEST_SLOW_STEP_S=0.5`` sleeps after every 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -28,9 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from harma import BaseWeightsError, CheckpointError, ConfigError, UnsupportedModelError, create_model
-from harma.data import DatasetError, verify_images
+from harma import ConfigError, HarmaError, create_model
+from harma.archs import is_known, register_arch_files
+from harma.data import verify_images
 from harma.encode import bar_progress
+from training.cli import CliError, fail, setup_logging
 from training.config import TrainConfig, load_config
 from training.data import SYNTHETIC, Splits, build_splits, prepare_root
 from training.distributed import barrier, broadcast_object, cleanup, init_distributed
@@ -42,43 +43,22 @@ log = logging.getLogger("training.train")
 
 ARCH_DIR = Path(__file__).parent / "configs" / "arch"
 EXIT_ERROR, EXIT_NONFINITE = 2, 3
-_USER_ERRORS = (ConfigError, DatasetError, CheckpointError, BaseWeightsError, UnsupportedModelError, RunError)
+# CliError: a run.device this machine cannot give (training.cli.pick_device)
+_USER_ERRORS = (HarmaError, RunError, CliError)
 
 
 def register_architectures(directory: Path = ARCH_DIR) -> list[str]:
-    """Register each ``*.json`` open_clip architecture in ``directory`` under its file stem.
-
-    Goes through ``harma.register_model_config`` rather than ``open_clip.add_model_config``: the
-    latter appends to a global search path and rescans every bundled config on each call, while
-    this is idempotent (``main`` may run many times in one process, as in the tests).
-    """
-    from harma import register_model_config
-
-    names = []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            arch = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if not all(k in arch for k in ("embed_dim", "vision_cfg", "text_cfg")):
-            raise ConfigError(f"{path}: an architecture needs embed_dim, vision_cfg and text_cfg")
-        register_model_config(path.stem, arch)
-        names.append(path.stem)
-    return names
+    """Register each ``*.json`` open_clip architecture in ``directory`` under its file stem (idempotent,
+    unlike ``open_clip.add_model_config``, which rescans every bundled config on each call)."""
+    return register_arch_files(directory)
 
 
 def _check_model(cfg: TrainConfig) -> None:
-    import open_clip
-
     if cfg.model.method == "zeroshot":
         raise ConfigError("model.method=zeroshot has no trainable parameters; evaluate it instead of training")
     if cfg.model.base_weights and not Path(cfg.model.base_weights).expanduser().exists():
         raise ConfigError(f"model.base_weights={cfg.model.base_weights}: file or checkpoint folder not found")
-    from harma.presets import ARCHS, register_project_models
-
-    if cfg.model.model_name in ARCHS:
-        register_project_models()
-    if cfg.model.model_name not in open_clip.list_models():
+    if not is_known(cfg.model.model_name):
         raise ConfigError(f"model.model_name={cfg.model.model_name!r} is not an open_clip architecture "
                           f"(nor a JSON in {ARCH_DIR})")
 
@@ -119,7 +99,7 @@ def run(cfg: TrainConfig, config_path: Optional[str]) -> int:
     _check_model(cfg)
     try:
         dist = init_distributed(cfg.run.device)
-    except (RuntimeError, ValueError) as e:  # e.g. run.device=cuda on a machine without CUDA
+    except (RuntimeError, ValueError) as e:  # e.g. the process group cannot start
         raise ConfigError(f"run.device={cfg.run.device}: {e}") from None
     main = dist.rank == 0
     plan = _plan(cfg, config_path, main)
@@ -169,18 +149,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # argparse: usage error (2) or --help (0)
         return int(e.code or 0)
-    if not logging.getLogger().handlers:  # a CLI configures logging; other ranks only warn
-        level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
-        logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # a CLI configures logging; other ranks only warn
+    setup_logging(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                  "%(asctime)s %(message)s", "%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
         return run(cfg, args.config)
     except _USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(e, EXIT_ERROR)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return fail(e, EXIT_NONFINITE)
     finally:
         cleanup()
 

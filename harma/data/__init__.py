@@ -5,12 +5,12 @@ from __future__ import annotations
 from harma.data.cache import ImageCache
 from harma.data.captions import clean_caption
 from harma.data.datasets import ImageDataset, PairDataset
-from harma.data.errors import DatasetError
 from harma.data.images import IMAGE_EXTENSIONS, open_image, verify_images
 from harma.data.readers import FORMATS, detect_format, load_split
 from harma.data.split import CARVES, RetrievalSplit, carve, carve_block_split, carve_split, image_classes
 from harma.data.synthetic import write_synthetic_dataset
 from harma.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
+from harma.errors import DatasetError
 
 __all__ = [
     "CLIP_MEAN",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from harma.data.errors import DatasetError
+from harma.errors import DatasetError
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from harma.data.images import DEFAULT_BANDS, hash_files, image_bands, open_image
+from harma.errors import DatasetError
 
 
 def cache_key(paths: Sequence[Union[str, Path]], size: int) -> str:
@@ -45,7 +46,7 @@ class ImageCache:
             self._build(paths, progress)
         self.array = np.load(self.path, mmap_mode="r")
         if self.array.shape != (len(paths), size, size, 3):
-            raise ValueError(f"{self.path}: cached array has shape {self.array.shape}, expected "
+            raise DatasetError(f"{self.path}: cached array has shape {self.array.shape}, expected "
                              f"{(len(paths), size, size, 3)}; delete the file to rebuild it")
 
     def _build(self, paths: Sequence[Union[str, Path]], progress) -> None:

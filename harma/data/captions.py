@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from harma.errors import ConfigError
+
 _DELETE = re.compile(r"[,.'!?\"()*#:;~]")
 
 
@@ -22,7 +24,7 @@ def clean_caption(text: str, max_words: int | None = 30) -> str:
         The cleaned caption.
     """
     if max_words is not None and max_words < 0:
-        raise ValueError(f"max_words must be >= 0 or None, got {max_words}")
+        raise ConfigError(f"max_words must be >= 0 or None, got {max_words}")
     text = _DELETE.sub("", text.lower())
     text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
     words = text.split()

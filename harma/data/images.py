@@ -27,7 +27,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from harma.data.errors import DatasetError
+from harma.errors import DatasetError
+from harma.io import hash_files
 
 DEFAULT_BANDS = (0, 1, 2)
 STRETCH_PERCENTILES = (2.0, 98.0)
@@ -179,15 +180,6 @@ def open_image(path: str | Path, bands: Optional[Sequence[int]] = None) -> Image
         if path.suffix.lower() in (".tif", ".tiff"):  # e.g. more than four bands: tifffile may read it
             return to_rgb(_read_tiff(path), chosen, str(path))
         raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-
-
-def hash_files(h: "hashlib._Hash", paths: Sequence[str | Path]) -> "hashlib._Hash":
-    """Feed each file's resolved path, size and modification time into ``h`` (no file is read): the
-    identity of a file set used by the caches keyed on it. Returns ``h``."""
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h
 
 
 def verify_images(paths: Sequence[str | Path], cache_dir: Optional[str | Path] = None,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from harma.data.annotations import Annotations, pick_split_file, read_text
-from harma.data.errors import DatasetError
+from harma.errors import DatasetError
 
 
 def json_splits(root: Path) -> list[str]:

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Callable
 
 from harma.data.annotations import Annotations
-from harma.data.errors import DatasetError
 from harma.data.images import IMAGE_EXTENSIONS, scan_images
 from harma.data.json_format import json_splits, read_harma_json
 from harma.data.split import RetrievalSplit
 from harma.data.table_format import csv_splits, jsonl_splits, read_csv, read_jsonl
 from harma.data.txt_format import read_pe_rsitr_txt, txt_splits
+from harma.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from harma.data.errors import DatasetError
+from harma.errors import ConfigError, DatasetError
 
 
 @dataclass
@@ -97,7 +97,7 @@ def image_classes(split: RetrievalSplit, class_size: int = 100) -> tuple[list[st
         ``(classes, positions)``: per image a class key and a sort key within the class.
     """
     if class_size < 1:
-        raise ValueError(f"class_size must be >= 1, got {class_size}")
+        raise ConfigError(f"class_size must be >= 1, got {class_size}")
     classes, positions = [], []
     for i, path in enumerate(split.images):
         m = _TRAILING_NUMBER.match(path.stem)
@@ -138,7 +138,7 @@ def carve_block_split(
         ``(train, val)`` named ``"<name>:train"`` and ``"<name>:val"``, in the original image order.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     classes, positions = image_classes(split, class_size)
     members: dict[str, list[int]] = {}
     for i, cls in enumerate(classes):
@@ -146,7 +146,7 @@ def carve_block_split(
     val: set[int] = set()
     for cls, ids in members.items():
         if len(ids) < 2:
-            raise ValueError(f"{split.name}: class {cls!r} has {len(ids)} image; a block carve needs at "
+            raise DatasetError(f"{split.name}: class {cls!r} has {len(ids)} image; a block carve needs at "
                              "least 2 per class (or carve at random)")
         ids = sorted(ids, key=lambda i: (positions[i], split.images[i].name))
         n_val = min(len(ids) - 1, max(1, round(len(ids) * val_fraction)))
@@ -167,7 +167,7 @@ def carve(
         return carve_block_split(split, val_fraction, class_size)
     if mode == "random":
         return carve_split(split, val_fraction, seed)
-    raise ValueError(f"carve={mode!r} is not one of {', '.join(CARVES)}")
+    raise ConfigError(f"carve={mode!r} is not one of {', '.join(CARVES)}")
 
 
 def carve_split(
@@ -188,10 +188,10 @@ def carve_split(
         ``(train, val)``, named ``"<name>:train"`` and ``"<name>:val"``.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n = split.num_images
     if n < 2:
-        raise ValueError(f"{split.name}: need at least 2 images to carve a split, got {n}")
+        raise DatasetError(f"{split.name}: need at least 2 images to carve a split, got {n}")
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     order = list(range(n))
     random.Random(seed).shuffle(order)

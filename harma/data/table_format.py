@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from harma.data.annotations import Annotations, pick_split_file, read_text
-from harma.data.errors import DatasetError
 from harma.data.json_format import record_captions, record_image
+from harma.errors import DatasetError
 
 IMAGE_KEYS = ("image", "filepath", "path")
 CAPTION_KEYS = ("caption", "text", "title")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harma.data.annotations import Annotations, pick_split_file, read_text
-from harma.data.errors import DatasetError
+from harma.errors import DatasetError
 
 _NAMES, _CAPS = "_filename.txt", "_caps.txt"
 CAPTIONS_PER_IMAGE = 5  # PE-RSITR's files: five caption lines per filename line

@@ -1,4 +1,4 @@
-"""Embed an image folder of any size into an :class:`~harma.index.EmbeddingIndex`, resumably.
+"""Embed an image folder of any size into an :class:`~harma.retrieval.EmbeddingIndex`, resumably.
 
 Images are encoded in shards (``shard_size`` images each). Every finished shard is written
 atomically to ``<out>/.shards/`` beside a manifest naming the model and the image list, so an
@@ -18,10 +18,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write_bytes
-from .data import IMAGE_EXTENSIONS, DatasetError, open_image
-from .encode import _device, _eval_mode, _finish
-from .index import INDEX_FILE, EmbeddingIndex, texts_fingerprint
+from ..data import IMAGE_EXTENSIONS, open_image
+from ..encode import eval_mode, model_device, unit_rows
+from ..errors import ConfigError, DatasetError
+from ..io import INDEX_FILE, atomic_write_bytes
+from .identity import texts_fingerprint
+from .index import EmbeddingIndex
 
 SHARDS = ".shards"
 MIN_SHARDS, MIN_SHARD_SIZE = 16, 64  # a folder is written in at least 16 pieces (of >= 64 images)
@@ -97,7 +99,7 @@ def build_image_index(
         images: the image files, in index order.
         out: the index folder.
         root: ids are paths relative to ``root`` when given (portable indexes), else as given.
-        identity: what the embeddings depend on (:func:`harma.index.model_identity`); a partial
+        identity: what the embeddings depend on (:func:`harma.retrieval.model_identity`); a partial
             build for a different identity or image list is refused unless ``overwrite``.
         batch_size: images per forward pass.
         shard_size: images per resumable shard, at most (:func:`effective_shard_size` makes it
@@ -111,7 +113,7 @@ def build_image_index(
         The finished index (also saved at ``out``).
     """
     if batch_size < 1 or shard_size < 1:
-        raise ValueError("batch_size and shard_size must be >= 1")
+        raise ConfigError("batch_size and shard_size must be >= 1")
     out = Path(out)
     paths = [Path(p) for p in images]
     if not paths:
@@ -144,10 +146,10 @@ def build_image_index(
     done = sum(min(shard_size, len(paths) - s * shard_size) for s in done_shards)
     if progress is not None:
         progress(done, len(paths))
-    dev = _device(model, device)
+    dev = model_device(model, device)
     from safetensors.torch import save
 
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for s in range(n_shards):
             if s in done_shards:
                 continue
@@ -158,7 +160,7 @@ def build_image_index(
             for pixels, idx, failed in loader:
                 if pixels is not None:
                     e = model.encode_image(pixels.to(dev), normalize=True)
-                    embs.append(_finish(e))
+                    embs.append(unit_rows(e))
                     rows += [lo + i for i in idx]
                 bad += [(lo + i, why) for i, why in failed]
                 done += len(idx) + len(failed)

@@ -5,7 +5,7 @@ Exact search reads every vector per query: 10^6 x 512 float32 is 2 GB of memory 
 k-means and scans only the ``nprobe`` clusters nearest the query; HNSW (Malkov & Yashunin 2018) walks
 a proximity graph instead (better recall per probe, slower to build). Both come from faiss
 (``faiss-cpu``), imported lazily so the library imports without it. Inner product on L2-normalised
-vectors is cosine similarity, as in :class:`harma.index.EmbeddingIndex`.
+vectors is cosine similarity, as in :class:`harma.retrieval.EmbeddingIndex`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+
+from ..errors import ConfigError
+from ..io import atomic_write_bytes
 
 KINDS = ("ivf", "hnsw")
 
@@ -47,12 +50,12 @@ class ANNConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"ann kind {self.kind!r} is not one of {', '.join(KINDS)}")
+            raise ConfigError(f"ann kind {self.kind!r} is not one of {', '.join(KINDS)}")
         for name in ("nprobe", "train_size", "hnsw_m", "ef_construction", "ef_search"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"ann {name} must be >= 1, got {getattr(self, name)!r}")
+                raise ConfigError(f"ann {name} must be >= 1, got {getattr(self, name)!r}")
         if self.nlist is not None and self.nlist < 1:
-            raise ValueError(f"ann nlist must be >= 1, got {self.nlist!r}")
+            raise ConfigError(f"ann nlist must be >= 1, got {self.nlist!r}")
 
 
 def _faiss() -> Any:
@@ -148,8 +151,6 @@ class ANNIndex:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the faiss index atomically."""
-        from .checkpoint import atomic_write_bytes
-
         atomic_write_bytes(Path(path), _faiss().serialize_index(self.index).tobytes())
 
     @classmethod

@@ -1,0 +1,84 @@
+"""File names and file writing shared by every layer; imports no model code.
+
+Writes are atomic (a temporary file in the same folder, then ``os.replace``), so an interrupted
+save never leaves a half-written checkpoint, index or cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from .errors import HarmaError, unreadable
+
+CONFIG_NAME = "adapter_config.json"  # an adapter directory's description (PEFT layout)
+WEIGHTS_NAME = "adapter_model.safetensors"  # its trained tensors
+INDEX_FILE = "index.json"  # an embedding index's description
+
+PathLike = Union[str, Path]
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints and run files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> None:
+    """``obj`` as JSON (with a final newline), written atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(h: "hashlib._Hash", paths: Sequence[PathLike]) -> "hashlib._Hash":
+    """Feed each file's resolved path, size and modification time into ``h`` (no file is read): the
+    identity of a file set used by the caches keyed on it. Returns ``h``."""
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"|{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h
+
+
+def read_safetensors(path: PathLike, error: type[HarmaError], keys: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """The tensors of a safetensors file (only ``keys`` if given). A missing, truncated or foreign file
+    raises ``error`` naming the path, never safetensors' own ``SafetensorError``."""
+    from safetensors import SafetensorError, safe_open  # torch loads only when a file is read
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
+    except (SafetensorError, OSError, KeyError) as e:
+        raise error(f"{unreadable(path, e)}; not a complete safetensors file") from None
+
+
+def safetensors_keys(path: PathLike, error: type[HarmaError]) -> list[str]:
+    """The tensor names of a safetensors file, read from its header (``error`` as :func:`read_safetensors`)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise error(f"{unreadable(path, e)}; not a complete safetensors file") from None

@@ -1,0 +1,107 @@
+"""What cached embeddings depend on, and the on-disk cache keyed by it.
+
+Cached embeddings are keyed by the backbone, the adapter weights and the image files (path, size,
+mtime) or caption texts, so a changed checkpoint or image set is never served stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..errors import IndexFormatError
+from ..io import INDEX_FILE, WEIGHTS_NAME, file_sha256, hash_files
+from .index import INDEX_VERSION, EmbeddingIndex
+
+log = logging.getLogger(__name__)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tensors_sha(named: Sequence[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, t in named:
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_identity(model: nn.Module, checkpoint: Optional[Union[str, Path]] = None) -> dict[str, Any]:
+    """What the embeddings of ``model`` depend on: backbone identity and adapter weights.
+
+    The backbone is ``model.base_info`` (open_clip name, pretrained tag, base-weights sha256, and a
+    hash of the architecture, which fixes the preprocessing). A randomly initialised backbone (no tag,
+    no base weights) is identified by a hash of its weights. Adapters are the sha256 of
+    ``checkpoint/adapter_model.safetensors``, ``"none"`` for a model with nothing trained, or a hash
+    of the trainable tensors for an adapted model that was not loaded from a checkpoint.
+    """
+    info = dict(getattr(model, "base_info", None) or {})
+    ident: dict[str, Any] = {k: info.get(k) for k in ("model_name", "pretrained", "base_weights_sha256")}
+    ident["model_cfg_sha256"] = _sha(info.get("model_cfg"))
+    config = getattr(model, "config", None)
+    ident["method"] = getattr(config, "method", None)
+    if not ident["pretrained"] and not ident["base_weights_sha256"]:
+        ident["weights_sha256"] = _tensors_sha(sorted(model.state_dict().items()))
+    if checkpoint is not None:
+        ident["adapters_sha256"] = file_sha256(Path(checkpoint) / WEIGHTS_NAME)
+    else:
+        trainable = getattr(model, "trainable_state_dict", lambda: {})()
+        ident["adapters_sha256"] = "none" if ident["method"] in (None, "zeroshot") or not trainable \
+            else "state:" + _tensors_sha(sorted(trainable.items()))
+    return ident
+
+
+def paths_fingerprint(paths: Sequence[Union[str, Path]]) -> str:
+    """Hash of the resolved paths, sizes and modification times (no file is read)."""
+    return hash_files(hashlib.sha256(b"paths-v1"), paths).hexdigest()
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    h = hashlib.sha256(b"texts-v1")
+    for t in texts:
+        h.update(t.encode() + b"\x00")
+    return h.hexdigest()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """Folder name of a cache entry: a short hash of ``parts`` (JSON, sorted keys)."""
+    return _sha({"index_version": INDEX_VERSION, **parts})[:32]
+
+
+def cached_index(cache_dir: Optional[Union[str, Path]], parts: dict[str, Any],
+                 build: Callable[[], EmbeddingIndex]) -> tuple[EmbeddingIndex, bool]:
+    """Load the index cached under ``cache_dir/<cache_key(parts)>``, or build and save it.
+
+    Returns:
+        ``(index, hit)``; ``hit`` is True when it came from disk. With ``cache_dir=None`` it is
+        always built. An unreadable entry is rebuilt (with a warning).
+    """
+    if cache_dir is None:
+        return build(), False
+    path = Path(cache_dir) / cache_key(parts)
+    if (path / INDEX_FILE).is_file():
+        try:
+            return EmbeddingIndex.load(path), True
+        except IndexFormatError as e:
+            log.warning("rebuilding the embedding cache: %s", e)
+    index = build()
+    index.save(path, extra={"key": parts})
+    return index, False
+
+
+def find_prebuilt(indexes: Sequence[EmbeddingIndex], identity: dict[str, Any],
+                  paths: Sequence[Path]) -> Optional[EmbeddingIndex]:
+    """The first of ``indexes`` built by the model ``identity`` describes over exactly ``paths``."""
+    want = json.loads(json.dumps(identity, default=str))
+    for index in indexes:
+        if index.extra.get("model") == want and len(index) == len(paths) and index.image_paths() == list(paths):
+            return index
+    return None

@@ -1,0 +1,188 @@
+"""``Retriever``: a model paired with a gallery's image index (and caption index), answering text ->
+images and image -> captions queries; what the app calls."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import clean_caption
+from ..encode import encode_images, encode_texts, eval_mode, model_device
+from ..errors import DatasetError, IndexFormatError, QueryError
+from .captions import CaptionPool
+from .identity import cached_index, find_prebuilt, model_identity, paths_fingerprint, texts_fingerprint
+from .index import EmbeddingIndex
+
+StageProgress = Callable[[str, int, int], None]  # (stage, done, total); stage is "images" or "captions"
+PathLike = Union[str, Path]
+
+
+@dataclass
+class RetrieverOptions:
+    """How :meth:`Retriever.build` gets its embeddings."""
+
+    checkpoint: Optional[PathLike] = None  # adapter directory the model was loaded from (part of the cache key)
+    cache_dir: Optional[PathLike] = None  # folder of cached indexes; None: no caching
+    prebuilt: Sequence[EmbeddingIndex] = ()  # indexes from build_image_index; one by this model over these images is used
+    max_encode: Optional[int] = None  # refuse to encode more images than this when no index has them
+    batch_size: int = 64  # images per batch (captions: 4x)
+    num_workers: int = 0  # image decoding workers
+    clean_queries: bool = True  # normalise text queries with clean_caption (30 words), as captions were
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: 1-based rank, cosine score, row of the index, its id and metadata."""
+
+    rank: int
+    score: float
+    index: int
+    id: str
+    metadata: dict
+
+
+def _hits(index: EmbeddingIndex, scores: torch.Tensor, rows: torch.Tensor) -> list[Hit]:
+    return [Hit(r + 1, float(s), int(i), index.ids[int(i)], index.metadata[int(i)])
+            for r, (s, i) in enumerate(zip(scores.tolist(), rows.tolist()))]
+
+
+class Retriever:
+    """A model (with its preprocessing and tokenizer) paired with an image index and, optionally, a
+    caption index: text -> images and image -> captions.
+
+    Args:
+        model: a :class:`harma.HarmaModel` (anything with ``encode_image``/``encode_text``).
+        preprocess: PIL image -> (3, H, W) tensor (the model's evaluation transform).
+        tokenizer: list of strings -> (B, L) token ids.
+        images: the gallery index.
+        captions: the caption index (e.g. a :class:`CaptionPool`'s texts); ``None`` disables
+            :meth:`search_image`.
+        clean_queries: normalise text queries with :func:`harma.data.clean_caption` (30 words), as
+            the captions were for training and evaluation.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Callable, tokenizer: Callable, images: EmbeddingIndex,
+                 captions: Optional[EmbeddingIndex] = None, *, clean_queries: bool = True) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.images = images
+        self.captions = captions
+        self.clean_queries = clean_queries
+        self.from_cache: dict[str, bool] = {}
+        self._pending: list[dict] = []  # text queries waiting for the model (see encode_text)
+        self._pending_lock = threading.Lock()
+
+    @classmethod
+    def build(cls, model: nn.Module, preprocess: Callable, tokenizer: Callable, image_paths: Sequence[PathLike],
+              captions: Union[CaptionPool, Sequence[str], None] = None, options: Optional[RetrieverOptions] = None,
+              progress: Optional[StageProgress] = None) -> "Retriever":
+        """Encode (or load from ``options.cache_dir``) the gallery images and the captions.
+
+        Args:
+            image_paths: the gallery's images (index metadata: ``{"path": ...}``).
+            captions: a :class:`CaptionPool` (metadata: its captions and images) or plain texts;
+                ``None``: no image-to-text search.
+            options: caching, batching and limits (:class:`RetrieverOptions`).
+            progress: ``progress(stage, done, total)`` while encoding.
+        """
+        opts = options or RetrieverOptions()
+        paths = [Path(p) for p in image_paths]
+        if not paths:
+            raise DatasetError("the gallery has no images")
+        ident = model_identity(model, opts.checkpoint)
+        match = find_prebuilt(opts.prebuilt, ident, paths)
+
+        def stage(name: str):
+            return None if progress is None else (lambda done, total: progress(name, done, total))
+
+        def build_images() -> EmbeddingIndex:
+            if opts.max_encode is not None and len(paths) > opts.max_encode:
+                none = ident["adapters_sha256"] == "none"
+                raise IndexFormatError(f"no index of these {len(paths):,} images was built with this model "
+                                       f"({'no adapters' if none else 'adapters'}); build one with "
+                                       "python -m training.build_index" + (" --baseline" if none else ""))
+            emb = encode_images(model, paths, preprocess, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                                progress=stage("images"))
+            return EmbeddingIndex([str(p) for p in paths], emb.reshape(len(paths), -1), [{"path": str(p)} for p in paths])
+
+        if match is not None:
+            images, hit_i = match, True
+        else:
+            images, hit_i = cached_index(opts.cache_dir, {"kind": "images", "model": ident,
+                                                          "images": paths_fingerprint(paths)}, build_images)
+        out_captions, hit_c = None, None
+        if captions is not None:
+            pool = captions if isinstance(captions, CaptionPool) else None
+            texts = list(pool.texts if pool is not None else captions)
+            if not texts:
+                raise DatasetError("captions were given but the list is empty (pass None for no captions)")
+
+            def build_captions() -> EmbeddingIndex:
+                emb = encode_texts(model, texts, tokenizer, batch_size=4 * opts.batch_size, progress=stage("captions"))
+                meta = pool.metadata() if pool is not None else [{"caption": t} for t in texts]
+                return EmbeddingIndex([str(j) for j in range(len(texts))], emb.reshape(len(texts), -1), meta)
+
+            out_captions, hit_c = cached_index(opts.cache_dir, {"kind": "captions", "model": ident,
+                                                                "texts": texts_fingerprint(texts)}, build_captions)
+        retriever = cls(model, preprocess, tokenizer, images, out_captions, clean_queries=opts.clean_queries)
+        retriever.from_cache = {"images": hit_i} if hit_c is None else {"images": hit_i, "captions": hit_c}
+        return retriever
+
+    # -- encoding one query ----------------------------------------------------------------------
+    # Queries may come from many threads at once (a web app). Hugging Face fast tokenizers refuse
+    # concurrent use ("Already borrowed"), two retrievers often share one tokenizer and model, and on
+    # a CPU parallel forward passes only compete for the same cores: one process-wide lock makes the
+    # model calls thread-safe, and text queries that arrive while the model is busy are encoded
+    # together in one forward pass (the first waiting thread encodes for all of them).
+    _model_lock = threading.Lock()
+
+    def encode_text(self, query: str) -> torch.Tensor:
+        """(D,) normalised embedding of one text query (thread-safe; concurrent queries are batched)."""
+        text = clean_caption(query, 30) if self.clean_queries else query.strip()
+        if not text:
+            raise QueryError("the query is empty (after removing punctuation)")
+        request = {"text": text}
+        with self._pending_lock:
+            self._pending.append(request)
+        with Retriever._model_lock:
+            if "embedding" not in request:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                embs = encode_texts(self.model, [r["text"] for r in batch], self.tokenizer)
+                for r, e in zip(batch, embs):
+                    r["embedding"] = e
+        return request["embedding"]
+
+    def encode_image(self, image: Any) -> torch.Tensor:
+        """(D,) normalised embedding of one RGB PIL image (thread-safe)."""
+        pixels = self.preprocess(image.convert("RGB"))[None].to(model_device(self.model, None))
+        with Retriever._model_lock, eval_mode(self.model), torch.inference_mode():
+            emb = self.model.encode_image(pixels, normalize=True)
+        return F.normalize(emb.float(), dim=-1)[0].cpu()
+
+    # -- search ----------------------------------------------------------------------------------
+    def search_text(self, query: str, k: int = 10) -> list[Hit]:
+        """Gallery images ranked by cosine similarity to the text ``query``."""
+        return _hits(self.images, *self.images.search(self.encode_text(query), k))
+
+    def search_image(self, image: Any, k: int = 10) -> list[Hit]:
+        """Captions ranked by cosine similarity to a PIL ``image``."""
+        return self._rank_captions(self.encode_image(image), k)
+
+    def search_gallery_image(self, index: int, k: int = 10) -> list[Hit]:
+        """Captions ranked for gallery image ``index``, from its stored embedding (no re-encoding)."""
+        if not 0 <= index < len(self.images):
+            raise QueryError(f"gallery image {index} is out of range 0..{len(self.images) - 1}")
+        return self._rank_captions(self.images.embeddings[index], k)
+
+    def _rank_captions(self, emb: torch.Tensor, k: int) -> list[Hit]:
+        if self.captions is None or len(self.captions) == 0:
+            raise QueryError("this gallery has no captions to rank")
+        return _hits(self.captions, *self.captions.search(emb, k))

@@ -1,0 +1,75 @@
+"""The tables ``python -m training.benchmark`` writes: the README's results table (an aggregated
+results file), the README's table of shipped checkpoints, and the held-out evaluation section
+appended to a shipped checkpoint's model card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from harma.metrics import METRIC_KEYS
+
+if TYPE_CHECKING:  # type hints only: training.benchmark imports this module
+    from training.benchmark import Suite
+
+
+def _pm(mean: float, sd: Optional[float]) -> str:
+    return f"{mean:.2f} ± {sd:.2f}" if sd is not None else f"{mean:.2f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README table of an aggregated results file (test first; val is what selected the epoch)."""
+    head = ("| method | seeds | test mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | val mR "
+            "| test centroid gap | test k-NN modality purity | trained params | train time (2 CPU cores) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results["rows"]:
+        cells = [r["label"], ", ".join(str(s) for s in r["seeds"]) if r["trained_params"] else "-",
+                 "**" + _pm(r["test_mR"], r["test_mR_sd"]) + "**"]
+        cells += [f"{r[f'test_{d}_R@{k}']:.2f}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        cells += [_pm(r["val_mR"], r["val_mR_sd"]), f"{r['test_centroid_distance']:.3f}",
+                  f"{r['test_knn_modality_purity']:.3f}", f"{r['trained_params']:,}",
+                  f"{r['train_minutes']:.0f} min" if r["train_minutes"] else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for p in results.get("published", []):
+        lines.append(f"| {p['label']} | - | {p['test_mR']:.2f} | | | | | | | | | | | |")
+    if results.get("pending"):
+        lines.append("")
+        lines.append("Not yet run on this protocol: " + ", ".join(f"`{k}`" for k in results["pending"]) + ".")
+    return "\n".join(lines)
+
+
+def shipped_markdown(results_dir: Path, suite: Suite) -> str:
+    """The README table of the shipped checkpoints: exactly what ``training.evaluate`` prints for them."""
+    records = []
+    for m in suite.methods:
+        path = results_dir / suite.name / "shipped" / f"{m.ship}.json"
+        if m.ship and path.is_file():
+            records.append(json.loads(path.read_text()))
+    head = "| checkpoint | seed | best epoch | val mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | test mR |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    if records:
+        base = records[0]["baseline_test"]
+        lines.append("| zero-shot backbone (`--baseline`) | - | - | - | "
+                     + " | ".join(f"{base[k]:.2f}" for k in METRIC_KEYS) + " |")
+    for r in records:
+        lines.append(f"| `{r['checkpoint']}` | {r['seed']} | {r['best_epoch']} | {r['val']['mR']:.2f} | "
+                     + " | ".join(f"{r['test'][k]:.2f}" for k in METRIC_KEYS) + " |")
+    return "\n".join(lines)
+
+
+def card_section(record: dict[str, Any]) -> str:
+    """The model card's section on a shipped checkpoint's held-out evaluation (``record``: its shipped JSON)."""
+    carve = record["val"].get("carve") or {}
+    rows = [("validation (block carve of train, " f"{record['val']['num_images']} images)", record["val"]),
+            (f"test ({record['test']['split']}, {record['test']['num_images']} images)", record["test"]),
+            ("test, zero-shot backbone", record["baseline_test"])]
+    lines = ["", "## Held-out evaluation of these stored weights", "",
+             f"Selected epoch {record['best_epoch']} on the validation carve ({carve.get('mode')}, fraction "
+             f"{carve.get('val_fraction')}); test was not looked at to choose anything. Seed {record['seed']}. "
+             "R@K with tied scores counted at their expected rank.", "",
+             f"`{record['command']}`", "",
+             "| split | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in METRIC_KEYS) + " |" for name, r in rows]
+    return "\n".join(lines) + "\n"
