@@ -37,6 +37,7 @@ def _backbone_trainable(model):
     return {n for n in model.trainable_state_dict() if not any(k in n for k in ADAPTER_NAMES)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["harma", "mrs"])
 @pytest.mark.parametrize("also_train", [(), ("norms",), ("biases",), ("norms", "biases"), ("convs",), ("proj",),
                                         ("norms", "biases", "convs", "proj")])
@@ -80,6 +81,7 @@ def test_checkpoint_round_trip_restores_trained_backbone_parameters(tmp_path, ti
         load_adapter_weights(plain, tmp_path / "ad")
 
 
+@pytest.mark.slow
 def test_disable_adapters_and_unload_give_base_features(tiny_inputs):
     ref, model = _pair()
     perturb_(model)

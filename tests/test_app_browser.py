@@ -24,6 +24,7 @@ K = 4
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium "
                        "(apt-get install -y chromium)"),
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import open_clip
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -85,6 +86,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_gathered_gradients_match_single_process(tmp_path):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64)

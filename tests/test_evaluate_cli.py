@@ -23,6 +23,8 @@ from tests.conftest import TINY_NAME, perturb_, tiny_config
 from tests.test_encode import write_split
 from training.evaluate import main
 
+pytestmark = pytest.mark.slow  # command-line runs of a trained tiny model, seconds each
+
 ROW_KEYS = set(METRIC_KEYS) | {"gap", "num_images", "num_captions", "checkpoint", "data", "split", "method"}
 
 
@@ -216,7 +218,8 @@ def test_disable_adapters_needs_adapters(setup, tmp_path, capsys):
 def test_recorded_root_falls_back_to_the_configured_path(tmp_path, monkeypatch):
     """A checkpoint trained on another machine records a resolved path that is not here; the path
     as configured (relative to the working directory) is used instead, and neither is a clear error."""
-    from training.evaluate import CliError, recorded_root
+    from training.cli import CliError
+    from training.evaluate import recorded_root
 
     (tmp_path / "here" / "ucm").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "here")

@@ -148,6 +148,7 @@ def test_vit_b_32_mrs_parameter_count():
     assert _meta("ViT-B-32", "mrs").num_parameters(trainable_only=True) == 161_088 + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-B-16", "ViT-L-14", "ViT-B-32-quickgelu", "ViT-B-16-quickgelu"])
 def test_other_architectures(name):
     cfg = open_clip.get_model_config(name)

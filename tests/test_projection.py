@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +20,7 @@ def test_small_sets_use_pca_and_sampling_is_seeded():
     assert a == sample_rows(100, 10, 3) and a == sorted(a) and len(set(a)) == 10 and a != sample_rows(100, 10, 4)
 
 
+@pytest.mark.slow
 def test_projection_is_cached_and_gap_uses_every_embedding(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     img = F.normalize(torch.randn(12, 8, generator=g), dim=-1)

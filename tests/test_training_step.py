@@ -10,6 +10,7 @@ from harma import HarmaLoss, HarmaModel, LossConfig
 from tests.conftest import TINY_NAME, tiny_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["harma", "mrs", "full"])
 def test_only_trainable_parameters_change(method, tiny_inputs):
     torch.manual_seed(0)
@@ -172,7 +173,6 @@ def test_patch_dropout_range(value):
 
 def test_patch_dropout_needs_a_vit():
     from harma import ModelConfig, create_model, register_model_config
-
     from tests.conftest import TINY_ARCH
 
     resnet_tower = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}  # open_clip's ModifiedResNet
