@@ -126,7 +126,7 @@ def test_first_party_imports_are_at_module_top_or_say_why():
 
 
 def test_no_source_file_over_400_lines():
-    sources = [*ROOT.glob("*.py"), *(p for d in ("harma", "training", "harma_app", "benchmarks")
+    sources = [*ROOT.glob("*.py"), *(p for d in ("harma", "training", "harma_app", "benchmarks", "tests")
                                     for p in (ROOT / d).rglob("*.py"))]
     assert len(sources) > 40
     long = {str(p.relative_to(ROOT)): n for p in sources if (n := len(p.read_text().splitlines())) > MAX_LINES}
