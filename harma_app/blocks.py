@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from harma.errors import one_line
+from harma.errors import ConfigError, one_line
 from harma.sources import ModelSource
 
 from . import controls, tab_embedding_space, tab_image_to_text, tab_metrics, tab_text_to_image
@@ -76,6 +77,10 @@ def launch_options(demo: gr.Blocks) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> None:
     """``python app.py [flags]``: build the UI for the flags (over ``HARMA_*``) and serve it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config, args = parse_args(argv)
+    try:
+        config, args = parse_args(argv)
+    except ConfigError as e:  # a HARMA_* variable that cannot be read: one line, like the commands
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
     ui = build_demo(config)
     ui.queue().launch(server_name=args.host, server_port=args.port, **launch_options(ui))

@@ -56,10 +56,13 @@ class AppConfig:
         """The ``HARMA_*`` variables (empty ones ignored), read with the project's one config parser."""
         env = os.environ if env is None else env
         names = {f.name: ENV_NAMES.get(f.name, f"HARMA_{f.name.upper()}") for f in fields(cls)}
-        try:
-            cfg = from_dict(cls, {field: env[var] for field, var in names.items() if env.get(var)})
-        except ConfigError as e:
-            raise ConfigError(f"environment: {e} (variables {', '.join(names.values())})") from None
+        given = {field: env[var] for field, var in names.items() if env.get(var)}
+        for field, value in given.items():  # one at a time, so an error names its variable
+            try:
+                from_dict(cls, {field: value})
+            except ConfigError as e:
+                raise ConfigError(f"{names[field]}={value!r}: {e}") from None
+        cfg = from_dict(cls, given)
         if not cfg.data and not cfg.index and (DEMO / "test.csv").is_file():
             cfg.data = str(DEMO)  # no dataset given: the bundled demo gallery, so every tab works
         return cfg

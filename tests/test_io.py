@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -87,5 +90,9 @@ def test_app_environment_uses_the_same_parser(tmp_path):
                               "HARMA_DATA": str(tmp_path), "HARMA_SPLIT": ""})
     assert (cfg.umap_points, cfg.allow_download, cfg.cache_dir, cfg.data, cfg.split) == (
         200, True, str(tmp_path), str(tmp_path), None)
-    with pytest.raises(ConfigError, match="umap_points: cannot read 'many' as int"):
+    with pytest.raises(ConfigError, match="HARMA_UMAP_POINTS='many': umap_points: cannot read 'many' as int"):
         AppConfig.from_env({"HARMA_UMAP_POINTS": "many"})
+    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HARMA_BATCH_SIZE": "big"})
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: HARMA_BATCH_SIZE='big': batch_size: cannot read 'big' as int"]
