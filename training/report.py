@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from harma.io import WEIGHTS_NAME, atomic_write_json
+from harma.errors import CheckpointError, HarmaError
+from harma.io import WEIGHTS_NAME, atomic_write_json, read_safetensors
 from harma.metrics import METRIC_KEYS
 from training.cli import run_command
 
@@ -32,10 +32,7 @@ class ReportError(Exception):
 
 
 def _trained_params(checkpoint: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(checkpoint / WEIGHTS_NAME), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return sum(t.numel() for t in read_safetensors(checkpoint / WEIGHTS_NAME, CheckpointError).values())
 
 
 def row(label: str, eval_json: Path, source: str) -> dict[str, Any]:
@@ -94,7 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="keep the rows of an existing --out file; given rows replace those with the same label "
                         "(in place) or are appended")
     args = p.parse_args(argv)
-    return run_command(lambda: _report(args), (ReportError, OSError, json.JSONDecodeError, KeyError))
+    return run_command(lambda: _report(args), (ReportError, HarmaError, OSError, json.JSONDecodeError, KeyError))
 
 
 def _report(args: argparse.Namespace) -> None:
