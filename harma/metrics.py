@@ -209,6 +209,25 @@ def hit_probability(above: torch.Tensor, tied: torch.Tensor, relevant: torch.Ten
     return 1.0 - miss
 
 
+def expected_ranks(
+    sim: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-based rank of every query's first ground truth, expected over random orders of tied scores.
+
+    A tied group of ``t`` candidates holding ``r`` ground truths puts the first of them at expected
+    position ``(t + 1) / (r + 1)`` of the group, so the expected rank is ``above + (t + 1) / (r + 1)``:
+    the per-query number behind the tie-aware R@K, and like it independent of the order of the
+    images and captions. With no ties it is the plain rank (``retrieval_ranks + 1``).
+
+    Returns:
+        ``(per image query, per caption query)``: float64 tensors of shapes (N_img,) and (N_txt,).
+    """
+    out = []
+    for above, tied, relevant in tie_counts(sim, text_to_image, chunk_size):
+        out.append(above.double() + (tied.double() + 1) / (relevant.double() + 1))
+    return out[0], out[1]
+
+
 def _recalls(counts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ties: str) -> list[float]:
     above, tied, relevant = counts
     out = []

@@ -12,7 +12,7 @@ import gradio as gr
 from harma.errors import ConfigError, one_line
 from harma.sources import ModelSource
 
-from . import controls, tab_embedding_space, tab_image_to_text, tab_metrics, tab_text_to_image
+from . import controls, tab_compare, tab_embedding_space, tab_image_to_text, tab_metrics, tab_text_to_image
 from .common import QUERY_CONCURRENCY, USER_ERRORS, AppError, log
 from .state import AppConfig, AppState, ModelPair, load_models, parse_args
 
@@ -38,6 +38,7 @@ def build_demo(config: Optional[AppConfig] = None,
             i2t = tab_image_to_text.layout()
             space = tab_embedding_space.layout()
             metrics = tab_metrics.layout()
+            compare = tab_compare.layout()
 
         common = [top["k"], top["model"], top["gallery_key"]]
         # queries are served concurrently (one pool for all query events); the model calls inside
@@ -47,15 +48,16 @@ def build_demo(config: Optional[AppConfig] = None,
         tab_image_to_text.wire(app, i2t, common, top["status"], fast)
         tab_embedding_space.wire(app, space, top["model"], top["gallery_key"])
         tab_metrics.wire(app, metrics, top["model"], top["gallery_key"])
+        tab_compare.wire(app, compare, common, top["status"], fast)
         controls.wire(app, demo, top, i2t["picker"])
     return demo
 
 
 def served_folders(app: AppState) -> list[str]:
-    """The folders the app must serve files from: its thumbnails and uploads (not its embedding
+    """The folders the app must serve files from: its thumbnails, uploads and CSV exports (not its embedding
     cache), and the real (symlinks resolved) folders of the gallery's images, so a dataset whose
     ``images/`` is a link to an image store works."""
-    folders = {app.cache_dir / "thumbs", app.cache_dir / "uploads"}
+    folders = {app.cache_dir / "thumbs", app.cache_dir / "uploads", app.cache_dir / "exports"}
     for key in {app.default_gallery, "data" if app.config.data else "", "index" if app.config.index else ""} - {""}:
         try:
             folders.update(p.resolve().parent for p in app.gallery(key).images)

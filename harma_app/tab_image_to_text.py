@@ -61,7 +61,16 @@ def pick_image(app: AppState, index: int, k: Any, model_key: Optional[str], gall
         indices = picker_indices(gallery)
         if not 0 <= int(index) < len(indices):
             raise AppError(f"no picker tile {index}")
-        i = indices[int(index)]
+        return gallery_image_captions(app, indices[int(index)], k, model_key, gallery_key, progress)
+    except (AppError, *USER_ERRORS) as e:
+        return None, [], [], fail(e)
+
+
+def gallery_image_captions(app: AppState, i: int, k: Any, model_key: Optional[str], gallery_key: Optional[str],
+                           progress: Any = None) -> tuple[Optional[str], list, list, str]:
+    """Image -> text for gallery image ``i`` (its stored embedding; ✓ = its ground-truth captions)."""
+    try:
+        gallery = app.gallery(gallery_key)
         base, adapted = _rank_captions(app, model_key, gallery_key, k, progress,
                                        lambda r, kk: r.search_gallery_image(i, kk))
         return (str(gallery.images[i]), _caption_rows(base, i), _caption_rows(adapted, i),

@@ -9,11 +9,27 @@ import gradio as gr
 import torch
 
 from harma.metrics import METRIC_KEYS, retrieval_metrics
+from harma.retrieval import Retriever
 
 from .common import USER_ERRORS, AppError, fail, progress_cb
+from .galleries import Gallery
 from .state import AppState
 
 MAX_METRIC_CELLS = 10**8  # image x caption similarities the Metrics tab computes in memory
+
+
+def split_similarity(r: Retriever, gallery: Gallery) -> torch.Tensor:
+    """(N_img, N_captions) cosine similarities of the gallery's split, every caption in file order (a
+    caption's embedding is its cleaned text's, as in evaluation)."""
+    return r.images.embeddings @ r.captions.embeddings[torch.tensor(gallery.pool.caption_to_text)].T
+
+
+def check_scoreable(gallery: Gallery, what: str) -> None:
+    """Refuse a gallery whose split cannot be scored in the app: no captions, or too large."""
+    if gallery.pool is None:
+        raise AppError(f"{gallery.name} has no captions, so {what} cannot be computed")
+    if gallery.split.num_images * gallery.split.num_captions > MAX_METRIC_CELLS:
+        raise AppError(f"{gallery.name} is too large for the in-app {what}; use `python -m training.evaluate`")
 
 
 def metrics_table(app: AppState, model_key: Optional[str], gallery_key: Optional[str],
@@ -21,18 +37,13 @@ def metrics_table(app: AppState, model_key: Optional[str], gallery_key: Optional
     """R@1/5/10 in both directions and mR (percent) of baseline and adapted on the gallery's split."""
     try:
         gallery = app.gallery(gallery_key)
-        if gallery.pool is None:
-            raise AppError(f"{gallery.name} has no captions, so R@K cannot be computed")
-        if gallery.split.num_images * gallery.split.num_captions > MAX_METRIC_CELLS:
-            raise AppError(f"{gallery.name} is too large for the in-app table; use `python -m training.evaluate`")
+        check_scoreable(gallery, "R@K")
         base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress))
-        rows_of = torch.tensor(gallery.pool.caption_to_text)
 
         def compute() -> list[list]:
             rows = []
             for name, r in (("baseline (zero-shot)", base), ("adapted", adapted)):
-                sim = r.images.embeddings @ r.captions.embeddings[rows_of].T  # (N_img, N_captions)
-                m = retrieval_metrics(sim, gallery.split.text_to_image)
+                m = retrieval_metrics(split_similarity(r, gallery), gallery.split.text_to_image)
                 rows.append([name] + [round(m[key], 2) for key in METRIC_KEYS])
             return rows
 

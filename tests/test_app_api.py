@@ -111,3 +111,14 @@ def test_symlinked_images_folder_is_served_and_the_cache_is_not(tmp_path_factory
         assert r.status_code in (403, 404), r.status_code
     finally:
         demo.close()
+
+
+def test_compare_table_and_its_csv_are_served(served):
+    _, client = served
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/compare"]
+    assert [p["parameter_name"] for p in api["parameters"]] == ["model_key", "direction_label", "sort", "cls"]
+    table, _, csv_path, note = client.predict(None, "Text → image (each caption)", "largest loss first",
+                                              "all classes", api_name="/compare")
+    assert table["headers"][:3] == ["caption", "image", "class"] and len(table["data"]) == 48, note
+    with open(csv_path) as f:  # downloaded through the server: the export folder is served
+        assert f.readline().startswith("caption,image,class,baseline rank")

@@ -76,6 +76,15 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
                 page.locator(f"{plot} .js-plotly-plot").wait_for(timeout=slow)
             page.get_by_text("centroid_distance").first.wait_for(timeout=30_000)
             page.screenshot(path=str(out / "screenshot-embedding.png"), full_page=True)
+
+            # Compare: the per-caption table fills in; selecting a row shows both models' galleries for it
+            page.get_by_role("tab", name="Compare").click()
+            cell = page.locator("#compare-table [role=gridcell]").filter(has_text=".png").first
+            cell.wait_for(timeout=slow)
+            cell.click()
+            for gallery in ("#compare-baseline", "#compare-adapted"):
+                page.locator(f"{gallery} img").nth(K - 1).wait_for(timeout=slow)
+            assert "⚠️" not in page.locator("#status").inner_text()
         finally:
             browser.close()
     assert (out / "screenshot.png").stat().st_size > 10_000

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from harma.metrics import METRIC_KEYS, TIE_RULES, format_table, recall_at_k, retrieval_metrics, retrieval_ranks
+from harma.metrics import (
+    METRIC_KEYS,
+    TIE_RULES,
+    expected_ranks,
+    format_table,
+    recall_at_k,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 
 
 def reference_metrics(sim: torch.Tensor, text_to_image: list[int]) -> dict[str, float]:
@@ -264,3 +272,39 @@ def test_rules_agree_without_ties_and_bound_each_other_with_them(seed):
 def test_unknown_tie_rule():
     with pytest.raises(ValueError, match="ties='random'"):
         retrieval_metrics(torch.zeros(1, 1), [0], ties="random")
+
+
+def test_expected_ranks_by_hand_and_without_ties():
+    # 3 images, 4 captions (image 0 has captions 0 and 1). Caption 2 ties with images 0 and 2 above its
+    # own image 1: above 0, tied 3 (with itself) -> expected rank (3 + 1) / 2 = 2.
+    sim = torch.tensor([[0.9, 0.1, 0.5, 0.2],
+                        [0.3, 0.8, 0.5, 0.1],
+                        [0.2, 0.1, 0.5, 0.7]])
+    t2i = [0, 0, 1, 2]
+    i2t, t2i_rank = expected_ranks(sim, t2i)
+    assert t2i_rank.tolist() == [1.0, 2.5, 2.0, 1.0]  # caption 1: one image above, tied with one other
+    # image 1: best own caption (2, score 0.5) has caption 1 (0.8) above it; no tie -> rank 2
+    # image 0: its own caption 0 scores highest -> rank 1; image 2: caption 3 highest -> rank 1
+    assert i2t.tolist() == [1.0, 2.0, 1.0]
+    # no ties: the stable ranks + 1
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(6, 12, generator=g)
+    t2i = torch.arange(12) % 6
+    stable_i2t, stable_t2i = retrieval_ranks(sim, t2i)
+    e_i2t, e_t2i = expected_ranks(sim, t2i)
+    assert torch.equal(e_i2t, stable_i2t.double() + 1) and torch.equal(e_t2i, stable_t2i.double() + 1)
+
+
+def test_expected_ranks_do_not_depend_on_order_and_match_the_tie_group_mean():
+    # an image whose two own captions tie with two others: group of 4 holding 2 relevant -> first
+    # relevant at expected position (4 + 1) / 3; brute force over all orders of the group agrees
+    import itertools
+
+    sim = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.1], [0.1, 0.2, 0.3, 0.4, 0.9]])
+    t2i = [0, 0, 1, 1, 1]
+    i2t, _ = expected_ranks(sim, t2i)
+    firsts = [min(p.index(0), p.index(1)) + 1 for p in itertools.permutations(range(4))]
+    assert abs(float(i2t[0]) - sum(firsts) / len(firsts)) < 1e-12
+    perm = torch.tensor([4, 2, 0, 3, 1])
+    i2t_p, t2i_p = expected_ranks(sim[:, perm], torch.tensor(t2i)[perm])
+    assert torch.equal(i2t_p, i2t) and torch.equal(t2i_p, expected_ranks(sim, t2i)[1][perm])

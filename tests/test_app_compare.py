@@ -1,0 +1,70 @@
+"""The Compare tab: per-query ranks of both models, sorting, class filter, CSV export, a selected row."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from harma_app import state as app_state
+from harma_app import tab_compare as compare
+from harma_app import tab_metrics as metrics_tab
+from tests.test_app import tiny_setup
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request is a warning
+T2I, I2T = list(compare.DIRECTIONS)
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    return app_state.AppState(tiny_setup(tmp_path_factory.getbasetemp() / "harma-app")["config"])
+
+
+def test_ranks_agree_with_the_metrics_tab(state):
+    records = compare.query_ranks(state, None, "data", "t2i")
+    split = state.gallery("data").split
+    assert [r["caption"] for r in records] == split.captions and all(r["adapted"] >= 1 for r in records)
+    table, _ = metrics_tab.metrics_table(state, None, "data", progress=None)
+    # a caption query's candidates are distinct images, so its scores do not tie: R@1 is the share at rank 1
+    for row, side in zip(table, ("baseline", "adapted")):
+        r_at_1 = 100 * sum(r[side] == 1 for r in records) / len(records)
+        assert row[4] == pytest.approx(r_at_1, abs=0.01)  # columns: model, i2t R@1/5/10, t2i R@1, ...
+    images = compare.query_ranks(state, None, "data", "i2t")
+    assert [r["image"] for r in images] == [p.name for p in split.images]
+    assert all(len(r["captions"].split(" | ")) == 2 for r in images)
+
+
+def test_sort_filter_and_csv_export(state):
+    table, classes, queries, path, note = compare.compare_view(state, None, "data", T2I, compare.SORTS[0], None,
+                                                               progress=None)
+    rows = table.values.tolist()
+    gains = [row[5] for row in rows]
+    assert gains == sorted(gains, reverse=True) and len(rows) == len(queries) == 48
+    assert "queries: the adapters ranked the right answer higher for" in note
+    with open(path, newline="") as f:
+        exported = list(csv.reader(f))
+    assert exported[0] == compare.HEADERS["t2i"] and len(exported) == 49
+    assert [e[0] for e in exported[1:]] == [row[0] for row in rows]
+    labels = [c for c in classes.choices if c[0] != compare.ALL]
+    assert len(labels) >= 2
+    one = labels[0][0]
+    table, _, queries, _, _ = compare.compare_view(state, None, "data", I2T, compare.SORTS[1], one, progress=None)
+    rows = table.values.tolist()
+    assert rows and all(row[1] == one for row in rows)
+    losses = [row[5] for row in rows]
+    assert losses == sorted(losses)
+    assert list(table.columns) == compare.HEADERS["i2t"]
+
+
+def test_a_selected_row_shows_both_models(state):
+    _, _, queries, _, _ = compare.compare_view(state, None, "data", T2I, compare.SORTS[3], None, progress=None)
+    base, adapted, preview, base_caps, adapted_caps, status = compare.show_row(state, 3, queries, T2I, 5, None, "data",
+                                                                               progress=None)
+    caption = state.gallery("data").split.captions[queries[3]]
+    assert len(base) == len(adapted) == 5 and preview is None and caption[:20] in status
+    _, _, queries, _, _ = compare.compare_view(state, None, "data", I2T, compare.SORTS[3], None, progress=None)
+    base, adapted, preview, base_caps, adapted_caps, status = compare.show_row(state, 0, queries, I2T, 4, None, "data",
+                                                                               progress=None)
+    assert base == [] and preview.endswith(state.gallery("data").split.images[0].name)
+    assert len(base_caps) == len(adapted_caps) == 4 and any(row[3] == "✓" for row in adapted_caps + base_caps)
+    assert "no row 99" in compare.show_row(state, 99, queries, I2T, 4, None, "data", progress=None)[-1]
