@@ -174,7 +174,9 @@ def test_embedding_view_is_cached(setup, state, monkeypatch):
     assert len(calls) == 2  # one projection per model
     assert len(base_fig.data) == len(adapted_fig.data) == 2  # images and captions
     assert len(base_fig.data[0].x) == 24 and base_fig.data[0].hovertext[0].endswith(".png")
-    assert [r[0] for r in rows] == [name for name, _ in space_tab.GAP_ROWS]
+    assert [r[0] for r in rows] == [name for _, name, _ in space_tab.CI_ROWS + space_tab.GAP_ROWS]
+    value, low, high = (float(x) for x in rows[1][2].replace("[", "").replace(",", "").replace("]", "").split())
+    assert low <= value <= high  # relative modality gap of the adapted model, with its interval
     assert "UMAP" in note and "random_state=0" in note
     files = list((setup["base"] / "cache" / "projections").glob("*.json"))
     assert len(files) == 2  # one per model, on disk

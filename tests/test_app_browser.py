@@ -74,7 +74,7 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
             page.get_by_role("tab", name="Embedding space").click()
             for plot in ("#baseline-plot", "#adapted-plot"):  # UMAP: cached on disk after the first time
                 page.locator(f"{plot} .js-plotly-plot").wait_for(timeout=slow)
-            page.get_by_text("centroid_distance").first.wait_for(timeout=30_000)
+            page.get_by_text("Relative modality gap").first.wait_for(timeout=30_000)
             page.screenshot(path=str(out / "screenshot-embedding.png"), full_page=True)
 
             # Compare: the per-caption table fills in; selecting a row shows both models' galleries for it
