@@ -1,4 +1,5 @@
-"""2-D projections of image and caption embeddings (UMAP, cosine), cached on disk.
+"""2-D projections of image and caption embeddings (UMAP, cosine), cached on disk: one model's
+(:func:`embedding_projection`) and two models' in one frame (:func:`aligned_projection`).
 
 umap-learn is imported lazily (about 13 s the first time, numba) and only when a projection is not
 already cached; a projection is keyed by a hash of the exact embedding rows and the settings.
@@ -15,10 +16,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
 from .gap import modality_gap
+from .io import atomic_write_bytes
 
 PROJECTION_VERSION = 1
+ALIGNED, PROCRUSTES = "AlignedUMAP", "Procrustes"
 
 
 def umap_2d(x: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
@@ -83,6 +85,87 @@ def embedding_projection(images: torch.Tensor, captions: Optional[torch.Tensor] 
             and len(images) >= 2 and len(caption_rows) >= 2:
         gap = modality_gap(images, captions[torch.as_tensor(list(caption_rows))], list(text_to_image), seed=seed)
     out = {"xy": [[float(a), float(b)] for a, b in xy], "img_rows": img_rows, "txt_rows": txt_rows, "gap": gap}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(out).encode())
+    return out
+
+
+def _pca_2d(x: np.ndarray) -> np.ndarray:
+    centred = x - x.mean(0)
+    return centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+
+
+def procrustes_onto(moving: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+    """``moving`` (N, 2) rotated/reflected, scaled and shifted to best match ``fixed`` (least squares)."""
+    from scipy.linalg import orthogonal_procrustes
+
+    m0, f0 = moving - moving.mean(0), fixed - fixed.mean(0)
+    rotation, scale = orthogonal_procrustes(m0, f0)
+    return m0 @ rotation * (scale / max(float((m0 ** 2).sum()), 1e-12)) + fixed.mean(0)
+
+
+def aligned_2d(base: np.ndarray, adapted: np.ndarray, seed: int = 0, n_neighbors: int = 15,
+               min_dist: float = 0.1, use_umap: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
+    """Two (N, D) embeddings of the same N items -> two (N, 2) layouts in one frame, and the method.
+
+    umap-learn's ``AlignedUMAP`` (cosine, seeded, each item related to itself) when it is installed,
+    ``use_umap`` and there are at least 16 items; else each model's own layout (UMAP, or PCA when
+    UMAP is unavailable or the set is tiny) with the adapted one Procrustes-aligned onto the baseline.
+    """
+    base, adapted = np.asarray(base, dtype=np.float32), np.asarray(adapted, dtype=np.float32)
+    if use_umap and len(base) >= 16:
+        try:
+            import umap
+        except ImportError:
+            umap = None
+        if umap is not None:
+            reducer = umap.AlignedUMAP(n_neighbors=min(n_neighbors, len(base) - 1), min_dist=min_dist,
+                                       metric="cosine", random_state=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "n_jobs overridden by random_state" and numba notices
+                reducer.fit([base, adapted], relations=[{i: i for i in range(len(base))}])
+            xy_base, xy_adapted = (np.asarray(e) for e in reducer.embeddings_)
+            return xy_base, xy_adapted, ALIGNED
+    xy_base, xy_adapted = _pca_2d(base), _pca_2d(adapted)
+    return xy_base, procrustes_onto(xy_adapted, xy_base), PROCRUSTES
+
+
+def aligned_projection(base: tuple[torch.Tensor, Optional[torch.Tensor]],
+                       adapted: tuple[torch.Tensor, Optional[torch.Tensor]], *, max_points: int = 1000,
+                       cache_dir: Optional[Path] = None, seed: int = 0, use_umap: bool = True) -> dict:
+    """Baseline and adapted (images, distinct captions) embeddings of the same gallery in one 2-D frame.
+
+    The same seeded sample of items (at most ``max_points`` per modality) is drawn for both models,
+    so point ``i`` is the same image or caption in both layouts.
+
+    Returns:
+        ``{"base": [[x, y], ...], "adapted": [...] (images first), "img_rows", "txt_rows", "method"}``.
+    """
+    n_img = len(base[0])
+    img_rows = sample_rows(n_img, max_points, seed)
+    txt_rows = sample_rows(len(base[1]), max_points, seed + 1) if base[1] is not None else []
+
+    def stack(emb: tuple[torch.Tensor, Optional[torch.Tensor]]) -> np.ndarray:
+        parts = [emb[0][img_rows]] + ([emb[1][txt_rows]] if txt_rows else [])
+        return torch.cat(parts).float().numpy()
+
+    xb, xa = stack(base), stack(adapted)
+    path = None
+    if cache_dir is not None:
+        h = hashlib.sha256(xb.tobytes())
+        h.update(xa.tobytes())
+        h.update(json.dumps({"v": PROJECTION_VERSION, "kind": "aligned", "seed": seed, "umap": use_umap,
+                             "img": img_rows, "txt": txt_rows}).encode())
+        path = Path(cache_dir) / "projections" / f"aligned-{h.hexdigest()[:32]}.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                pass
+    xy_b, xy_a, method = aligned_2d(xb, xa, seed, use_umap=use_umap)
+    out = {"base": [[float(a), float(b)] for a, b in xy_b], "adapted": [[float(a), float(b)] for a, b in xy_a],
+           "img_rows": img_rows, "txt_rows": txt_rows, "method": method}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(out).encode())

@@ -1,4 +1,5 @@
-"""The "Embedding space" tab: UMAP plots of both models' embeddings and the modality-gap numbers."""
+"""The "Embedding space" tab: both models' maps in one frame (side by side and animated) and the numbers
+that say how the modality gap and the scene clustering changed."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import torch
 
 from harma.data import image_classes
 from harma.errors import DatasetError
+from harma.gap import modality_gap
 from harma.gap_ci import gap_with_intervals
 from harma.retrieval import Retriever
 
 from .common import USER_ERRORS, AppError, fail, progress_cb
 from .galleries import Gallery
-from .plots import figure, projection
+from .plots import aligned_view, layout_figure, method_note, move_figure
 from .state import AppState
 
 GAP_ROWS = [  # harma.gap.modality_gap keys shown next to the plots: readable name, what it measures
@@ -42,65 +44,81 @@ CI_ROWS = [  # harma.gap_ci keys, shown first, with 95% bootstrap intervals over
 ]
 
 
+def _classes(gallery: Gallery) -> Optional[list[str]]:
+    try:
+        return image_classes(gallery.split)[0]
+    except DatasetError:  # no scene classes (e.g. uploads): coloured by modality, no scene purity
+        return None
+
+
 def gap_rows(app: AppState, key: tuple, gallery: Gallery, retrievers: tuple[Retriever, Retriever],
-             views: list[dict]) -> list:
-    """[measure, baseline, adapted, meaning]: the bootstrap-interval numbers on every embedding of the
-    split (when it has captions; cached under ``key``), then the projection's modality-gap numbers."""
-    rows = []
-    if gallery.pool is not None:
-        try:
-            classes = image_classes(gallery.split)[0]
-        except DatasetError:  # no scene classes (uploads): no scene purity
-            classes = None
+             classes: Optional[list[str]]) -> list:
+    """[measure, baseline, adapted, meaning] on every embedding of the split (cached under ``key``): the
+    bootstrap-interval numbers, then the other modality-gap numbers. Empty without captions."""
+    if gallery.pool is None or gallery.split.num_images < 2 or gallery.split.num_captions < 2:
+        return []
+    order = torch.tensor(gallery.pool.caption_to_text)
+    t2i = gallery.split.text_to_image
 
-        def compute() -> list[dict]:
-            order = torch.tensor(gallery.pool.caption_to_text)
-            return [gap_with_intervals(r.images.embeddings, r.captions.embeddings[order], gallery.split.text_to_image,
-                                       classes) for r in retrievers]
+    def compute() -> tuple[list[dict], list[dict]]:
+        caps = [r.captions.embeddings[order] for r in retrievers]
+        return ([gap_with_intervals(r.images.embeddings, c, t2i, classes) for r, c in zip(retrievers, caps)],
+                [modality_gap(r.images.embeddings, c, t2i) for r, c in zip(retrievers, caps)])
 
-        stats = app.cached(("gap_ci", *key), compute)
-        rows += [[name, str(stats[0][key]), str(stats[1][key]), meaning] for key, name, meaning in CI_ROWS
-                 if key in stats[0]]
-    return rows + [[name, round(views[0]["gap"][key], 4), round(views[1]["gap"][key], 4), meaning]
-                   for key, name, meaning in GAP_ROWS if key in views[0]["gap"]]
+    ci, gap = app.cached(("gap", *key), compute)
+    return ([[name, str(ci[0][k]), str(ci[1][k]), meaning] for k, name, meaning in CI_ROWS if k in ci[0]]
+            + [[name, round(gap[0][k], 4), round(gap[1][k], 4), meaning] for k, name, meaning in GAP_ROWS
+               if k in gap[0]])
 
 
-def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optional[str],
-                   progress: Any = gr.Progress()) -> tuple[Any, Any, list, str]:
-    """UMAP plots (baseline, adapted) and the modality-gap table [metric, baseline, adapted, meaning]."""
+def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optional[str], lines: bool = False,
+                   progress: Any = gr.Progress()) -> tuple[Any, Any, Any, list, str]:
+    """The two models' maps in one frame (side by side, and animated from baseline to adapted) and the
+    numbers table [measure, baseline, adapted, meaning]; ``lines`` joins each caption to its images."""
     try:
         gallery = app.gallery(gallery_key)
         base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress))
-        progress(None, desc="UMAP projection (cached after the first time)")
-        views = app.cached(("view", app.model_key(model_key), gallery_key), lambda: [
-            projection(r, gallery, app.config.umap_points, app.cache_dir) for r in (base, adapted)])
-        figs = [figure(v, r, gallery) for v, r in zip(views, (base, adapted))]
-        rows = gap_rows(app, (app.model_key(model_key), gallery_key), gallery, (base, adapted), views)
-        n_img, n_txt = len(views[0]["img_rows"]), len(views[0]["txt_rows"])
-        note = (f"UMAP (cosine, random_state=0) of {n_img:,} images and {n_txt:,} distinct captions "
-                f"(a seeded sample of at most {app.config.umap_points:,} per modality), fit separately per model. "
-                "The numbers are computed on the original embeddings, not on the 2-D projection, which distorts "
-                "global distances; brackets are 95% bootstrap intervals over images (200 seeded resamples).")
+        if progress is not None:
+            progress(None, desc="2-D layout of both models (cached after the first time)")
+        key = (app.model_key(model_key), gallery_key)
+        view = app.cached(("aligned", *key), lambda: aligned_view((base, adapted), app.config.umap_points,
+                                                                  app.cache_dir))
+        classes = _classes(gallery)
+        figs = [layout_figure(view, "base", gallery, base, classes, bool(lines)),
+                layout_figure(view, "adapted", gallery, adapted, classes, bool(lines)),
+                move_figure(view, gallery, adapted, classes, bool(lines))]
+        rows = gap_rows(app, key, gallery, (base, adapted), classes)
+        n_img, n_txt = len(view["img_rows"]), len(view["txt_rows"])
+        note = (f"{n_img:,} images (circles) and {n_txt:,} distinct captions (crosses), a seeded sample of at most "
+                f"{app.config.umap_points:,} per modality, coloured by "
+                f"{'scene class' if classes else 'modality'}; {method_note(view)}. The numbers are computed on "
+                "the original embeddings, not on the 2-D maps, which distort global distances; brackets are 95% "
+                "bootstrap intervals over images (200 seeded resamples).")
         if not rows:
-            note += " Modality-gap numbers need a gallery with captions."
-        return figs[0], figs[1], rows, note
+            note += " The numbers need a gallery with captions."
+        return figs[0], figs[1], figs[2], rows, note
     except (AppError, *USER_ERRORS) as e:
-        return None, None, [], fail(e)
+        return None, None, None, [], fail(e)
 
 
 def layout() -> dict[str, Any]:
     """The tab's components (call inside ``gr.Tabs``); computed when the tab is opened."""
     with gr.Tab("Embedding space", id="space") as tab:
+        lines = gr.Checkbox(value=False, label="Join each caption to its image (the gap made visible)")
         with gr.Row():
             base_plot = gr.Plot(label="Baseline (zero-shot)", elem_id="baseline-plot")
-            adapted_plot = gr.Plot(label="Adapted (HarMA)", elem_id="adapted-plot")
+            adapted_plot = gr.Plot(label="Adapted", elem_id="adapted-plot")
+        move_plot = gr.Plot(label="Baseline → adapted", elem_id="move-plot")
         gap_table = gr.Dataframe(headers=["measure", "baseline", "adapted", "what it measures"],
                                  label="Modality gap (original embedding space)", wrap=True)
         note = gr.Markdown(elem_classes="harma-note", label="note")
-    return dict(tab=tab, base_plot=base_plot, adapted_plot=adapted_plot, gap_table=gap_table, note=note)
+    return dict(tab=tab, lines=lines, base_plot=base_plot, adapted_plot=adapted_plot, move_plot=move_plot,
+                gap_table=gap_table, note=note)
 
 
 def wire(app: AppState, ui: dict[str, Any], model: gr.Dropdown, gallery_key: gr.State) -> None:
-    """Opening the tab (API ``/embedding_view``)."""
-    ui["tab"].select(partial(embedding_view, app), [model, gallery_key],
-                     [ui["base_plot"], ui["adapted_plot"], ui["gap_table"], ui["note"]], api_name="embedding_view")
+    """Opening the tab (API ``/embedding_view``) or toggling the caption-image lines."""
+    args = dict(fn=partial(embedding_view, app), inputs=[model, gallery_key, ui["lines"]],
+                outputs=[ui["base_plot"], ui["adapted_plot"], ui["move_plot"], ui["gap_table"], ui["note"]])
+    ui["tab"].select(**args, api_name="embedding_view")
+    ui["lines"].input(**args, api_visibility="private")

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
@@ -158,32 +157,43 @@ def test_metrics_equal_evaluate_split(setup, state):
 
 
 def test_embedding_view_is_cached(setup, state, monkeypatch):
-    """Each model's projection is computed once and then served from disk, also after a restart. The
-    projection itself is stubbed (a PCA): this tests the caching, tests/test_projection.py the UMAP."""
+    """Both models' maps come from one layout, computed once and then served from disk, also after a
+    restart. The layout is the Procrustes path (fast): this tests the caching and the figures,
+    tests/test_projection.py the layouts themselves."""
     import harma.projection
 
     calls = []
+    real = harma.projection.aligned_2d
 
-    def pca_2d(x, seed=0, **_):
-        calls.append(len(x))
-        centred = x - x.mean(0)
-        return centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+    def procrustes(base, adapted, seed=0, **_):
+        calls.append(len(base))
+        return real(base, adapted, seed, use_umap=False)
 
-    monkeypatch.setattr(harma.projection, "umap_2d", pca_2d)
-    base_fig, adapted_fig, rows, note = space_tab.embedding_view(state, None, "data")
-    assert len(calls) == 2  # one projection per model
-    assert len(base_fig.data) == len(adapted_fig.data) == 2  # images and captions
-    assert len(base_fig.data[0].x) == 24 and base_fig.data[0].hovertext[0].endswith(".png")
+    monkeypatch.setattr(harma.projection, "aligned_2d", procrustes)
+    base_fig, adapted_fig, move_fig, rows, note = space_tab.embedding_view(state, None, "data")
+    assert calls == [24 + 41]  # one layout for both models: 24 images and 41 distinct captions
+    # coloured by scene class: per class an image trace and a caption trace, the same items in both maps
+    images = [t for t in base_fig.data if t.marker.symbol == "circle"]
+    assert sum(len(t.x) for t in images) == 24 and len(images) == len(set(state.gallery("data").split.labels))
+    assert images[0].hovertext[0].split(" (")[0].endswith(".png")
+    assert [t.name for t in base_fig.data] == [t.name for t in adapted_fig.data]
+    assert base_fig.layout.xaxis.range == adapted_fig.layout.xaxis.range  # shared axes
+    # the animation starts at the baseline map and ends at the adapted one
+    assert len(move_fig.frames) == 5 and list(move_fig.frames[0].data[0].x) == list(base_fig.data[0].x)
+    assert list(move_fig.frames[-1].data[0].x) == pytest.approx(list(adapted_fig.data[0].x))
     assert [r[0] for r in rows] == [name for _, name, _ in space_tab.CI_ROWS + space_tab.GAP_ROWS]
     value, low, high = (float(x) for x in rows[1][2].replace("[", "").replace(",", "").replace("]", "").split())
     assert low <= value <= high  # relative modality gap of the adapted model, with its interval
-    assert "UMAP" in note and "random_state=0" in note
-    files = list((setup["base"] / "cache" / "projections").glob("*.json"))
-    assert len(files) == 2  # one per model, on disk
-    fresh = app_state.AppState(setup["config"])  # a restarted app: served from disk, no projection
+    assert "Procrustes" in note and "scene class" in note
+    lined = space_tab.embedding_view(state, None, "data", lines=True)[0]
+    # one segment per (distinct caption, image it describes) pair: the split's 48 captions
+    assert lined.data[0].mode == "lines" and lined.data[0].x.count(None) == 48
+    files = list((setup["base"] / "cache" / "projections").glob("aligned-*.json"))
+    assert len(files) == 1
+    fresh = app_state.AppState(setup["config"])  # a restarted app: served from disk, no new layout
     again = space_tab.embedding_view(fresh, None, "data")
-    assert len(calls) == 2
-    assert list(again[0].data[0].x) == list(base_fig.data[0].x) and again[2] == rows
+    assert len(calls) == 1
+    assert list(again[0].data[0].x) == list(base_fig.data[0].x) and again[3] == rows
 
 
 def test_bad_inputs_give_messages(setup, state, tmp_path, monkeypatch):

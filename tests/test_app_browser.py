@@ -72,7 +72,7 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
             page.screenshot(path=str(out / "screenshot.png"), full_page=True)
 
             page.get_by_role("tab", name="Embedding space").click()
-            for plot in ("#baseline-plot", "#adapted-plot"):  # UMAP: cached on disk after the first time
+            for plot in ("#baseline-plot", "#adapted-plot", "#move-plot"):  # UMAP: cached on disk after the first time
                 page.locator(f"{plot} .js-plotly-plot").wait_for(timeout=slow)
             page.get_by_text("Relative modality gap").first.wait_for(timeout=30_000)
             page.screenshot(path=str(out / "screenshot-embedding.png"), full_page=True)
