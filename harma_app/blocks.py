@@ -50,7 +50,40 @@ def build_demo(config: Optional[AppConfig] = None,
         tab_metrics.wire(app, metrics, top["model"], top["gallery_key"])
         tab_compare.wire(app, compare, common, top["status"], fast)
         controls.wire(app, demo, top, i2t["picker"])
+        _follow_the_model(app, demo, top, dict(t2i=t2i, i2t=i2t, space=space, metrics=metrics, compare=compare))
     return demo
+
+
+def _follow_the_model(app: AppState, demo: gr.Blocks, top: dict, tabs: dict[str, dict]) -> None:
+    """Every view follows the model picker: the adapted side's labels name the method, the open tab is
+    recomputed for the new model, and the other computed tabs are cleared (they recompute when opened)."""
+    current = gr.State("t2i")
+    for name, ui in tabs.items():
+        ui["tab"].select(lambda name=name: name, None, current, api_visibility="private", queue=False)
+    space, metrics, compare = tabs["space"], tabs["metrics"], tabs["compare"]
+    labelled = [tabs["t2i"]["adapted_gallery"], tabs["i2t"]["adapted_caps"], space["adapted_plot"],
+                compare["adapted_gallery"], compare["adapted_caps"]]
+    space_out = [space["base_plot"], space["adapted_plot"], space["move_plot"], space["gap_table"], space["note"]]
+    metrics_out = [metrics["table"], metrics["note"]]
+    compare_out = [compare["table"], compare["cls"], compare["queries"], compare["export"], compare["note"]]
+    reopen = "Open this tab again to compute it for the selected model."
+
+    def follow(tab, model_key, gallery_key, lines, direction, sort, cls, progress=gr.Progress()):
+        label = app.adapted_label(model_key)
+        labels = [gr.update(label=label) for _ in labelled]
+        space_v = (tab_embedding_space.embedding_view(app, model_key, gallery_key, lines, progress) if tab == "space"
+                   else (None, None, None, [], reopen))
+        metrics_v = (tab_metrics.metrics_table(app, model_key, gallery_key, progress) if tab == "metrics"
+                     else ([], reopen))
+        compare_v = (tab_compare.compare_view(app, model_key, gallery_key, direction, sort, cls, progress)
+                     if tab == "compare" else (None, gr.update(), [], None, reopen))
+        return [*labels, *space_v, *metrics_v, *compare_v]
+
+    demo.load(lambda model_key: [gr.update(label=app.adapted_label(model_key)) for _ in labelled], top["model"],
+              labelled, api_visibility="private", queue=False)
+    top["model"].change(follow, [current, top["model"], top["gallery_key"], space["lines"], compare["direction"],
+                                 compare["sort"], compare["cls"]],
+                        [*labelled, *space_out, *metrics_out, *compare_out], api_visibility="private")
 
 
 def served_folders(app: AppState) -> list[str]:

@@ -57,8 +57,13 @@ def fail(e: BaseException) -> str:
     msg = str(e) if isinstance(e, AppError) else one_line(e)
     log.warning("%s", msg)
     msg = file_names_only(msg)
-    gr.Warning(msg)
+    gr.Warning(plain_text(msg))  # a toast shows Markdown as typed
     return f"⚠️ {msg}"
+
+
+def plain_text(markdown: str) -> str:
+    """Markdown emphasis and code marks removed, for places that show text as typed (toasts)."""
+    return re.sub(r"\*\*(.+?)\*\*|`([^`]*)`", lambda m: m.group(1) or m.group(2), markdown)
 
 
 def clamp_k(k: Any) -> int:

@@ -10,7 +10,17 @@ import gradio as gr
 
 from harma.errors import one_line
 
-from .common import DEFAULT_PRESET, HOW_TO_DATA, MAX_K, USER_ERRORS, AppError, fail, file_names_only, progress_cb
+from .common import (
+    DEFAULT_PRESET,
+    HOW_TO_DATA,
+    MAX_K,
+    USER_ERRORS,
+    AppError,
+    fail,
+    file_names_only,
+    plain_text,
+    progress_cb,
+)
 from .state import AppState
 from .tab_image_to_text import picker_items
 
@@ -42,7 +52,7 @@ def use_uploads(app: AppState, files: Optional[list], model_key: Optional[str], 
         msg = f"Gallery: {gallery.name}."
         if skipped:
             msg += " Skipped (not readable images): " + "; ".join(skipped)
-            gr.Warning(msg)
+            gr.Warning(plain_text(msg))
         if app.model_problem(model_key) is None:
             app.retrievers(model_key, key, progress_cb(progress))
         return key, status_text(app, model_key, key) + "\n\n" + msg, picker_items(app, key)

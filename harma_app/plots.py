@@ -85,8 +85,9 @@ def _frame_layout(view: dict, title: Optional[str]) -> dict:
     xs = [p[0] for p in view["base"] + view["adapted"]]
     ys = [p[1] for p in view["base"] + view["adapted"]]
     pad_x, pad_y = 0.05 * (max(xs) - min(xs) or 1), 0.05 * (max(ys) - min(ys) or 1)
-    return dict(title=dict(text=title, font=dict(size=13)) if title else None, height=460, margin=dict(l=10, r=10, t=40, b=10),
-                template="plotly_white", legend=dict(font=dict(size=10), itemsizing="constant"),
+    return dict(title=dict(text=title, font=dict(size=13)) if title else None, height=460,
+                margin=dict(l=10, r=10, t=40, b=10), template="plotly_white",
+                legend=dict(font=dict(size=10), itemsizing="constant"),
                 xaxis=dict(range=[min(xs) - pad_x, max(xs) + pad_x], showticklabels=False, title=None),
                 yaxis=dict(range=[min(ys) - pad_y, max(ys) + pad_y], showticklabels=False, title=None))
 

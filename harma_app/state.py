@@ -95,6 +95,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
 
 
 # -- model sources -------------------------------------------------------------------------------
+METHOD_NAMES = {"harma": "HarMA", "mrs": "MRS-Adapter", "full": "full fine-tuning"}
 HOW = {"download": "run the app with `--allow-download` (network access) to fetch them",
        "adapters": "train some (docs/cli.md) and start with `--checkpoint DIR`"}
 
@@ -175,6 +176,15 @@ class AppState:
         if f"preset:{key}" in self.sources:
             return f"preset:{key}"
         raise AppError(f"unknown model {key!r}; choose one of: {', '.join(self.sources)}")
+
+    def adapted_label(self, key: Optional[str]) -> str:
+        """"Adapted (<method>)" for the model ``key`` (read from its adapter config; no model is loaded)."""
+        try:
+            source = self.sources[self.model_key(key)]
+            method = read_adapter_config(source.adapters)["method"] if source.adapters else None
+        except (AppError, *USER_ERRORS):
+            method = None
+        return f"Adapted ({METHOD_NAMES[method]})" if method in METHOD_NAMES else "Adapted"
 
     def model_problem(self, key: Optional[str]) -> Optional[str]:
         return self.sources[self.model_key(key)].problem

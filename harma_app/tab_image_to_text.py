@@ -91,7 +91,7 @@ def picker_items(app: AppState, gallery_key: Optional[str]) -> list[tuple[Any, s
 
 def layout() -> dict[str, Any]:
     """The tab's components (call inside ``gr.Tabs``)."""
-    with gr.Tab("Image → text", id="i2t"):
+    with gr.Tab("Image → text", id="i2t") as tab:
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(file_types=["image"], label="Query image (upload)", type="filepath")
@@ -102,9 +102,9 @@ def layout() -> dict[str, Any]:
         with gr.Row():
             base_caps = gr.Dataframe(headers=headers, label="Baseline (zero-shot)", wrap=True,
                                      column_widths=["10%", "15%", "67%", "8%"])
-            adapted_caps = gr.Dataframe(headers=headers, label="Adapted (HarMA)", wrap=True,
+            adapted_caps = gr.Dataframe(headers=headers, label="Adapted", wrap=True,
                                         column_widths=["10%", "15%", "67%", "8%"])
-    return dict(upload=upload, preview=preview, picker=picker, base_caps=base_caps, adapted_caps=adapted_caps)
+    return dict(tab=tab, upload=upload, preview=preview, picker=picker, base_caps=base_caps, adapted_caps=adapted_caps)
 
 
 def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, fast: dict) -> None:

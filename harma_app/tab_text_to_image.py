@@ -63,17 +63,18 @@ def search_text(app: AppState, query: Optional[str], k: Any, model_key: Optional
 
 def layout() -> dict[str, Any]:
     """The tab's components (call inside ``gr.Tabs``)."""
-    with gr.Tab("Text → image", id="t2i"):
+    with gr.Tab("Text → image", id="t2i") as tab:
         with gr.Row():
             query = gr.Textbox(label="Query", placeholder="many planes parked at an airport",
                                max_length=MAX_QUERY_CHARS, scale=4, elem_id="query")
             search = gr.Button("Search", variant="primary", scale=1, elem_id="search")
-        gr.Examples([[q] for q in load_examples()], inputs=[query], label="Example queries")
+        examples = gr.Examples([[q] for q in load_examples()], inputs=[query], label="Example queries")
         gr.Markdown(MATCH_NOTE, elem_classes="harma-note")
         with gr.Row():
             base_gallery = gr.Gallery(label="Baseline (zero-shot)", columns=4, elem_id="baseline-gallery")
-            adapted_gallery = gr.Gallery(label="Adapted (HarMA)", columns=4, elem_id="adapted-gallery")
-    return dict(query=query, search=search, base_gallery=base_gallery, adapted_gallery=adapted_gallery)
+            adapted_gallery = gr.Gallery(label="Adapted", columns=4, elem_id="adapted-gallery")
+    return dict(tab=tab, query=query, search=search, examples=examples, base_gallery=base_gallery,
+                adapted_gallery=adapted_gallery)
 
 
 def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, fast: dict) -> None:
@@ -82,3 +83,4 @@ def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, f
                outputs=[ui["base_gallery"], ui["adapted_gallery"], status], **fast)
     ui["search"].click(**t2i, api_name="search_text")
     ui["query"].submit(**t2i, api_visibility="private")
+    ui["examples"].load_input_event.then(**t2i, api_visibility="private")  # clicking an example runs it

@@ -156,7 +156,7 @@ def test_metrics_equal_evaluate_split(setup, state):
         assert row[1:] == [round(ref[k], 2) for k in metrics_tab.METRIC_KEYS]
 
 
-def test_embedding_view_is_cached(setup, state, monkeypatch):
+def test_embedding_view_is_cached(setup, monkeypatch, tmp_path):
     """Both models' maps come from one layout, computed once and then served from disk, also after a
     restart. The layout is the Procrustes path (fast): this tests the caching and the figures,
     tests/test_projection.py the layouts themselves."""
@@ -170,6 +170,8 @@ def test_embedding_view_is_cached(setup, state, monkeypatch):
         return real(base, adapted, seed, use_umap=False)
 
     monkeypatch.setattr(harma.projection, "aligned_2d", procrustes)
+    config = dataclasses.replace(setup["config"], cache_dir=str(tmp_path / "cache"))  # nothing cached yet
+    state = app_state.AppState(config)
     base_fig, adapted_fig, move_fig, rows, note = space_tab.embedding_view(state, None, "data")
     assert calls == [24 + 41]  # one layout for both models: 24 images and 41 distinct captions
     # coloured by scene class: per class an image trace and a caption trace, the same items in both maps
@@ -188,9 +190,9 @@ def test_embedding_view_is_cached(setup, state, monkeypatch):
     lined = space_tab.embedding_view(state, None, "data", lines=True)[0]
     # one segment per (distinct caption, image it describes) pair: the split's 48 captions
     assert lined.data[0].mode == "lines" and lined.data[0].x.count(None) == 48
-    files = list((setup["base"] / "cache" / "projections").glob("aligned-*.json"))
+    files = list((tmp_path / "cache" / "projections").glob("aligned-*.json"))
     assert len(files) == 1
-    fresh = app_state.AppState(setup["config"])  # a restarted app: served from disk, no new layout
+    fresh = app_state.AppState(config)  # a restarted app: served from disk, no new layout
     again = space_tab.embedding_view(fresh, None, "data")
     assert len(calls) == 1
     assert list(again[0].data[0].x) == list(base_fig.data[0].x) and again[3] == rows

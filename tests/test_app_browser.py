@@ -16,6 +16,7 @@ import pytest
 import harma_app as app
 from benchmarks.browser import CHROMIUM, launch
 from harma_app.common import ASSETS
+from harma_app.tab_text_to_image import load_examples
 from tests.test_app import tiny_setup
 from tests.test_app_api import free_port
 
@@ -62,6 +63,12 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
             box.wait_for(timeout=60_000)  # the SPA has hydrated
             page.locator("input[type=number]").first.fill(str(K))
             page.locator("input[type=number]").first.press("Enter")
+            # clicking an example runs it: the query box fills and both galleries answer
+            example = load_examples()[0]
+            page.get_by_text(example, exact=True).first.click()
+            page.locator("#adapted-gallery img").nth(K - 1).wait_for(timeout=slow)
+            assert box.input_value() == example and example in page.locator("#status").inner_text()
+            assert page.get_by_text("Adapted (HarMA)").first.is_visible()  # set on load from the model's method
             box.fill(QUERY)
             page.locator("#search").click()
             for gallery in ("#baseline-gallery", "#adapted-gallery"):

@@ -68,3 +68,10 @@ def test_a_selected_row_shows_both_models(state):
     assert base == [] and preview.endswith(state.gallery("data").split.images[0].name)
     assert len(base_caps) == len(adapted_caps) == 4 and any(row[3] == "✓" for row in adapted_caps + base_caps)
     assert "no row 99" in compare.show_row(state, 99, queries, I2T, 4, None, "data", progress=None)[-1]
+
+
+def test_views_follow_the_model_and_toasts_are_plain(state):
+    from harma_app.common import plain_text
+
+    assert state.adapted_label(None) == "Adapted (HarMA)"  # the tiny adapters are HarMA's
+    assert plain_text("Open **Gallery source** or pass `--data DIR`") == "Open Gallery source or pass --data DIR"
