@@ -31,6 +31,7 @@ SECTIONS: dict[str, Callable[..., list[dict]]] = {
     "search": sections.search,
     "umap": sections.umap_time,
     "app": sections.app_start,
+    "demo": sections.demo_start,
 }
 
 

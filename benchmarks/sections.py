@@ -10,6 +10,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -217,9 +218,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_app(data: str, cache: Path, port: int) -> subprocess.Popen:
+def _start_app(data: Optional[str], cache: Path, port: int) -> subprocess.Popen:
+    """``python app.py`` on ``data``'s train split, or with no dataset (the bundled demo gallery)."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HARMA_CACHE": str(cache)}
-    return subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--data", data, "--split", "train",
+    gallery = ["--data", data, "--split", "train"] if data else []
+    return subprocess.Popen([sys.executable, str(ROOT / "app.py"), *gallery,
                              "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -352,7 +355,7 @@ def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[di
                 first = time.perf_counter() - t0
                 if not tiles_base or not tiles_adapted:
                     raise Skip(f"the app answered without results: {status}")
-                t_view = _time(lambda: _api(http, base, "embedding_view", [None]), torch.device("cpu"))
+                t_view = _time(lambda: _api(http, base, "embedding_view", [None, False]), torch.device("cpu"))
                 lat = [_time(lambda i=i: _api(http, base, "search_text", [_query(i), 8, None]),
                              torch.device("cpu")) for i in range(20)]
             parallel = _parallel_queries(base, 20, proc.pid)
@@ -368,3 +371,35 @@ def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[di
             proc.terminate()
             proc.wait(30)
     return rows
+
+
+def demo_start(device: torch.device, quick: bool, **_: Any) -> list[dict]:
+    """``python app.py`` with no arguments, as a fresh clone or a Space starts it: the bundled demo
+    gallery, nothing cached. Seconds from the process start to the first answer, then the Embedding
+    space tab opened the first time (its maps are shipped in assets/demo/precomputed/)."""
+    import httpx
+
+    if quick:
+        raise Skip("not in --quick (starts the real app)")
+    if not (ROOT / "assets" / "demo" / "test.csv").is_file():
+        raise Skip("the bundled demo gallery is missing (python -m training.build_demo)")
+    with tempfile.TemporaryDirectory() as cache:
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        proc = _start_app(None, Path(cache), port)
+        try:
+            _wait_up(proc, port)
+            up = time.perf_counter() - t0
+            with httpx.Client(timeout=600) as http:
+                tiles, _, status = _api(http, base, "search_text", [QUERY, 8, None])
+                first = time.perf_counter() - t0
+                if not tiles:
+                    raise Skip(f"the app answered without results: {status}")
+                t1 = time.perf_counter()
+                _api(http, base, "embedding_view", [None, False])
+                view = time.perf_counter() - t1
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return [{"server up s": up, "first answer s": first, "embedding tab s": view}]

@@ -19,6 +19,7 @@ log = logging.getLogger("harma.app")
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (or the Space): app.py, assets/, checkpoints/
 ASSETS = ROOT / "assets"
 DEMO = ASSETS / "demo"  # the bundled gallery (UCM test split; python -m training.build_demo)
+PRECOMPUTED = DEMO / "precomputed"  # maps shipped for the default model on it (python -m harma_app.precompute)
 DEFAULT_PRESET = "rs-minilm-harma"
 MAX_QUERY_CHARS = 300
 MAX_K = 50

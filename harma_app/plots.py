@@ -5,11 +5,14 @@ plotly is imported when a figure is drawn, not with the app."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
+from harma.io import file_sha256
 from harma.projection import ALIGNED, aligned_projection
-from harma.retrieval import Retriever
+from harma.retrieval import Retriever, model_identity
 
 from .galleries import Gallery
 
@@ -20,8 +23,28 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 STEPS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the animated figure's frames, baseline (0) to adapted (1)
 
 
-def aligned_view(retrievers: tuple[Retriever, Retriever], max_points: int, cache_dir: Path, seed: int = 0) -> dict:
-    """Both models' layouts of the same seeded sample of images and distinct captions, in one frame."""
+def layout_key(retrievers: tuple[Retriever, Retriever], gallery: Gallery, max_points: int, seed: int = 0) -> str:
+    """What a map depends on, independent of the machine: both models' identities (weights by sha256),
+    the gallery's image bytes and captions, and the sampling settings. Names a precomputed map."""
+    models = [r.identity or model_identity(r.model) for r in retrievers]
+    h = hashlib.sha256(json.dumps({"v": 1, "models": models, "points": max_points, "seed": seed}, sort_keys=True,
+                                  default=str).encode())
+    for path in gallery.images:
+        h.update(file_sha256(path).encode())
+    for caption in (gallery.pool.texts if gallery.pool else []):
+        h.update(caption.encode() + b"\x00")
+    return h.hexdigest()[:32]
+
+
+def aligned_view(retrievers: tuple[Retriever, Retriever], gallery: Gallery, max_points: int, cache_dir: Path,
+                 precomputed: Optional[Path] = None, seed: int = 0) -> dict:
+    """Both models' layouts of the same seeded sample of images and distinct captions, in one frame: a
+    map shipped in ``precomputed`` for exactly these models and this gallery, else computed (and cached)."""
+    if precomputed is not None and precomputed.is_dir():
+        path = precomputed / f"aligned-{layout_key(retrievers, gallery, max_points, seed)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+
     def parts(r: Retriever):
         return r.images.embeddings, (r.captions.embeddings if r.captions is not None else None)
 

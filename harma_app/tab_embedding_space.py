@@ -15,7 +15,7 @@ from harma.gap import modality_gap
 from harma.gap_ci import gap_with_intervals
 from harma.retrieval import Retriever
 
-from .common import USER_ERRORS, AppError, fail, progress_cb
+from .common import PRECOMPUTED, USER_ERRORS, AppError, fail, progress_cb
 from .galleries import Gallery
 from .plots import aligned_view, layout_figure, method_note, move_figure
 from .state import AppState
@@ -81,8 +81,8 @@ def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optiona
         if progress is not None:
             progress(None, desc="2-D layout of both models (cached after the first time)")
         key = (app.model_key(model_key), gallery_key)
-        view = app.cached(("aligned", *key), lambda: aligned_view((base, adapted), app.config.umap_points,
-                                                                  app.cache_dir))
+        view = app.cached(("aligned", *key), lambda: aligned_view((base, adapted), gallery, app.config.umap_points,
+                                                                  app.cache_dir, PRECOMPUTED))
         classes = _classes(gallery)
         figs = [layout_figure(view, "base", gallery, base, classes, bool(lines)),
                 layout_figure(view, "adapted", gallery, adapted, classes, bool(lines)),

@@ -75,3 +75,29 @@ def test_views_follow_the_model_and_toasts_are_plain(state):
 
     assert state.adapted_label(None) == "Adapted (HarMA)"  # the tiny adapters are HarMA's
     assert plain_text("Open **Gallery source** or pass `--data DIR`") == "Open Gallery source or pass --data DIR"
+
+
+def test_a_shipped_map_is_used_only_for_its_models_and_gallery(state, tmp_path, monkeypatch):
+    import json
+
+    import harma.projection
+    from harma_app import plots
+    from harma_app import tab_embedding_space as space_tab
+
+    gallery, retrievers = state.gallery("data"), state.retrievers(None, "data")
+    fake = plots.aligned_view(retrievers, gallery, 1000, tmp_path / "cache")  # the real one, then marked
+    fake["base"][0] = [123.0, 456.0]
+    key = plots.layout_key(retrievers, gallery, 1000)
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / f"aligned-{key}.json").write_text(json.dumps(fake))
+    monkeypatch.setattr(harma.projection, "aligned_2d", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fit")))
+    assert plots.aligned_view(retrievers, gallery, 1000, tmp_path / "none", tmp_path / "shipped") == fake
+    monkeypatch.setattr(space_tab, "PRECOMPUTED", tmp_path / "shipped")
+    state._results.clear()
+    base_fig = space_tab.embedding_view(state, None, "data")[0]
+    assert 123.0 in [x for t in base_fig.data for x in t.x]
+    # another sample size (or other weights, or other images) is another key: not the shipped map
+    assert plots.layout_key(retrievers, gallery, 999) != key
+    assert plots.layout_key(retrievers[::-1], gallery, 1000) != key
+    with pytest.raises(AssertionError, match="fit"):
+        plots.aligned_view(retrievers, gallery, 999, tmp_path / "none", tmp_path / "shipped")

@@ -76,6 +76,7 @@ class Retriever:
         self.captions = captions
         self.clean_queries = clean_queries
         self.from_cache: dict[str, bool] = {}
+        self.identity: Optional[dict] = None  # what the embeddings depend on (model_identity), set by build
         self._pending: list[dict] = []  # text queries waiting for the model (see encode_text)
         self._pending_lock = threading.Lock()
 
@@ -133,6 +134,7 @@ class Retriever:
                                                                 "texts": texts_fingerprint(texts)}, build_captions)
         retriever = cls(model, preprocess, tokenizer, images, out_captions, clean_queries=opts.clean_queries)
         retriever.from_cache = {"images": hit_i} if hit_c is None else {"images": hit_i, "captions": hit_c}
+        retriever.identity = ident
         return retriever
 
     # -- encoding one query ----------------------------------------------------------------------
