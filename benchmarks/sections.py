@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -330,7 +331,6 @@ def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[di
     (warm embedding cache), text query latency through the HTTP API and gradio_client, 20 queries
     sent at once (p50/p99, errors, the app's memory), click-to-images in headless Chromium (when
     /usr/bin/chromium exists), embedding tab from cache."""
-    import httpx
     from gradio_client import Client
 
     if quick:
@@ -343,21 +343,10 @@ def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[di
     shutil.rmtree(cache, ignore_errors=True)  # the first run fills it from nothing
     rows = []
     for run in ("fill cache", "warm cache"):
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        t0 = time.perf_counter()
-        proc = _start_app(data, cache, port)
-        try:
-            _wait_up(proc, port)
-            up = time.perf_counter() - t0
-            with httpx.Client(timeout=600) as http:
-                tiles_base, tiles_adapted, status = _api(http, base, "search_text", [QUERY, 8, None])
-                first = time.perf_counter() - t0
-                if not tiles_base or not tiles_adapted:
-                    raise Skip(f"the app answered without results: {status}")
-                t_view = _time(lambda: _api(http, base, "embedding_view", [None, False]), torch.device("cpu"))
-                lat = [_time(lambda i=i: _api(http, base, "search_text", [_query(i), 8, None]),
-                             torch.device("cpu")) for i in range(20)]
+        with _started_app(data, cache) as (proc, base, up, first, http):
+            t_view = _time(lambda: _api(http, base, "embedding_view", [None, False]), torch.device("cpu"))
+            lat = [_time(lambda i=i: _api(http, base, "search_text", [_query(i), 8, None]),
+                         torch.device("cpu")) for i in range(20)]
             parallel = _parallel_queries(base, 20, proc.pid)
             client = Client(base + "/", verbose=False, download_files=False)
             lat_client = [_time(lambda i=i: client.predict(_query(i), 8, api_name="/search_text"),
@@ -367,39 +356,44 @@ def app_start(device: torch.device, quick: bool, data: str, **_: Any) -> list[di
             if CHROMIUM.is_file():
                 row["browser p50 ms"] = _pct(_browser_latency(base + "/", 10), 0.5)
             rows.append({**row, "embedding tab s": t_view})
-        finally:
-            proc.terminate()
-            proc.wait(30)
     return rows
+
+
+@contextlib.contextmanager
+def _started_app(data: Optional[str], cache: Path):
+    """``python app.py`` started and asked one text query: yields (process, base URL, seconds until the
+    server is up, seconds until the first answer, an HTTP client); the process is stopped after."""
+    import httpx
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    proc = _start_app(data, cache, port)
+    try:
+        _wait_up(proc, port)
+        up = time.perf_counter() - t0
+        with httpx.Client(timeout=600) as http:
+            tiles_base, tiles_adapted, status = _api(http, base, "search_text", [QUERY, 8, None])
+            first = time.perf_counter() - t0
+            if not tiles_base or not tiles_adapted:
+                raise Skip(f"the app answered without results: {status}")
+            yield proc, base, up, first, http
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def demo_start(device: torch.device, quick: bool, **_: Any) -> list[dict]:
     """``python app.py`` with no arguments, as a fresh clone or a Space starts it: the bundled demo
     gallery, nothing cached. Seconds from the process start to the first answer, then the Embedding
     space tab opened the first time (its maps are shipped in assets/demo/precomputed/)."""
-    import httpx
 
     if quick:
         raise Skip("not in --quick (starts the real app)")
     if not (ROOT / "assets" / "demo" / "test.csv").is_file():
         raise Skip("the bundled demo gallery is missing (python -m training.build_demo)")
-    with tempfile.TemporaryDirectory() as cache:
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        t0 = time.perf_counter()
-        proc = _start_app(None, Path(cache), port)
-        try:
-            _wait_up(proc, port)
-            up = time.perf_counter() - t0
-            with httpx.Client(timeout=600) as http:
-                tiles, _, status = _api(http, base, "search_text", [QUERY, 8, None])
-                first = time.perf_counter() - t0
-                if not tiles:
-                    raise Skip(f"the app answered without results: {status}")
-                t1 = time.perf_counter()
-                _api(http, base, "embedding_view", [None, False])
-                view = time.perf_counter() - t1
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    with tempfile.TemporaryDirectory() as cache, _started_app(None, Path(cache)) as (_, base, up, first, http):
+        t1 = time.perf_counter()
+        _api(http, base, "embedding_view", [None, False])
+        view = time.perf_counter() - t1
     return [{"server up s": up, "first answer s": first, "embedding tab s": view}]

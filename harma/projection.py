@@ -47,6 +47,33 @@ def sample_rows(n: int, m: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].tolist())
 
 
+def _cache_path(cache_dir: Optional[Path], prefix: str, arrays: list[np.ndarray], settings: dict) -> Optional[Path]:
+    """``<cache_dir>/projections/<prefix><hash>.json``, the hash over the exact rows and the settings."""
+    if cache_dir is None:
+        return None
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(a.tobytes())
+    h.update(json.dumps(settings).encode())
+    return Path(cache_dir) / "projections" / f"{prefix}{h.hexdigest()[:32]}.json"
+
+
+def _read_cached(path: Optional[Path]) -> Optional[dict]:
+    if path is not None and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # an unreadable entry is recomputed
+            pass
+    return None
+
+
+def _write_cached(path: Optional[Path], out: dict) -> dict:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(out).encode())
+    return out
+
+
 def embedding_projection(images: torch.Tensor, captions: Optional[torch.Tensor] = None, *,
                          caption_rows: Optional[Sequence[int]] = None,
                          text_to_image: Optional[Sequence[int]] = None, max_points: int = 1000,
@@ -67,28 +94,19 @@ def embedding_projection(images: torch.Tensor, captions: Optional[torch.Tensor] 
     img_rows = sample_rows(len(images), max_points, seed)
     txt_rows = sample_rows(len(captions), max_points, seed + 1) if captions is not None else []
     x = torch.cat([images[img_rows]] + ([captions[txt_rows]] if txt_rows else [])).float().numpy()
-    path = None
-    if cache_dir is not None:
-        h = hashlib.sha256(x.tobytes())
-        h.update(json.dumps({"v": PROJECTION_VERSION, "seed": seed, "img": img_rows, "txt": txt_rows,
-                             "caption_rows": list(caption_rows) if caption_rows is not None else None,
-                             "text_to_image": list(text_to_image) if text_to_image is not None else None}).encode())
-        path = Path(cache_dir) / "projections" / f"{h.hexdigest()[:32]}.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                pass
+    settings = {"v": PROJECTION_VERSION, "seed": seed, "img": img_rows, "txt": txt_rows,
+                "caption_rows": list(caption_rows) if caption_rows is not None else None,
+                "text_to_image": list(text_to_image) if text_to_image is not None else None}
+    path = _cache_path(cache_dir, "", [x], settings)
+    if (hit := _read_cached(path)) is not None:
+        return hit
     xy = umap_2d(x, seed)
     gap = {}
     if captions is not None and caption_rows is not None and text_to_image is not None \
             and len(images) >= 2 and len(caption_rows) >= 2:
         gap = modality_gap(images, captions[torch.as_tensor(list(caption_rows))], list(text_to_image), seed=seed)
     out = {"xy": [[float(a), float(b)] for a, b in xy], "img_rows": img_rows, "txt_rows": txt_rows, "gap": gap}
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(out).encode())
-    return out
+    return _write_cached(path, out)
 
 
 def _pca_2d(x: np.ndarray) -> np.ndarray:
@@ -151,22 +169,12 @@ def aligned_projection(base: tuple[torch.Tensor, Optional[torch.Tensor]],
         return torch.cat(parts).float().numpy()
 
     xb, xa = stack(base), stack(adapted)
-    path = None
-    if cache_dir is not None:
-        h = hashlib.sha256(xb.tobytes())
-        h.update(xa.tobytes())
-        h.update(json.dumps({"v": PROJECTION_VERSION, "kind": "aligned", "seed": seed, "umap": use_umap,
-                             "img": img_rows, "txt": txt_rows}).encode())
-        path = Path(cache_dir) / "projections" / f"aligned-{h.hexdigest()[:32]}.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                pass
+    settings = {"v": PROJECTION_VERSION, "kind": "aligned", "seed": seed, "umap": use_umap, "img": img_rows,
+                "txt": txt_rows}
+    path = _cache_path(cache_dir, "aligned-", [xb, xa], settings)
+    if (hit := _read_cached(path)) is not None:
+        return hit
     xy_b, xy_a, method = aligned_2d(xb, xa, seed, use_umap=use_umap)
     out = {"base": [[float(a), float(b)] for a, b in xy_b], "adapted": [[float(a), float(b)] for a, b in xy_a],
            "img_rows": img_rows, "txt_rows": txt_rows, "method": method}
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(out).encode())
-    return out
+    return _write_cached(path, out)
