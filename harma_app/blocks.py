@@ -16,6 +16,7 @@ from . import controls, tab_compare, tab_embedding_space, tab_image_to_text, tab
 from .common import QUERY_CONCURRENCY, USER_ERRORS, AppError, log
 from .state import AppConfig, AppState, ModelPair, load_models, parse_args
 
+LINKED_MAPS = Path(__file__).parent / "static" / "linked_maps.js"  # map clicks and lassos -> show_pick
 CSS = "#status {font-size: 0.95em} .harma-note {color: var(--body-text-color-subdued); font-size: 0.9em}"
 
 
@@ -106,7 +107,8 @@ def launch_options(demo: gr.Blocks) -> dict[str, Any]:
     from (:func:`served_folders`) and the embedding cache, which is never served."""
     app: AppState = demo.harma_state
     return dict(allowed_paths=served_folders(app), blocked_paths=[str(app.cache_dir / "index")],
-                theme=gr.themes.Soft(), css=CSS, max_file_size="25mb")
+                theme=gr.themes.Soft(), css=CSS, max_file_size="25mb",
+                head=f"<script>{LINKED_MAPS.read_text()}</script>")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

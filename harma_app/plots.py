@@ -92,11 +92,13 @@ def _traces(view: dict, xy: list, gallery: Gallery, r: Retriever, classes: Optio
         pick_c = [p for p in cap if group is None or cap_class.get(p[1]) == group]
         name = group if group is not None else "images"
         traces.append(go.Scatter(x=[p[0][0] for p in pick_i], y=[p[0][1] for p in pick_i], mode="markers",
-                                 name=name, legendgroup=name, hovertext=[f"{p[2]}" + (f" ({group})" if group else "")
-                                                                         for p in pick_i], hoverinfo="text",
+                                 customdata=[f"i:{p[1]}" for p in pick_i], name=name, legendgroup=name,
+                                 hovertext=[p[2] + (f" ({group})" if group else "") for p in pick_i],
+                                 hoverinfo="text",
                                  marker=dict(size=7, symbol="circle", color=color or IMAGE_COLOR, opacity=0.8)))
         if pick_c:
             traces.append(go.Scatter(x=[p[0][0] for p in pick_c], y=[p[0][1] for p in pick_c], mode="markers",
+                                     customdata=[f"t:{p[1]}" for p in pick_c],
                                      name=f"{name} captions" if group else "captions", legendgroup=name,
                                      showlegend=group is None, hovertext=[p[2] for p in pick_c], hoverinfo="text",
                                      marker=dict(size=7, symbol="x-thin", opacity=0.8, color=color or CAPTION_COLOR,
@@ -109,7 +111,7 @@ def _frame_layout(view: dict, title: Optional[str]) -> dict:
     ys = [p[1] for p in view["base"] + view["adapted"]]
     pad_x, pad_y = 0.05 * (max(xs) - min(xs) or 1), 0.05 * (max(ys) - min(ys) or 1)
     return dict(title=dict(text=title, font=dict(size=13)) if title else None, height=460,
-                margin=dict(l=10, r=10, t=40, b=10), template="plotly_white",
+                margin=dict(l=10, r=10, t=40, b=10), template="plotly_white", dragmode="lasso",
                 legend=dict(font=dict(size=10), itemsizing="constant"),
                 xaxis=dict(range=[min(xs) - pad_x, max(xs) + pad_x], showticklabels=False, title=None),
                 yaxis=dict(range=[min(ys) - pad_y, max(ys) + pad_y], showticklabels=False, title=None))

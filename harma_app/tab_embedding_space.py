@@ -3,6 +3,7 @@ that say how the modality gap and the scene clustering changed."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Any, Optional
 
@@ -16,7 +17,7 @@ from harma.gap_ci import gap_with_intervals
 from harma.retrieval import Retriever
 
 from .common import PRECOMPUTED, USER_ERRORS, AppError, fail, progress_cb
-from .galleries import Gallery
+from .galleries import Gallery, displayable
 from .plots import aligned_view, layout_figure, method_note, move_figure
 from .state import AppState
 
@@ -34,6 +35,7 @@ GAP_ROWS = [  # harma.gap.modality_gap keys shown next to the plots: readable na
     ("linear_probe_accuracy", "Modality probe accuracy",
      "held-out accuracy of predicting the modality (0.5 = mixed, 1 = separated)"),
 ]
+MAX_PICKED = 48  # images shown for a box or lasso selection
 CI_ROWS = [  # harma.gap_ci keys, shown first, with 95% bootstrap intervals over images
     ("centroid_distance", "Centroid distance", "‖mean image − mean caption‖ (Liang et al. 2022); lower = closer"),
     ("relative_modality_gap", "Relative modality gap",
@@ -101,6 +103,45 @@ def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optiona
         return None, None, None, [], fail(e)
 
 
+def show_pick(app: AppState, gallery_key: Optional[str], payload: Optional[str]) -> tuple[Any, str, list]:
+    """What a click or a box/lasso selection on a map picked (``payload``: JSON ``{"kind", "ids"}`` from
+    linked_maps.js, ids ``i:<image>`` / ``t:<caption>``): the clicked image and its captions (or the
+    clicked caption and its image), and the selected images as a gallery."""
+    try:
+        gallery = app.gallery(gallery_key)
+        try:
+            picked = json.loads(payload or "{}")
+            ids = list(dict.fromkeys(str(x) for x in picked.get("ids", [])))  # each item once
+        except (ValueError, AttributeError):
+            raise AppError("the map sent a selection that cannot be read") from None
+        images, captions = [], []
+        for item in ids:
+            kind, _, row = item.partition(":")
+            if not row.isdigit():
+                continue
+            if kind == "i" and int(row) < gallery.split.num_images:
+                images.append(int(row))
+            elif kind == "t" and gallery.pool is not None and int(row) < len(gallery.pool):
+                captions.append(int(row))
+        if not images and not captions:
+            return None, "Click a point, or draw a lasso or box around some, on either map.", []
+        linked = list(dict.fromkeys(images + [i for j in captions for i in gallery.pool.images[j]]))
+        thumbs = app.cache_dir / "thumbs"
+        tiles = [(displayable(gallery.images[i], thumbs), gallery.images[i].name) for i in linked[:MAX_PICKED]]
+        if picked.get("kind") == "click" and images:
+            i = images[0]
+            own = [c for c, img in zip(gallery.split.captions, gallery.split.text_to_image) if img == i]
+            return str(gallery.images[i]), f"**{gallery.images[i].name}**" + "".join(f"\n- {c}" for c in own), tiles
+        if picked.get("kind") == "click":
+            text = f"**Caption:** {gallery.pool.raw[captions[0]]}\n\nIt describes {len(linked)} image(s), shown below."
+            return str(gallery.images[linked[0]]), text, tiles
+        more = f" (the first {MAX_PICKED} shown)" if len(linked) > MAX_PICKED else ""
+        return None, (f"Selected {len(images)} image(s) and {len(captions)} caption(s); {len(linked)} image(s) "
+                      f"below{more}."), tiles
+    except (AppError, *USER_ERRORS) as e:
+        return None, fail(e), []
+
+
 def layout() -> dict[str, Any]:
     """The tab's components (call inside ``gr.Tabs``); computed when the tab is opened."""
     with gr.Tab("Embedding space", id="space") as tab:
@@ -109,10 +150,18 @@ def layout() -> dict[str, Any]:
             base_plot = gr.Plot(label="Baseline (zero-shot)", elem_id="baseline-plot")
             adapted_plot = gr.Plot(label="Adapted", elem_id="adapted-plot")
         move_plot = gr.Plot(label="Baseline → adapted", elem_id="move-plot")
+        gr.Markdown("Click a point to highlight it in all three maps and see its image and captions; draw a "
+                    "lasso (or pick the box tool) to collect the images of many.", elem_classes="harma-note")
+        pick = gr.Textbox(visible="hidden", elem_id="map-pick")  # filled by linked_maps.js
+        with gr.Row():
+            pick_image = gr.Image(label="Picked", interactive=False, height=220, scale=1, elem_id="pick-image")
+            pick_text = gr.Markdown(elem_id="pick-text")
+        pick_gallery = gr.Gallery(label="Selected images", columns=8, height=200, elem_id="pick-gallery")
         gap_table = gr.Dataframe(headers=["measure", "baseline", "adapted", "what it measures"],
                                  label="Modality gap (original embedding space)", wrap=True)
         note = gr.Markdown(elem_classes="harma-note", label="note")
     return dict(tab=tab, lines=lines, base_plot=base_plot, adapted_plot=adapted_plot, move_plot=move_plot,
+                pick=pick, pick_image=pick_image, pick_text=pick_text, pick_gallery=pick_gallery,
                 gap_table=gap_table, note=note)
 
 
@@ -122,3 +171,5 @@ def wire(app: AppState, ui: dict[str, Any], model: gr.Dropdown, gallery_key: gr.
                 outputs=[ui["base_plot"], ui["adapted_plot"], ui["move_plot"], ui["gap_table"], ui["note"]])
     ui["tab"].select(**args, api_name="embedding_view")
     ui["lines"].input(**args, api_visibility="private")
+    ui["pick"].change(partial(show_pick, app), [gallery_key, ui["pick"]],
+                     [ui["pick_image"], ui["pick_text"], ui["pick_gallery"]], api_visibility="private")

@@ -82,6 +82,19 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
             for plot in ("#baseline-plot", "#adapted-plot", "#move-plot"):  # UMAP: cached on disk after the first time
                 page.locator(f"{plot} .js-plotly-plot").wait_for(timeout=slow)
             page.get_by_text("Relative modality gap").first.wait_for(timeout=30_000)
+            # linked selection: a click on one map highlights the item in the others and shows it
+            page.wait_for_function("document.querySelector('#adapted-plot .js-plotly-plot').__harmaLinked")
+            page.evaluate("document.querySelector('#adapted-plot .js-plotly-plot')"
+                          ".emit('plotly_click', {points: [{customdata: 'i:3'}]})")
+            page.locator("#pick-image img").wait_for(timeout=60_000)
+            assert update or page.locator("#pick-text").inner_text().startswith("train_0003.png")
+            selected = page.evaluate("document.querySelector('#baseline-plot .js-plotly-plot').data"
+                                     ".map(t => (t.selectedpoints || []).length)")
+            assert sum(selected) == 1  # the same image, highlighted in the baseline map
+            page.evaluate("document.querySelector('#move-plot .js-plotly-plot').emit('plotly_selected', "
+                          "{points: [{customdata: 'i:1'}, {customdata: 'i:2'}, {customdata: 'i:5'}]})")
+            page.locator("#pick-gallery img").nth(2).wait_for(timeout=60_000)
+            assert "Selected 3 image(s)" in page.locator("#pick-text").inner_text()
             page.screenshot(path=str(out / "screenshot-embedding.png"), full_page=True)
 
             # Compare: the per-caption table fills in; selecting a row shows both models' galleries for it

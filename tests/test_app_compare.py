@@ -101,3 +101,19 @@ def test_a_shipped_map_is_used_only_for_its_models_and_gallery(state, tmp_path, 
     assert plots.layout_key(retrievers[::-1], gallery, 1000) != key
     with pytest.raises(AssertionError, match="fit"):
         plots.aligned_view(retrievers, gallery, 999, tmp_path / "none", tmp_path / "shipped")
+
+
+def test_a_map_pick_shows_the_item_and_a_selection_its_images(state):
+    from harma_app import tab_embedding_space as space_tab
+
+    split, pool = state.gallery("data").split, state.gallery("data").pool
+    image, text, tiles = space_tab.show_pick(state, "data", '{"kind": "click", "ids": ["i:3"]}')
+    own = [c for c, i in zip(split.captions, split.text_to_image) if i == 3]
+    assert image.endswith(split.images[3].name) and all(c in text for c in own) and len(tiles) == 1
+    image, text, tiles = space_tab.show_pick(state, "data", '{"kind": "click", "ids": ["t:0"]}')
+    assert pool.raw[0] in text and len(tiles) == len(pool.images[0])
+    assert image.endswith(split.images[pool.images[0][0]].name)
+    _, text, tiles = space_tab.show_pick(state, "data", '{"kind": "select", "ids": ["i:1", "i:2", "t:0", "i:1"]}')
+    assert len(tiles) == len({1, 2, *pool.images[0]}) and "Selected 2 image(s) and 1 caption(s)" in text
+    assert space_tab.show_pick(state, "data", '{"kind": "select", "ids": ["i:999", "x"]}')[2] == []
+    assert "cannot be read" in space_tab.show_pick(state, "data", "not json")[1]
