@@ -99,8 +99,10 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
 
             # Compare: the per-caption table fills in; selecting a row shows both models' galleries for it
             page.get_by_role("tab", name="Compare").click()
-            cell = page.locator("#compare-table [role=gridcell]").filter(has_text=".png").first
+            cell = page.locator("#compare-table [role=gridcell][data-col='1']").first  # an image name
             cell.wait_for(timeout=slow)
+            gains = [float(g) for g in page.locator("#compare-table [role=gridcell][data-col='5']").all_inner_texts()]
+            assert len(gains) >= 5 and gains == sorted(gains, reverse=True)  # largest gain first
             cell.click()
             for gallery in ("#compare-baseline", "#compare-adapted"):
                 page.locator(f"{gallery} img").nth(K - 1).wait_for(timeout=slow)
