@@ -85,7 +85,9 @@ def test_a_shipped_map_is_used_only_for_its_models_and_gallery(state, tmp_path, 
     from harma_app import tab_embedding_space as space_tab
 
     gallery, retrievers = state.gallery("data"), state.retrievers(None, "data")
-    fake = plots.aligned_view(retrievers, gallery, 1000, tmp_path / "cache")  # the real one, then marked
+    real = harma.projection.aligned_2d
+    monkeypatch.setattr(harma.projection, "aligned_2d", lambda b, a, seed=0, **k: real(b, a, seed, use_umap=False))
+    fake = plots.aligned_view(retrievers, gallery, 1000, tmp_path / "cache")  # a real map (Procrustes), then marked
     fake["base"][0] = [123.0, 456.0]
     key = plots.layout_key(retrievers, gallery, 1000)
     (tmp_path / "shipped").mkdir()
