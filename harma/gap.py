@@ -49,8 +49,8 @@ def _uniformity(x: torch.Tensor, t: float = 2.0) -> float:
     return float(torch.logsumexp(torch.stack(parts), 0)) - math.log(n * (n - 1))
 
 
-def _knn_purity(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Mean fraction of each point's k cosine nearest neighbours (not itself) sharing its label."""
+def knn_same_label(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) fraction of each unit row's k cosine nearest neighbours (not itself) sharing its label."""
     n = x.shape[0]
     same = []
     for r0 in range(0, n, _CHUNK):
@@ -59,7 +59,12 @@ def _knn_purity(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
         sims[rows - r0, rows] = -math.inf
         nn = sims.topk(k, dim=1).indices  # (C, k)
         same.append((labels[nn] == labels[rows, None]).float().mean(1))
-    return float(torch.cat(same).mean())
+    return torch.cat(same)
+
+
+def _knn_purity(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Mean fraction of each point's k cosine nearest neighbours (not itself) sharing its label."""
+    return float(knn_same_label(x, labels, k).mean())
 
 
 def _linear_probe(x: torch.Tensor, labels: torch.Tensor, seed: int) -> float:

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-
-CHUNK = 1024
+from .gap import knn_same_label
 
 
 @dataclass(frozen=True)
@@ -41,18 +40,6 @@ class Estimate:
 
     def __str__(self) -> str:
         return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
-
-
-def _knn_same(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """(N,) share of each row's k cosine nearest neighbours (not itself) with its label."""
-    out = []
-    for r0 in range(0, x.shape[0], CHUNK):
-        sims = x[r0 : r0 + CHUNK] @ x.T
-        rows = torch.arange(r0, min(r0 + CHUNK, x.shape[0]))
-        sims[rows - r0, rows] = -float("inf")
-        nn = sims.topk(k, dim=1).indices
-        out.append((labels[nn] == labels[rows, None]).double().mean(1))
-    return torch.cat(out)
 
 
 def _mean_dissimilarity_to_others(x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +93,7 @@ def gap_with_intervals(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_
         cls = torch.tensor([names.index(c) for c in classes])
         labels = torch.cat([cls, cls[t2i]])
         joint = torch.cat([img, txt]).float()
-        same = _knn_same(joint, labels, min(k, n + t - 1))
+        same = knn_same_label(joint, labels, min(k, n + t - 1)).double()
         values["knn_scene_purity"] = _weighted(torch.cat([w, wc], 1), same)
         counts = torch.bincount(labels).double()
         chance = float((counts * (counts - 1)).sum() / ((n + t) * (n + t - 1)))

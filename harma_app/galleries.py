@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from harma.data import DatasetError, RetrievalSplit, load_split, open_image
+from harma.data import DatasetError, RetrievalSplit, image_classes, load_split, open_image
 from harma.errors import IndexFormatError, one_line
 from harma.retrieval import CaptionPool, EmbeddingIndex
 
@@ -24,6 +25,16 @@ class Gallery:
     split: RetrievalSplit
     pool: Optional[CaptionPool]  # None: no captions (image-to-text and the metrics need them)
     prebuilt: tuple = ()  # EmbeddingIndex(es) from training.build_index over these images
+    bundled: bool = False  # the demo gallery shipped in assets/demo (its maps may be shipped too)
+
+    @functools.cached_property
+    def classes(self) -> Optional[list[str]]:
+        """The scene class of every image (:func:`harma.data.image_classes`), or None when the file
+        names and annotations carry none (e.g. uploads)."""
+        try:
+            return image_classes(self.split)[0]
+        except DatasetError:
+            return None
 
     @property
     def images(self) -> list[Path]:
@@ -53,7 +64,7 @@ def dataset_gallery(root: str, split: Optional[str] = None) -> Gallery:
     if path.resolve() == DEMO.resolve():
         name = ("bundled demo gallery: UCM-Captions test split (USGS public-domain imagery, captions by "
                 "Qu et al. 2016; assets/demo/CREDITS.md); `--data DIR` for your own")
-        return Gallery(name, s, pool)
+        return Gallery(name, s, pool, bundled=True)
     return Gallery(s.name, s, pool)
 
 

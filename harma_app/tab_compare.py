@@ -16,13 +16,10 @@ from typing import Any, Optional
 import gradio as gr
 import pandas as pd
 
-from harma.data import image_classes
-from harma.errors import DatasetError
 from harma.io import atomic_write_bytes
 from harma.metrics import expected_ranks
 
 from .common import USER_ERRORS, AppError, fail, progress_cb
-from .galleries import Gallery
 from .state import AppState
 from .tab_image_to_text import gallery_image_captions
 from .tab_metrics import check_scoreable, split_similarity
@@ -38,13 +35,6 @@ NOTE = ("Rank = where the query's ground truth lands (1 = first), expected over 
         "adapters moved the right answer up). Select a row to see both models' results for it.")
 
 
-def _classes(gallery: Gallery) -> Optional[list[str]]:
-    try:
-        return image_classes(gallery.split)[0]
-    except DatasetError:  # file names carry no class (e.g. uploads): no class column to filter on
-        return None
-
-
 def query_ranks(app: AppState, model_key: Optional[str], gallery_key: Optional[str], direction: str,
                 progress: Any = None) -> list[dict[str, Any]]:
     """One record per query (caption for t2i, image for i2t), in file order: text, image, class and the
@@ -56,7 +46,7 @@ def query_ranks(app: AppState, model_key: Optional[str], gallery_key: Optional[s
 
     def compute() -> list[dict[str, Any]]:
         ranks = [expected_ranks(split_similarity(r, gallery), split.text_to_image) for r in (base, adapted)]
-        classes = _classes(gallery)
+        classes = gallery.classes
         side = 0 if direction == "i2t" else 1
         b, a = ranks[0][side].tolist(), ranks[1][side].tolist()
         cls = classes or [""] * split.num_images

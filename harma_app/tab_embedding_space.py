@@ -10,8 +10,6 @@ from typing import Any, Optional
 import gradio as gr
 import torch
 
-from harma.data import image_classes
-from harma.errors import DatasetError
 from harma.gap import modality_gap
 from harma.gap_ci import gap_with_intervals
 from harma.retrieval import Retriever
@@ -46,13 +44,6 @@ CI_ROWS = [  # harma.gap_ci keys, shown first, with 95% bootstrap intervals over
 ]
 
 
-def _classes(gallery: Gallery) -> Optional[list[str]]:
-    try:
-        return image_classes(gallery.split)[0]
-    except DatasetError:  # no scene classes (e.g. uploads): coloured by modality, no scene purity
-        return None
-
-
 def gap_rows(app: AppState, key: tuple, gallery: Gallery, retrievers: tuple[Retriever, Retriever],
              classes: Optional[list[str]]) -> list:
     """[measure, baseline, adapted, meaning] on every embedding of the split (cached under ``key``): the
@@ -84,8 +75,9 @@ def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optiona
             progress(None, desc="2-D layout of both models (cached after the first time)")
         key = (app.model_key(model_key), gallery_key)
         view = app.cached(("aligned", *key), lambda: aligned_view((base, adapted), gallery, app.config.umap_points,
-                                                                  app.cache_dir, PRECOMPUTED))
-        classes = _classes(gallery)
+                                                                  app.cache_dir,
+                                                                  PRECOMPUTED if gallery.bundled else None))
+        classes = gallery.classes
         figs = [layout_figure(view, "base", gallery, base, classes, bool(lines)),
                 layout_figure(view, "adapted", gallery, adapted, classes, bool(lines)),
                 move_figure(view, gallery, adapted, classes, bool(lines))]

@@ -96,6 +96,12 @@ def test_a_shipped_map_is_used_only_for_its_models_and_gallery(state, tmp_path, 
     assert plots.aligned_view(retrievers, gallery, 1000, tmp_path / "none", tmp_path / "shipped") == fake
     monkeypatch.setattr(space_tab, "PRECOMPUTED", tmp_path / "shipped")
     state._results.clear()
+    monkeypatch.setattr(harma.projection, "aligned_2d", lambda b, a, seed=0, **k: real(b, a, seed, use_umap=False))
+    other = space_tab.embedding_view(state, None, "data")[0]  # not the bundled gallery: no lookup (no hashing)
+    assert 123.0 not in [x for t in other.data for x in t.x]
+    monkeypatch.setattr(harma.projection, "aligned_2d", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fit")))
+    monkeypatch.setattr(gallery, "bundled", True)  # shipped maps are looked up for the bundled gallery only
+    state._results.clear()
     base_fig = space_tab.embedding_view(state, None, "data")[0]
     assert 123.0 in [x for t in base_fig.data for x in t.x]
     # another sample size (or other weights, or other images) is another key: not the shipped map
