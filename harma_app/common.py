@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout (or the Space): app.p
 ASSETS = ROOT / "assets"
 DEMO = ASSETS / "demo"  # the bundled gallery (UCM test split; python -m training.build_demo)
 PRECOMPUTED = DEMO / "precomputed"  # maps shipped for the default model on it (python -m harma_app.precompute)
+SHIPPED = PRECOMPUTED / "embeddings"  # and its embeddings, keyed by content (harma.retrieval.Retriever.ship)
 DEFAULT_PRESET = "rs-minilm-harma"
 MAX_QUERY_CHARS = 300
 MAX_K = 50

@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from harma.io import file_sha256
 from harma.projection import ALIGNED, aligned_projection
-from harma.retrieval import Retriever, model_identity
+from harma.retrieval import Retriever, content_fingerprint, model_identity
 
 from .galleries import Gallery
 
@@ -29,8 +28,7 @@ def layout_key(retrievers: tuple[Retriever, Retriever], gallery: Gallery, max_po
     models = [r.identity or model_identity(r.model) for r in retrievers]
     h = hashlib.sha256(json.dumps({"v": 1, "models": models, "points": max_points, "seed": seed}, sort_keys=True,
                                   default=str).encode())
-    for path in gallery.images:
-        h.update(file_sha256(path).encode())
+    h.update(content_fingerprint(gallery.images).encode())
     for caption in (gallery.pool.texts if gallery.pool else []):
         h.update(caption.encode() + b"\x00")
     return h.hexdigest()[:32]

@@ -23,7 +23,7 @@ from harma.retrieval import Retriever, RetrieverOptions
 from harma.sources import ModelSource
 from harma.sources import discover_sources as find_sources
 
-from .common import DEFAULT_PRESET, DEMO, HOW_TO_DATA, MAX_ENCODE, ROOT, USER_ERRORS, AppError
+from .common import DEFAULT_PRESET, DEMO, HOW_TO_DATA, MAX_ENCODE, ROOT, SHIPPED, USER_ERRORS, AppError
 from .galleries import Gallery, dataset_gallery, index_gallery, upload_gallery, uploaded_gallery
 
 DESCRIPTION = ("HarMA demo: remote-sensing image-text retrieval, the frozen backbone (baseline) next to the adapted "
@@ -223,7 +223,8 @@ class AppState:
 
     def retrievers(self, model_key: Optional[str], gallery_key: Optional[str],
                    progress: Optional[Callable] = None) -> tuple[Retriever, Retriever]:
-        """(baseline, adapted) over the gallery; embeddings come from the disk cache when present."""
+        """(baseline, adapted) over the gallery; embeddings come from those shipped with the bundled gallery
+        or the disk cache when present, else are computed (and cached)."""
         model_key = self.model_key(model_key)
         gallery, pair = self.gallery(gallery_key), self.models(model_key)
         key = (model_key, gallery_key)
@@ -235,6 +236,7 @@ class AppState:
                                            ("adapted", pair.adapted, pair.source.adapters)):
                     cb = None if progress is None else partial(progress, side)
                     options = RetrieverOptions(checkpoint=ckpt, cache_dir=self.cache_dir / "index",
+                                               shipped_dir=SHIPPED if gallery.bundled else None,
                                                batch_size=self.config.batch_size, prebuilt=gallery.prebuilt,
                                                max_encode=MAX_ENCODE if gallery.prebuilt else None)
                     built.append(Retriever.build(*bundle, gallery.images, pool, options, progress=cb))

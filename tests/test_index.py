@@ -14,7 +14,7 @@ from PIL import Image
 from harma import create_model, save_adapters
 from harma.data import load_split, write_synthetic_dataset
 from harma.encode import encode_images, encode_texts
-from harma.errors import IndexFormatError, QueryError
+from harma.errors import DatasetError, IndexFormatError, QueryError
 from harma.retrieval import (
     CaptionPool,
     EmbeddingIndex,
@@ -124,10 +124,10 @@ def tiny(tmp_path_factory):
     return dict(tmp=tmp, split=split, model=model, preprocess=preprocess, tokenizer=tokenizer, ckpt=ckpt)
 
 
-def _build(t, cache, paths=None, checkpoint="default", model=None, progress=None):
+def _build(t, cache, paths=None, checkpoint="default", model=None, progress=None, shipped=None):
     pool = CaptionPool.from_captions(t["split"].captions, t["split"].text_to_image)
     options = RetrieverOptions(checkpoint=t["ckpt"] if checkpoint == "default" else checkpoint, cache_dir=cache,
-                               batch_size=8)
+                               batch_size=8, shipped_dir=shipped)
     return Retriever.build(model or t["model"], t["preprocess"], t["tokenizer"], paths or t["split"].images,
                            pool, options, progress=progress)
 
@@ -189,6 +189,41 @@ def test_cache_hits_and_invalidates(tiny, tmp_path):
     assert _build(t, cache, paths=paths[1:]).from_cache["images"] is False
     assert _build(t, cache).from_cache["images"] is True  # the touched set is cached now
     json.loads(next(cache.iterdir()).joinpath("index.json").read_text())  # entries are plain JSON
+
+
+def test_shipped_embeddings_are_keyed_by_content(tiny, tmp_path):
+    """Embeddings shipped beside a gallery serve a copy of it anywhere (other folder, other times),
+    are never used for changed bytes or another model, and carry no path of the machine that wrote them."""
+    t, shipped = tiny, tmp_path / "shipped"
+    built = _build(t, None)
+    texts = CaptionPool.from_captions(t["split"].captions, t["split"].text_to_image).texts
+    written = built.ship(shipped, t["split"].images, texts)
+    assert len(written) == 2 and str(t["tmp"]) not in "".join(p.joinpath("index.json").read_text() for p in written)
+
+    copy = tmp_path / "copy"  # the gallery in another checkout: new paths, new modification times
+    paths = []
+    for i, src in enumerate(t["split"].images):
+        paths.append(copy / f"{i:03d}{src.suffix}")
+        paths[-1].parent.mkdir(exist_ok=True)
+        paths[-1].write_bytes(src.read_bytes())
+    seen = []
+    hit = _build(t, None, paths=paths, shipped=shipped, progress=lambda *a: seen.append(a))
+    assert hit.from_cache == {"images": True, "captions": True} and seen == []
+    assert torch.equal(hit.images.embeddings, built.images.embeddings)
+    assert torch.equal(hit.captions.embeddings, built.captions.embeddings)
+    assert hit.images.ids == [str(p) for p in paths] and hit.search_text("a red square", 3)[0].id in hit.images.ids
+    assert hit.captions.metadata == built.captions.metadata
+
+    # one changed image, or another model: encoded, not served the shipped vectors
+    paths[0].write_bytes(t["split"].images[1].read_bytes())
+    assert _build(t, None, paths=paths, shipped=shipped).from_cache == {"images": False, "captions": True}
+    other, _, _, _ = create_model(tiny_config())
+    other.load_state_dict(t["model"].state_dict())
+    perturb_(other, seed=3)
+    assert _build(t, None, checkpoint=save_adapters(other, tmp_path / "other"), model=other,
+                  shipped=shipped).from_cache == {"images": False, "captions": False}
+    with pytest.raises(DatasetError, match="built on"):
+        built.ship(shipped, paths[1:], texts)
 
 
 def test_model_identity(tiny):

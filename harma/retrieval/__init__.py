@@ -13,12 +13,20 @@ from __future__ import annotations
 from .ann import ANNConfig, ANNIndex
 from .captions import CaptionPool
 from .folder import build_image_index, effective_shard_size, list_images
-from .identity import cache_key, cached_index, find_prebuilt, model_identity, paths_fingerprint, texts_fingerprint
+from .identity import (
+    cache_key,
+    cached_index,
+    content_fingerprint,
+    find_prebuilt,
+    model_identity,
+    paths_fingerprint,
+    texts_fingerprint,
+)
 from .index import ANN_THRESHOLD, EmbeddingIndex, exact_topk
 from .retriever import Hit, Retriever, RetrieverOptions
 
 __all__ = [
     "ANNConfig", "ANNIndex", "ANN_THRESHOLD", "CaptionPool", "EmbeddingIndex", "Hit", "Retriever",
-    "RetrieverOptions", "build_image_index", "cache_key", "cached_index", "effective_shard_size",
+    "RetrieverOptions", "build_image_index", "cache_key", "cached_index", "content_fingerprint", "effective_shard_size",
     "exact_topk", "find_prebuilt", "list_images", "model_identity", "paths_fingerprint", "texts_fingerprint",
 ]

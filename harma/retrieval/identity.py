@@ -1,7 +1,9 @@
-"""What cached embeddings depend on, and the on-disk cache keyed by it.
+"""What cached embeddings depend on, and the on-disk caches keyed by it.
 
 Cached embeddings are keyed by the backbone, the adapter weights and the image files (path, size,
-mtime) or caption texts, so a changed checkpoint or image set is never served stale.
+mtime) or caption texts, so a changed checkpoint or image set is never served stale. Shipped
+embeddings (read-only, e.g. a demo gallery's, committed beside it) are keyed by content instead,
+the image bytes, so they stay valid in any checkout or clone.
 """
 
 from __future__ import annotations
@@ -64,6 +66,15 @@ def paths_fingerprint(paths: Sequence[Union[str, Path]]) -> str:
     return hash_files(hashlib.sha256(b"paths-v1"), paths).hexdigest()
 
 
+def content_fingerprint(paths: Sequence[Union[str, Path]]) -> str:
+    """Hash of the files' bytes, in order (names, places and times ignored): the same images anywhere.
+    Reads every file, so it is used only for shipped embeddings, never for the cache of a large gallery."""
+    h = hashlib.sha256(b"content-v1")
+    for p in paths:
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
 def texts_fingerprint(texts: Sequence[str]) -> str:
     h = hashlib.sha256(b"texts-v1")
     for t in texts:
@@ -105,3 +116,30 @@ def find_prebuilt(indexes: Sequence[EmbeddingIndex], identity: dict[str, Any],
         if index.extra.get("model") == want and len(index) == len(paths) and index.image_paths() == list(paths):
             return index
     return None
+
+
+def shipped_index(folder: Optional[Union[str, Path]], parts: dict[str, Any], ids: Sequence[str],
+                  metadata: Sequence[dict]) -> Optional[EmbeddingIndex]:
+    """The embeddings saved by :func:`ship_index` under ``folder/<cache_key(parts)>``, with this
+    checkout's ``ids`` and ``metadata``; None when there are none (or they do not fit, with a warning)."""
+    if folder is None:
+        return None
+    path = Path(folder) / cache_key(parts)
+    if not (path / INDEX_FILE).is_file():
+        return None
+    try:
+        saved = EmbeddingIndex.load(path)
+    except IndexFormatError as e:
+        log.warning("ignoring shipped embeddings: %s", e)
+        return None
+    if len(saved) != len(ids):
+        log.warning("ignoring shipped embeddings %s: %d rows for %d items", path, len(saved), len(ids))
+        return None
+    return EmbeddingIndex(list(ids), saved.embeddings, list(metadata), normalize=False)
+
+
+def ship_index(folder: Union[str, Path], parts: dict[str, Any], index: EmbeddingIndex) -> Path:
+    """Save ``index``'s vectors under ``folder/<cache_key(parts)>`` for :func:`shipped_index`: rows
+    numbered, no paths or metadata (they belong to the checkout that reads them)."""
+    rows = EmbeddingIndex([str(i) for i in range(len(index))], index.embeddings, normalize=False)
+    return rows.save(Path(folder) / cache_key(parts), extra={"key": parts})

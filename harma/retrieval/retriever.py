@@ -16,7 +16,16 @@ from ..data import clean_caption
 from ..encode import encode_images, encode_texts, eval_mode, model_device
 from ..errors import DatasetError, IndexFormatError, QueryError
 from .captions import CaptionPool
-from .identity import cached_index, find_prebuilt, model_identity, paths_fingerprint, texts_fingerprint
+from .identity import (
+    cached_index,
+    content_fingerprint,
+    find_prebuilt,
+    model_identity,
+    paths_fingerprint,
+    ship_index,
+    shipped_index,
+    texts_fingerprint,
+)
 from .index import EmbeddingIndex
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total); stage is "images" or "captions"
@@ -29,6 +38,7 @@ class RetrieverOptions:
 
     checkpoint: Optional[PathLike] = None  # adapter directory the model was loaded from (part of the cache key)
     cache_dir: Optional[PathLike] = None  # folder of cached indexes; None: no caching
+    shipped_dir: Optional[PathLike] = None  # read-only embeddings keyed by content (Retriever.ship), tried first
     prebuilt: Sequence[EmbeddingIndex] = ()  # indexes from build_image_index; one by this model over these images is used
     max_encode: Optional[int] = None  # refuse to encode more images than this when no index has them
     batch_size: int = 64  # images per batch (captions: 4x)
@@ -45,6 +55,15 @@ class Hit:
     index: int
     id: str
     metadata: dict
+
+
+def shipped_keys(identity: dict, image_paths: Sequence[PathLike], texts: Optional[Sequence[str]]) -> dict:
+    """What shipped image and caption embeddings are keyed by: the model identity, the images' bytes
+    (:func:`~.identity.content_fingerprint`) and the caption texts."""
+    keys = {"images": {"kind": "shipped-images", "model": identity, "content": content_fingerprint(image_paths)}}
+    if texts is not None:
+        keys["captions"] = {"kind": "shipped-captions", "model": identity, "texts": texts_fingerprint(texts)}
+    return keys
 
 
 def _hits(index: EmbeddingIndex, scores: torch.Tensor, rows: torch.Tensor) -> list[Hit]:
@@ -84,7 +103,8 @@ class Retriever:
     def build(cls, model: nn.Module, preprocess: Callable, tokenizer: Callable, image_paths: Sequence[PathLike],
               captions: Union[CaptionPool, Sequence[str], None] = None, options: Optional[RetrieverOptions] = None,
               progress: Optional[StageProgress] = None) -> "Retriever":
-        """Encode (or load from ``options.cache_dir``) the gallery images and the captions.
+        """Encode the gallery images and the captions, or load them: from a prebuilt index, the shipped
+        embeddings (``options.shipped_dir``), or the cache (``options.cache_dir``), in that order.
 
         Args:
             image_paths: the gallery's images (index metadata: ``{"path": ...}``).
@@ -113,29 +133,50 @@ class Retriever:
                                 progress=stage("images"))
             return EmbeddingIndex([str(p) for p in paths], emb.reshape(len(paths), -1), [{"path": str(p)} for p in paths])
 
+        pool = captions if isinstance(captions, CaptionPool) else None
+        texts = None if captions is None else list(pool.texts if pool is not None else captions)
+        if texts is not None and not texts:
+            raise DatasetError("captions were given but the list is empty (pass None for no captions)")
+        shipped = shipped_keys(ident, paths, texts) if opts.shipped_dir is not None else {}
+        if match is None and shipped:
+            match = shipped_index(opts.shipped_dir, shipped["images"], [str(p) for p in paths],
+                                  [{"path": str(p)} for p in paths])
         if match is not None:
             images, hit_i = match, True
         else:
             images, hit_i = cached_index(opts.cache_dir, {"kind": "images", "model": ident,
                                                           "images": paths_fingerprint(paths)}, build_images)
         out_captions, hit_c = None, None
-        if captions is not None:
-            pool = captions if isinstance(captions, CaptionPool) else None
-            texts = list(pool.texts if pool is not None else captions)
-            if not texts:
-                raise DatasetError("captions were given but the list is empty (pass None for no captions)")
+        if texts is not None:
+            ids = [str(j) for j in range(len(texts))]
+            meta = pool.metadata() if pool is not None else [{"caption": t} for t in texts]
 
             def build_captions() -> EmbeddingIndex:
                 emb = encode_texts(model, texts, tokenizer, batch_size=4 * opts.batch_size, progress=stage("captions"))
-                meta = pool.metadata() if pool is not None else [{"caption": t} for t in texts]
-                return EmbeddingIndex([str(j) for j in range(len(texts))], emb.reshape(len(texts), -1), meta)
+                return EmbeddingIndex(ids, emb.reshape(len(texts), -1), meta)
 
-            out_captions, hit_c = cached_index(opts.cache_dir, {"kind": "captions", "model": ident,
-                                                                "texts": texts_fingerprint(texts)}, build_captions)
+            out_captions = shipped_index(opts.shipped_dir, shipped["captions"], ids, meta) if shipped else None
+            hit_c = out_captions is not None
+            if out_captions is None:
+                out_captions, hit_c = cached_index(opts.cache_dir, {"kind": "captions", "model": ident,
+                                                                    "texts": texts_fingerprint(texts)}, build_captions)
         retriever = cls(model, preprocess, tokenizer, images, out_captions, clean_queries=opts.clean_queries)
         retriever.from_cache = {"images": hit_i} if hit_c is None else {"images": hit_i, "captions": hit_c}
         retriever.identity = ident
         return retriever
+
+    def ship(self, folder: PathLike, image_paths: Sequence[PathLike],
+             texts: Optional[Sequence[str]] = None) -> list[Path]:
+        """Save this retriever's embeddings under ``folder``, keyed by content (:func:`shipped_keys`), for
+        :attr:`RetrieverOptions.shipped_dir`: ``image_paths`` and ``texts`` are what it was built on."""
+        if len(image_paths) != len(self.images) or (texts is not None and (
+                self.captions is None or len(texts) != len(self.captions))):
+            raise DatasetError("ship() needs the image paths and caption texts this retriever was built on")
+        keys = shipped_keys(self.identity or model_identity(self.model), image_paths, texts)
+        written = [ship_index(folder, keys["images"], self.images)]
+        if texts is not None:
+            written.append(ship_index(folder, keys["captions"], self.captions))
+        return written
 
     # -- encoding one query ----------------------------------------------------------------------
     # Queries may come from many threads at once (a web app). Hugging Face fast tokenizers refuse
