@@ -8,7 +8,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import gradio as gr
 
@@ -38,11 +38,12 @@ class AppError(Exception):
     """A problem to show to the user as it is (no traceback)."""
 
 
-def progress_cb(progress: Any) -> Callable[[str, str, int, int], None]:
-    """``Retriever.build``'s progress callback, reported to a Gradio progress bar."""
-    def cb(side: str, stage: str, done: int, total: int) -> None:
-        progress((done, total), desc=f"Encoding the gallery's {stage} with the {side} model (cached afterwards)")
-    return cb
+def progress_cb(progress: Any) -> Optional[Callable[[float, str], None]]:
+    """:meth:`AppState.retrievers`' progress callback (overall fraction, "Step x of n: ..."), reported to
+    a Gradio progress bar; None without one."""
+    if progress is None:
+        return None
+    return lambda fraction, desc: progress(fraction, desc=desc)
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:])/(?:[^\s/'\"():,;]+/)+([^\s/'\"():,;]+)")

@@ -44,6 +44,12 @@ def status_text(app: AppState, model_key: Optional[str], gallery_key: Optional[s
     return "\n\n".join(lines)
 
 
+def short_list(items: list[str], shown: int = 5) -> str:
+    """The first ``shown`` items, then how many more: a long list of files stays one readable line."""
+    more = len(items) - shown
+    return "; ".join(items[:shown]) + (f"; and {more} more" if more > 0 else "")
+
+
 def use_uploads(app: AppState, files: Optional[list], model_key: Optional[str], current: Optional[str],
                 progress: Any = gr.Progress()) -> tuple[str, str, list]:
     """Make the uploaded images the gallery (embeddings computed now, with a progress bar)."""
@@ -51,7 +57,7 @@ def use_uploads(app: AppState, files: Optional[list], model_key: Optional[str], 
         key, gallery, skipped = app.add_uploads(files)
         msg = f"Gallery: {gallery.name}."
         if skipped:
-            msg += " Skipped (not readable images): " + "; ".join(skipped)
+            msg += f" Skipped {len(skipped)} file(s) that are not readable images: " + short_list(skipped)
             gr.Warning(plain_text(msg))
         if app.model_problem(model_key) is None:
             app.retrievers(model_key, key, progress_cb(progress))
@@ -75,7 +81,8 @@ def layout(app: AppState) -> dict[str, Any]:
     status = gr.Markdown(elem_id="status", label="status")
     with gr.Accordion("Gallery source", open=False):
         gr.Markdown(HOW_TO_DATA)
-        files = gr.File(file_count="multiple", file_types=["image"], label="Images to search")
+        files = gr.File(file_count="multiple", file_types=["image"], label="Images to search", height=220,
+                        elem_id="upload-files")  # a long list scrolls inside 220 px
         with gr.Row():
             use_files = gr.Button("Use the uploaded images")
             use_data = gr.Button("Back to the dataset", visible=bool(app.config.data))

@@ -8,7 +8,6 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -222,24 +221,36 @@ class AppState:
         return key, gallery, skipped
 
     def retrievers(self, model_key: Optional[str], gallery_key: Optional[str],
-                   progress: Optional[Callable] = None) -> tuple[Retriever, Retriever]:
+                   progress: Optional[Callable[[float, str], None]] = None) -> tuple[Retriever, Retriever]:
         """(baseline, adapted) over the gallery; embeddings come from those shipped with the bundled gallery
-        or the disk cache when present, else are computed (and cached)."""
+        or the disk cache when present, else are computed (and cached). ``progress(fraction, desc)``
+        follows one bar through the steps: loading the models, then each model's images and captions."""
         model_key = self.model_key(model_key)
-        gallery, pair = self.gallery(gallery_key), self.models(model_key)
+        gallery = self.gallery(gallery_key)
         key = (model_key, gallery_key)
         with self._lock:
             if key not in self._retrievers:
-                pool = gallery.pool
+                stages = ["images"] + (["captions"] if gallery.pool is not None else [])
+                steps = 1 + 2 * len(stages)
+
+                def report(step: int, done: float, desc: str) -> None:
+                    if progress is not None:
+                        progress((step + done) / steps, f"Step {step + 1} of {steps}: {desc}")
+
+                report(0, 0.0, "loading the models")
+                pair = self.models(model_key)
                 built = []
-                for side, bundle, ckpt in (("baseline", pair.baseline, None),
-                                           ("adapted", pair.adapted, pair.source.adapters)):
-                    cb = None if progress is None else partial(progress, side)
+                for s, (side, bundle, ckpt) in enumerate((("baseline", pair.baseline, None),
+                                                          ("adapted", pair.adapted, pair.source.adapters))):
+                    def cb(stage: str, done: int, total: int, s: int = s, side: str = side) -> None:
+                        report(1 + s * len(stages) + stages.index(stage), done / max(total, 1),
+                               f"encoding the gallery's {stage} with the {side} model (cached afterwards)")
+
                     options = RetrieverOptions(checkpoint=ckpt, cache_dir=self.cache_dir / "index",
                                                shipped_dir=SHIPPED if gallery.bundled else None,
                                                batch_size=self.config.batch_size, prebuilt=gallery.prebuilt,
                                                max_encode=MAX_ENCODE if gallery.prebuilt else None)
-                    built.append(Retriever.build(*bundle, gallery.images, pool, options, progress=cb))
+                    built.append(Retriever.build(*bundle, gallery.images, gallery.pool, options, progress=cb))
                 self._retrievers[key] = (built[0], built[1])
                 while len(self._retrievers) > 4:
                     self._retrievers.popitem(last=False)

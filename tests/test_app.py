@@ -243,6 +243,11 @@ def test_uploaded_gallery(setup, state, tmp_path):
     assert again == key  # same files, same gallery (and cached embeddings)
     assert controls.use_uploads(state, [str(junk)], None, "data")[0] == "data"  # nothing usable: keep the old gallery
     assert controls.use_dataset(state, None)[0] == "data"
+    many = [tmp_path / f"bad{i}.jpg" for i in range(9)]
+    for bad in many:
+        bad.write_bytes(b"\x00" * 10)
+    _, status, _ = controls.use_uploads(state, [str(p) for p in images + many], None, "data")
+    assert "Skipped 9 file(s)" in status and "bad4.jpg" in status and "bad5.jpg" not in status and "and 4 more" in status
 
 
 def test_cache_is_reused_across_restarts(setup, state):
@@ -307,3 +312,20 @@ def test_tiff_tiles_are_converted_once_to_cached_jpegs(setup, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in paths}
     again, _, _ = t2i.search_text(state, "a scene", 3, None, "data")
     assert again and all(Path(p).stat().st_mtime_ns == stamps[Path(p)] for p, _ in again)  # not rewritten
+
+
+def test_one_progress_bar_through_numbered_steps(setup, tmp_path):
+    """A cold gallery reports one bar: loading the models, then each model's images and captions, as
+    "Step x of 5" with an overall fraction that only grows; a ready gallery reports nothing."""
+    config = dataclasses.replace(setup["config"], cache_dir=str(tmp_path / "cache"))
+    state, seen = app_state.AppState(config), []
+    state.retrievers(None, "data", lambda fraction, desc: seen.append((fraction, desc)))
+    fractions = [f for f, _ in seen]
+    assert seen[0] == (0.0, "Step 1 of 5: loading the models") and fractions[-1] == pytest.approx(1.0)
+    assert fractions == sorted(fractions) and all(0 <= f <= 1 for f in fractions)
+    steps = [d.split(":")[0] for _, d in seen]
+    assert list(dict.fromkeys(steps)) == [f"Step {i} of 5" for i in range(1, 6)]
+    assert any("captions with the adapted model" in d for _, d in seen if d.startswith("Step 5"))
+    seen.clear()
+    state.retrievers(None, "data", lambda fraction, desc: seen.append((fraction, desc)))
+    assert seen == []
