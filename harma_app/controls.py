@@ -76,7 +76,7 @@ def layout(app: AppState) -> dict[str, Any]:
     choices = [(s.label + (" — unavailable" if s.problem else ""), k) for k, s in app.sources.items()]
     gallery_key = gr.State(app.default_gallery)
     with gr.Row():
-        model = gr.Dropdown(choices, value=app.default_model, label="Model", scale=3)
+        model = gr.Dropdown(choices, value=app.default_model, label="Model", scale=3, elem_id="model")
         k = gr.Slider(1, MAX_K, value=8, step=1, label="Top k", scale=1)
     status = gr.Markdown(elem_id="status", label="status")
     with gr.Accordion("Gallery source", open=False):

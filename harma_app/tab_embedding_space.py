@@ -64,6 +64,13 @@ def gap_rows(app: AppState, key: tuple, gallery: Gallery, retrievers: tuple[Retr
                if k in gap[0]])
 
 
+def hover_thumbnails(app: AppState, gallery: Gallery, rows: list[int]) -> dict[str, str]:
+    """The file a browser shows for each mapped image (``"i:<row>"``; TIFFs as JPEG copies), all in
+    folders the app serves; the maps carry them for the hover thumbnails of linked_maps.js."""
+    thumbs = app.cache_dir / "thumbs"
+    return {f"i:{i}": displayable(gallery.images[i], thumbs) for i in rows}
+
+
 def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optional[str], lines: bool = False,
                    progress: Any = gr.Progress()) -> tuple[Any, Any, Any, list, str]:
     """The two models' maps in one frame (side by side, and animated from baseline to adapted) and the
@@ -81,6 +88,9 @@ def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optiona
         figs = [layout_figure(view, "base", gallery, base, classes, bool(lines)),
                 layout_figure(view, "adapted", gallery, adapted, classes, bool(lines)),
                 move_figure(view, gallery, adapted, classes, bool(lines))]
+        thumbs = app.cached(("thumbs", *key), lambda: hover_thumbnails(app, gallery, view["img_rows"]))
+        for fig in figs:
+            fig.update_layout(meta={"thumbs": thumbs})  # linked_maps.js shows them on hover
         rows = gap_rows(app, key, gallery, (base, adapted), classes)
         n_img, n_txt = len(view["img_rows"]), len(view["txt_rows"])
         note = (f"{n_img:,} images (circles) and {n_txt:,} distinct captions (crosses), a seeded sample of at most "

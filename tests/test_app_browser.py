@@ -95,6 +95,15 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
                           "{points: [{customdata: 'i:1'}, {customdata: 'i:2'}, {customdata: 'i:5'}]})")
             page.locator("#pick-gallery img").nth(2).wait_for(timeout=60_000)
             assert "Selected 3 image(s)" in page.locator("#pick-text").inner_text()
+            # hovering an image point shows its thumbnail, a file the app serves
+            page.evaluate("document.querySelector('#baseline-plot .js-plotly-plot').emit('plotly_hover', "
+                          "{points: [{customdata: 'i:4'}], event: {clientX: 200, clientY: 300}})")
+            page.wait_for_function("(() => { const i = document.getElementById('harma-hover'); return i && "
+                                   "i.style.display === 'block' && i.complete && i.naturalWidth > 0; })()",
+                                   timeout=30_000)
+            assert update or "train_0004" in page.locator("#harma-hover").get_attribute("src")
+            page.evaluate("document.querySelector('#baseline-plot .js-plotly-plot').emit('plotly_unhover', {})")
+            assert not page.locator("#harma-hover").is_visible()
             page.screenshot(path=str(out / "screenshot-embedding.png"), full_page=True)
 
             # Compare: the per-caption table fills in; selecting a row shows both models' galleries for it
@@ -107,6 +116,23 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
             for gallery in ("#compare-baseline", "#compare-adapted"):
                 page.locator(f"{gallery} img").nth(K - 1).wait_for(timeout=slow)
             assert "⚠️" not in page.locator("#status").inner_text()
+            if not update:
+                _switching_model_refreshes_the_map(page, slow)
         finally:
             browser.close()
     assert (out / "screenshot.png").stat().st_size > 10_000
+
+
+def _switching_model_refreshes_the_map(page, slow: int) -> None:
+    """On the Embedding space tab, another model in the picker redraws the maps for that model: new
+    points, and the adapted map's label names the new method."""
+    page.get_by_role("tab", name="Embedding space").click()
+    plot = "document.querySelector('#adapted-plot .js-plotly-plot')"
+    page.wait_for_function(f"{plot} && {plot}.data.length > 0", timeout=slow)
+    before = page.evaluate(f"JSON.stringify({plot}.data.map(t => t.x))")
+    page.locator("#model input").click()
+    page.get_by_role("option", name="ucm-mrs (mrs on RS-ViT-S16-MiniLM)").click()
+    page.wait_for_function(f"(() => {{ const p = {plot}; return p && p.data.length > 0 && "
+                           f"JSON.stringify(p.data.map(t => t.x)) !== {before!r}; }})()", timeout=slow)
+    page.locator("#adapted-plot").get_by_text("Adapted (MRS-Adapter)").wait_for(timeout=30_000)
+    assert "⚠️" not in page.locator("#status").inner_text()

@@ -1,5 +1,6 @@
 """The app as a Hugging Face Space runs it: its own files only (no ../shared beside it, no HARMA_*
-variables), ``python app.py``; the bundled demo gallery answers ``/search_text`` for both models."""
+variables), ``python app.py``; the bundled demo gallery answers ``/search_text`` for both models, from
+its shipped embeddings, and (where ``/usr/bin/chromium`` exists) a visitor's query in the browser."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from benchmarks.browser import CHROMIUM, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE_FILES = ("app.py", "harma_app", "harma", "assets", "checkpoints")
@@ -61,6 +64,27 @@ def test_fresh_space_answers_from_the_bundled_gallery(tmp_path):
         assert not list((space / ".cache" / "harma-app" / "index").glob("*/index.json"))
         status = client.predict(None, None, api_name="/status")
         assert "bundled demo gallery" in status and "210 images" in status
+        if CHROMIUM.is_file():
+            _a_visitor_searches(f"http://127.0.0.1:{port}/")
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _a_visitor_searches(url: str) -> None:
+    """In headless Chromium: the page names the bundled gallery, and a typed query fills both galleries."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            page.get_by_text("bundled demo gallery").first.wait_for(timeout=60_000)
+            page.locator("#query textarea").fill("many planes parked at an airport")
+            page.locator("#search").click()
+            for gallery in ("#baseline-gallery", "#adapted-gallery"):
+                page.locator(f"{gallery} img").nth(7).wait_for(timeout=60_000)
+            assert "⚠️" not in page.locator("#status").inner_text()
+            assert page.locator("#adapted-gallery").get_by_text("Adapted (HarMA)").is_visible()
+        finally:
+            browser.close()
