@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from .errors import HarmaError, unreadable
 
@@ -41,6 +41,33 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_json(path: PathLike, obj: Any, indent: int = 2) -> None:
     """``obj`` as JSON (with a final newline), written atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
+
+
+def arrays_key(arrays: Sequence[Any], settings: Any) -> str:
+    """A short hash of the arrays' exact bytes (anything with ``tobytes()``) and the settings (JSON):
+    names a result computed from them, such as a 2-D layout or a table of numbers."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(a.tobytes())
+    h.update(json.dumps(settings).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_json(path: Optional[PathLike], compute: Callable[[], Any]) -> Any:
+    """The JSON at ``path``, or ``compute()`` written there atomically (folders created). An unreadable
+    entry is recomputed; ``path=None`` only computes."""
+    if path is None:
+        return compute()
+    path = Path(path)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    out = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(out).encode())
+    return out
 
 
 def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:

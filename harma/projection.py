@@ -7,8 +7,6 @@ already cached; a projection is keyed by a hash of the exact embedding rows and 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,7 +15,7 @@ import numpy as np
 import torch
 
 from .gap import modality_gap
-from .io import atomic_write_bytes
+from .io import arrays_key, cached_json
 
 PROJECTION_VERSION = 1
 ALIGNED, PROCRUSTES = "AlignedUMAP", "Procrustes"
@@ -49,29 +47,7 @@ def sample_rows(n: int, m: int, seed: int) -> list[int]:
 
 def _cache_path(cache_dir: Optional[Path], prefix: str, arrays: list[np.ndarray], settings: dict) -> Optional[Path]:
     """``<cache_dir>/projections/<prefix><hash>.json``, the hash over the exact rows and the settings."""
-    if cache_dir is None:
-        return None
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(a.tobytes())
-    h.update(json.dumps(settings).encode())
-    return Path(cache_dir) / "projections" / f"{prefix}{h.hexdigest()[:32]}.json"
-
-
-def _read_cached(path: Optional[Path]) -> Optional[dict]:
-    if path is not None and path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):  # an unreadable entry is recomputed
-            pass
-    return None
-
-
-def _write_cached(path: Optional[Path], out: dict) -> dict:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(out).encode())
-    return out
+    return None if cache_dir is None else Path(cache_dir) / "projections" / f"{prefix}{arrays_key(arrays, settings)}.json"
 
 
 def embedding_projection(images: torch.Tensor, captions: Optional[torch.Tensor] = None, *,
@@ -97,16 +73,16 @@ def embedding_projection(images: torch.Tensor, captions: Optional[torch.Tensor] 
     settings = {"v": PROJECTION_VERSION, "seed": seed, "img": img_rows, "txt": txt_rows,
                 "caption_rows": list(caption_rows) if caption_rows is not None else None,
                 "text_to_image": list(text_to_image) if text_to_image is not None else None}
-    path = _cache_path(cache_dir, "", [x], settings)
-    if (hit := _read_cached(path)) is not None:
-        return hit
-    xy = umap_2d(x, seed)
-    gap = {}
-    if captions is not None and caption_rows is not None and text_to_image is not None \
-            and len(images) >= 2 and len(caption_rows) >= 2:
-        gap = modality_gap(images, captions[torch.as_tensor(list(caption_rows))], list(text_to_image), seed=seed)
-    out = {"xy": [[float(a), float(b)] for a, b in xy], "img_rows": img_rows, "txt_rows": txt_rows, "gap": gap}
-    return _write_cached(path, out)
+
+    def compute() -> dict:
+        xy = umap_2d(x, seed)
+        gap = {}
+        if captions is not None and caption_rows is not None and text_to_image is not None \
+                and len(images) >= 2 and len(caption_rows) >= 2:
+            gap = modality_gap(images, captions[torch.as_tensor(list(caption_rows))], list(text_to_image), seed=seed)
+        return {"xy": [[float(a), float(b)] for a, b in xy], "img_rows": img_rows, "txt_rows": txt_rows, "gap": gap}
+
+    return cached_json(_cache_path(cache_dir, "", [x], settings), compute)
 
 
 def _pca_2d(x: np.ndarray) -> np.ndarray:
@@ -171,10 +147,10 @@ def aligned_projection(base: tuple[torch.Tensor, Optional[torch.Tensor]],
     xb, xa = stack(base), stack(adapted)
     settings = {"v": PROJECTION_VERSION, "kind": "aligned", "seed": seed, "umap": use_umap, "img": img_rows,
                 "txt": txt_rows}
-    path = _cache_path(cache_dir, "aligned-", [xb, xa], settings)
-    if (hit := _read_cached(path)) is not None:
-        return hit
-    xy_b, xy_a, method = aligned_2d(xb, xa, seed, use_umap=use_umap)
-    out = {"base": [[float(a), float(b)] for a, b in xy_b], "adapted": [[float(a), float(b)] for a, b in xy_a],
-           "img_rows": img_rows, "txt_rows": txt_rows, "method": method}
-    return _write_cached(path, out)
+
+    def compute() -> dict:
+        xy_b, xy_a, method = aligned_2d(xb, xa, seed, use_umap=use_umap)
+        return {"base": [[float(a), float(b)] for a, b in xy_b], "adapted": [[float(a), float(b)] for a, b in xy_a],
+                "img_rows": img_rows, "txt_rows": txt_rows, "method": method}
+
+    return cached_json(_cache_path(cache_dir, "aligned-", [xb, xa], settings), compute)

@@ -192,10 +192,13 @@ def test_embedding_view_is_cached(setup, monkeypatch, tmp_path):
     assert lined.data[0].mode == "lines" and lined.data[0].x.count(None) == 48
     files = list((tmp_path / "cache" / "projections").glob("aligned-*.json"))
     assert len(files) == 1
-    fresh = app_state.AppState(config)  # a restarted app: served from disk, no new layout
+    fresh = app_state.AppState(config)  # a restarted app: layout and numbers served from disk
+    monkeypatch.setattr(space_tab, "gap_with_intervals", lambda *a, **k: pytest.fail("numbers recomputed"))
     again = space_tab.embedding_view(fresh, None, "data")
     assert len(calls) == 1
     assert list(again[0].data[0].x) == list(base_fig.data[0].x) and again[3] == rows
+    # the hover thumbnails: every mapped image, as a file the app serves
+    assert again[0].layout.meta["thumbs"]["i:3"].endswith(state.gallery("data").images[3].name)
 
 
 def test_bad_inputs_give_messages(setup, state, tmp_path, monkeypatch):
