@@ -134,9 +134,9 @@ def layout() -> dict[str, Any]:
             sort = gr.Dropdown(list(SORTS), value=SORTS[0], label="Sort", scale=1)
             cls = gr.Dropdown([ALL], value=ALL, label="Scene class", scale=1)
             export = gr.File(label="CSV", scale=1, elem_id="compare-csv")
-        note = gr.Markdown(elem_classes="harma-note")
+        note = gr.Markdown(elem_classes="harma-note", label="note")
         table = gr.Dataframe(headers=HEADERS["t2i"], wrap=True, interactive=False, max_height=420,
-                             elem_id="compare-table")
+                             elem_id="compare-table", label="ranks", show_label=False)
         queries = gr.State([])
         with gr.Row():
             base_gallery = gr.Gallery(label="Baseline (zero-shot)", columns=4, height=260, elem_id="compare-baseline")
