@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from benchmarks import sections
+from training.cli import CliError, pick_device
 
 SECTIONS: dict[str, Callable[..., list[dict]]] = {
     "embed": sections.embedding,
@@ -68,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the code paths in seconds")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", dest="json_out", help="results file (default benchmarks/results-<device>.json)")
     p.add_argument("--data", default=os.environ.get("HARMA_BENCH_DATA", str(Path("..") / "shared" / "datasets" / "ucm")),
                    help="UCM-Captions folder for the app section")
@@ -78,8 +79,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    try:
+        device = pick_device(args.device)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict[str, Any] = {"machine": machine(), "device": label, "quick": args.quick, "sections": {}}
     print(f"device: {label}; {results['machine']}", flush=True)

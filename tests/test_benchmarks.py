@@ -17,9 +17,11 @@ def test_quick_search_benchmark_writes_json(tmp_path, capsys):
     assert "| p50 ms |" in capsys.readouterr().out
 
 
-def test_unknown_section_is_an_error(capsys):
+def test_unknown_section_or_device_is_an_error(capsys):
     assert main(["--only", "speed"]) == 2
     assert "unknown section" in capsys.readouterr().err
+    assert main(["--only", "search", "--quick", "--device", "gpu0"]) == 2  # the trainer's device names
+    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_format_rows_aligns_union_of_keys():

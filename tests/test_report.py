@@ -23,7 +23,7 @@ def test_report_collects_rows_and_markdown_round_trips(tmp_path, capsys):
     (run / "best").mkdir(parents=True)
     save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(run / "best" / "adapter_model.safetensors"))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch_s": 90.0}) + "\n" + json.dumps({"epoch_s": 30.0}) + "\n")
-    out = tmp_path / "results.json"
+    out = tmp_path / "new" / "results.json"  # its folder is created
     assert main(["--out", str(out), f"zero-shot={tmp_path / 'eval.json'}:baseline",
                  f"HarMA={tmp_path / 'eval.json'}:{run}"]) == 0
     table = capsys.readouterr().out.strip()

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harma.errors import CheckpointError, HarmaError
-from harma.io import WEIGHTS_NAME, atomic_write_json, read_safetensors
+from harma.io import WEIGHTS_NAME, read_safetensors
 from harma.metrics import METRIC_KEYS
-from training.cli import run_command
+from training.cli import run_command, write_json
 
 GAP_KEYS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
 
@@ -110,7 +110,7 @@ def _report(args: argparse.Namespace) -> None:
     if args.update and Path(args.out).is_file():
         rows = merge_rows(json.loads(Path(args.out).read_text())["rows"], rows)
     results = {"rows": rows}
-    atomic_write_json(Path(args.out), results, 1)
+    write_json(args.out, results, 1)
     print(markdown(results))
 
 
