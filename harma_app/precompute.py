@@ -1,12 +1,13 @@
-"""Ship what a cold start on the bundled gallery would compute for the default model: both models'
-embeddings of its images and captions (``embeddings/<key>/``, encoding them is most of a fresh
-Space's first answer) and the Embedding space maps (``aligned-<key>.json``; fitting AlignedUMAP takes
-about half a minute on 2 CPU cores, plus umap's compile). Both are named by what they depend on
-(both models' weights by sha256, the gallery's image bytes and captions, the map's sampling), so the
-app uses them only for exactly those models and that gallery; anything else is computed as usual.
-Run it again after changing the checkpoints or the gallery:
+"""Ship what a cold start on the bundled gallery would compute, for every shipped model (the default
+and the folders in ``checkpoints/``): each model's and its baseline's embeddings of the images and
+captions (``embeddings/<key>/``; encoding them is most of a fresh Space's first answer) and the
+Embedding space maps (``aligned-<key>.json``; fitting AlignedUMAP takes about half a minute on 2 CPU
+cores, plus umap's compile). Both are named by what they depend on (the models' weights by sha256,
+the gallery's image bytes and captions, the map's sampling), so the app uses them only for exactly
+those models and that gallery and computes anything else. Run it again after changing the
+checkpoints or the gallery:
 
-    python -m harma_app.precompute            # writes assets/demo/precomputed/
+    python -m harma_app.precompute            # rewrites assets/demo/precomputed/
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import shutil
 import sys
+from pathlib import Path
 from typing import Optional
 
 from harma.errors import one_line
@@ -25,30 +27,35 @@ from .plots import aligned_view, layout_key
 from .state import AppConfig, AppState
 
 
-def precompute(state: AppState, model_key: Optional[str] = None) -> list[str]:
-    """Ship the default (or ``model_key``) model's embeddings and maps on the default gallery under
-    :data:`PRECOMPUTED`, removing those of earlier models; returns the files and folders written."""
+def shipped_models(state: AppState) -> list[str]:
+    """The models whose files are in the repository and load here: the presets and ``checkpoints/*/``."""
+    return [k for k, src in state.sources.items() if src.problem is None]
+
+
+def precompute(state: AppState, model_keys: Optional[list[str]] = None) -> list[str]:
+    """Ship the embeddings and maps of ``model_keys`` (default: :func:`shipped_models`) on the default
+    gallery under :data:`PRECOMPUTED`, removing everything else there; returns what was written."""
     gallery = state.gallery(state.default_gallery)
-    retrievers = state.retrievers(model_key, state.default_gallery)
     texts = gallery.pool.texts if gallery.pool is not None else None
     PRECOMPUTED.mkdir(parents=True, exist_ok=True)
-    written = [folder for r in retrievers for folder in r.ship(SHIPPED, gallery.images, texts)]
-    for old in SHIPPED.iterdir():
+    written: list[Path] = []
+    for key in model_keys or shipped_models(state):
+        retrievers = state.retrievers(key, state.default_gallery)
+        written += [folder for r in retrievers for folder in r.ship(SHIPPED, gallery.images, texts)]
+        view = aligned_view(retrievers, gallery, state.config.umap_points, state.cache_dir)
+        path = PRECOMPUTED / f"aligned-{layout_key(retrievers, gallery, state.config.umap_points)}.json"
+        atomic_write_bytes(path, json.dumps(view, separators=(",", ":")).encode())
+        written.append(path)
+    for old in [*SHIPPED.iterdir(), *PRECOMPUTED.glob("aligned-*.json")]:
         if old not in written:
-            shutil.rmtree(old)
-    key = layout_key(retrievers, gallery, state.config.umap_points)
-    view = aligned_view(retrievers, gallery, state.config.umap_points, state.cache_dir)
-    path = PRECOMPUTED / f"aligned-{key}.json"
-    atomic_write_bytes(path, json.dumps(view, separators=(",", ":")).encode())
-    for old in PRECOMPUTED.glob("aligned-*.json"):
-        if old != path:
-            old.unlink()
-    return [str(p) for p in written + [path]]
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return [str(p) for p in dict.fromkeys(written)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harma_app.precompute", description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="preset or model key (default: the app's default model)")
+    p.add_argument("--model", nargs="+", help="preset names or model keys (default: every model that loads here: "
+                   "the presets with their files and the folders in checkpoints/)")
     args = p.parse_args(argv)
     try:
         config = AppConfig(data=str(DEMO), split="test")

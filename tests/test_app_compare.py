@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import pytest
 
@@ -125,3 +126,33 @@ def test_a_map_pick_shows_the_item_and_a_selection_its_images(state):
     assert len(tiles) == len({1, 2, *pool.images[0]}) and "Selected 2 image(s) and 1 caption(s)" in text
     assert space_tab.show_pick(state, "data", '{"kind": "select", "ids": ["i:999", "x"]}')[2] == []
     assert "cannot be read" in space_tab.show_pick(state, "data", "not json")[1]
+
+
+def test_precompute_ships_what_a_fresh_start_then_reads(state, tmp_path, monkeypatch):
+    """``python -m harma_app.precompute``: each model's embeddings and map, stale files removed; a fresh
+    app on the bundled gallery answers from them without encoding or fitting anything."""
+    import harma.projection
+    import harma.retrieval.retriever
+    from harma_app import precompute as pre
+    from harma_app import tab_embedding_space as space_tab
+
+    shipped = tmp_path / "precomputed"
+    monkeypatch.setattr(pre, "PRECOMPUTED", shipped)
+    monkeypatch.setattr(pre, "SHIPPED", shipped / "embeddings")
+    (shipped / "embeddings" / "stale").mkdir(parents=True)
+    (shipped / "aligned-stale.json").write_text("{}")
+    real = harma.projection.aligned_2d
+    monkeypatch.setattr(harma.projection, "aligned_2d", lambda b, a, seed=0, **k: real(b, a, seed, use_umap=False))
+    written = pre.precompute(state, [state.default_model])
+    assert len(written) == 5 and sorted(p.name for p in shipped.iterdir())[0].startswith("aligned-")
+    assert not (shipped / "embeddings" / "stale").exists() and not (shipped / "aligned-stale.json").exists()
+
+    fresh = app_state.AppState(dataclasses.replace(state.config, cache_dir=str(tmp_path / "cache")))
+    monkeypatch.setattr(app_state, "SHIPPED", shipped / "embeddings")
+    monkeypatch.setattr(space_tab, "PRECOMPUTED", shipped)
+    monkeypatch.setattr(fresh.gallery("data"), "bundled", True)
+    monkeypatch.setattr(harma.retrieval.retriever, "encode_images", lambda *a, **k: pytest.fail("encoded"))
+    monkeypatch.setattr(harma.projection, "aligned_2d", lambda *a, **k: pytest.fail("fitted"))
+    base, adapted = fresh.retrievers(None, "data")
+    assert base.from_cache == adapted.from_cache == {"images": True, "captions": True}
+    assert space_tab.embedding_view(fresh, None, "data")[0] is not None
