@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .data import ImageDataset, RetrievalSplit, clean_caption
 from .errors import DatasetError, NonFiniteEmbeddingError
-from .gap import modality_gap
+from .gap import canonical_order, modality_gap
 from .metrics import retrieval_metrics
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -204,7 +204,8 @@ def evaluate_split(
 
     Identical captions (after cleaning) are encoded and scored once, so they tie exactly whatever
     their batch or their position in the file; with the default ``ties="expected"`` the metrics do
-    not depend on the order of the images or captions.
+    not depend on the order of the images or captions, and the gap numbers take the rows in
+    :func:`harma.gap.canonical_order`, so neither do they.
 
     Returns:
         An :class:`EvalResult`.
@@ -243,5 +244,8 @@ def evaluate_split(
     sim = (img @ txt.T)[:, inverse]  # (N_img, N_txt) cosine similarities; equal texts, equal columns
     txt = txt[inverse]
     metrics = retrieval_metrics(sim, split.text_to_image, ties=ties)
-    diag = modality_gap(img, txt, split.text_to_image) if gap else {}
+    diag = {}
+    if gap:  # rows in an order set by paths and texts, so the sampled numbers ignore the file's order
+        img_order, txt_order, t2i = canonical_order([str(p) for p in split.images], captions, split.text_to_image)
+        diag = modality_gap(img[img_order], txt[txt_order], t2i)
     return EvalResult(metrics=metrics, gap=diag, num_images=split.num_images, num_captions=split.num_captions)

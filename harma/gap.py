@@ -96,6 +96,28 @@ def _check_pairs(
     return t2i.long()
 
 
+def canonical_order(
+    image_keys: Sequence[str], caption_keys: Sequence[str], text_to_image: Sequence[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """Row orders of a split's images and captions that depend on their content, not on their order.
+
+    :func:`modality_gap` samples rows by position (the balanced sample of k-NN purity and the probe's
+    split, and uniformity beyond ``max_points``), so the same split listed in another order gives other
+    numbers. Passing the rows in this order removes that: images sort by key (e.g. their path), captions
+    by (key, their image's sorted position). Captions equal in both are interchangeable.
+
+    Returns:
+        ``(image_order, caption_order, text_to_image)``: index lists to take the rows with, and each
+        reordered caption's image in the reordered images.
+    """
+    if len(caption_keys) != len(text_to_image):
+        raise ValueError(f"{len(caption_keys)} caption keys for {len(text_to_image)} text_to_image entries")
+    image_order = sorted(range(len(image_keys)), key=image_keys.__getitem__)
+    position = {old: new for new, old in enumerate(image_order)}
+    caption_order = sorted(range(len(caption_keys)), key=lambda t: (caption_keys[t], position[text_to_image[t]]))
+    return image_order, caption_order, [position[text_to_image[t]] for t in caption_order]
+
+
 def modality_gap(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -112,6 +134,8 @@ def modality_gap(
     ``max_points`` per modality (the joint value uses the union of both samples, so it reflects
     the modalities' relative sizes). k-NN purity and the linear probe use a class-balanced
     sample: ``min(N_img, N_txt, max_points)`` points from each modality, so chance is about 0.5.
+    The samples are taken by row position: for numbers that do not depend on the order of a file,
+    pass the rows in :func:`canonical_order`.
 
     Args:
         image_emb: (N_img, D) image embeddings, N_img >= 2.

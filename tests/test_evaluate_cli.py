@@ -265,6 +265,10 @@ def test_metrics_do_not_depend_on_file_order(setup, tmp_path):
     for row in (lambda r: r, lambda r: r["baseline"]):
         for k in METRIC_KEYS:
             assert row(got["fwd", "expected"])[k] == pytest.approx(row(got["bwd", "expected"])[k], abs=1e-9), k
+        fwd_gap, bwd_gap = row(got["fwd", "expected"])["gap"], row(got["bwd", "expected"])["gap"]
+        assert set(fwd_gap) >= {"knn_modality_purity", "linear_probe_accuracy", "uniformity_text"}
+        for k in fwd_gap:  # the sampled ones (k-NN purity, probe, uniformity) too
+            assert fwd_gap[k] == pytest.approx(bwd_gap[k], abs=1e-6), k
     assert got["fwd", "expected"]["ties"] == "expected"
     assert any(got["fwd", "stable"][k] != got["bwd", "stable"][k] for k in METRIC_KEYS)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from harma.gap import modality_gap
+from harma.gap import canonical_order, modality_gap
 
 KEYS = [
     "centroid_distance",
@@ -111,6 +111,39 @@ def test_deterministic_and_seeded_subsample():
     assert a["knn_purity_chance"] == pytest.approx(99 / 199)
     # Full-set quantities do not depend on the sample.
     assert a["centroid_distance"] == c["centroid_distance"]
+
+
+def test_canonical_order_makes_the_sampled_numbers_ignore_row_order():
+    """A split of 30 images with 5 captions each (a few repeated across images, as UCM's are), given
+    in two orders: taken as given, the balanced sample and the probe's split differ; in canonical
+    order every number is the same."""
+    img, txt = gaussian(30, 16, 0), gaussian(150, 16, 1) + 0.2
+    names = [f"{i:02d}.jpg" for i in range(30)]
+    t2i = [t // 5 for t in range(150)]
+    texts = [f"text {t}" if t % 7 else "a shared caption" for t in range(150)]
+    txt[[t for t in range(150) if texts[t] == "a shared caption"]] = txt[0].clone()  # equal texts, equal rows
+    g = torch.Generator().manual_seed(3)
+    pi, pt = torch.randperm(30, generator=g), torch.randperm(150, generator=g)
+    where = {int(old): new for new, old in enumerate(pi)}
+    shuffled = (img[pi], txt[pt], [where[t2i[t]] for t in pt], [names[i] for i in pi], [texts[t] for t in pt])
+
+    def gap(im, tx, t2i_, canonical=None):
+        if canonical is None:
+            return modality_gap(im, tx, t2i_, max_points=20)
+        io, to, t2i_ = canonical_order(*canonical, t2i_)
+        return modality_gap(im[io], tx[to], t2i_, max_points=20)
+
+    a, b = gap(img, txt, t2i, (names, texts)), gap(*shuffled[:3], shuffled[3:])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=1e-9), k
+    as_given = gap(img, txt, t2i), gap(*shuffled[:3])
+    assert as_given[0]["knn_modality_purity"] != as_given[1]["knn_modality_purity"]
+    assert as_given[0]["uniformity_text"] != as_given[1]["uniformity_text"]
+    io, to, new_t2i = canonical_order(["b", "a"], ["y", "x", "x"], [0, 1, 0])
+    assert (io, to, new_t2i) == ([1, 0], [1, 2, 0], [0, 1, 1])
+    with pytest.raises(ValueError, match="2 caption keys for 3"):
+        canonical_order(["a"], ["x", "y"], [0, 0, 0])
 
 
 def test_k_is_capped_for_tiny_inputs():

@@ -22,18 +22,18 @@ def _pm(mean: float, sd: Optional[float]) -> str:
 def markdown(results: dict[str, Any]) -> str:
     """The README table of an aggregated results file (test first; val is what selected the epoch)."""
     head = ("| method | seeds | test mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | val mR "
-            "| test centroid gap | test k-NN modality purity | trained params | train time (2 CPU cores) |")
+            "| test centroid gap | trained params | train time (2 CPU cores) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results["rows"]:
         cells = [r["label"], ", ".join(str(s) for s in r["seeds"]) if r["trained_params"] else "-",
                  "**" + _pm(r["test_mR"], r["test_mR_sd"]) + "**"]
         cells += [f"{r[f'test_{d}_R@{k}']:.2f}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
         cells += [_pm(r["val_mR"], r["val_mR_sd"]), f"{r['test_centroid_distance']:.3f}",
-                  f"{r['test_knn_modality_purity']:.3f}", f"{r['trained_params']:,}",
+                  f"{r['trained_params']:,}",
                   f"{r['train_minutes']:.0f} min" if r["train_minutes"] else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     for p in results.get("published", []):
-        lines.append(f"| {p['label']} | - | {p['test_mR']:.2f} | | | | | | | | | | | |")
+        lines.append(f"| {p['label']} | - | {p['test_mR']:.2f} | | | | | | | | | | |")
     if results.get("pending"):
         lines.append("")
         lines.append("Not yet run on this protocol: " + ", ".join(f"`{k}`" for k in results["pending"]) + ".")
