@@ -10,7 +10,7 @@ from typing import Any, Optional
 import gradio as gr
 import torch
 
-from harma.gap import modality_gap
+from harma.gap import canonical_order, modality_gap
 from harma.gap_ci import gap_with_intervals
 from harma.io import arrays_key, cached_json
 from harma.retrieval import Retriever
@@ -34,7 +34,7 @@ GAP_ROWS = [  # harma.gap.modality_gap keys shown next to the plots: readable na
     ("linear_probe_accuracy", "Modality probe accuracy",
      "held-out accuracy of predicting the modality (0.5 = mixed, 1 = separated)"),
 ]
-GAP_VERSION = 1  # bump when the rows or their measures change (invalidates the disk cache)
+GAP_VERSION = 2  # bump when the rows or their measures change (invalidates the disk cache)
 MAX_PICKED = 48  # images shown for a box or lasso selection
 CI_ROWS = [  # harma.gap_ci keys, shown first, with 95% bootstrap intervals over images
     ("centroid_distance", "Centroid distance", "‖mean image − mean caption‖ (Liang et al. 2022); lower = closer"),
@@ -54,10 +54,12 @@ def gap_rows(app: AppState, key: tuple, gallery: Gallery, retrievers: tuple[Retr
     UCM train, every start otherwise)."""
     if gallery.pool is None or gallery.split.num_images < 2 or gallery.split.num_captions < 2:
         return []
-    order = torch.tensor(gallery.pool.caption_to_text)
-    t2i = gallery.split.text_to_image
-    caps = [r.captions.embeddings[order] for r in retrievers]
-    imgs = [r.images.embeddings for r in retrievers]
+    split = gallery.split  # rows in an order set by paths and texts: the sampled numbers ignore file order
+    img_order, txt_order, t2i = canonical_order([str(p) for p in split.images], split.captions, split.text_to_image)
+    rows = torch.tensor(gallery.pool.caption_to_text)[txt_order]
+    caps = [r.captions.embeddings[rows] for r in retrievers]
+    imgs = [r.images.embeddings[img_order] for r in retrievers]
+    classes = [classes[i] for i in img_order] if classes is not None else None
 
     def compute() -> list:
         ci = [gap_with_intervals(i, c, t2i, classes) for i, c in zip(imgs, caps)]

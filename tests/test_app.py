@@ -201,6 +201,26 @@ def test_embedding_view_is_cached(setup, monkeypatch, tmp_path):
     assert again[0].layout.meta["thumbs"]["i:3"].endswith(state.gallery("data").images[3].name)
 
 
+def test_gap_numbers_do_not_depend_on_file_order(setup, monkeypatch, tmp_path):
+    """The same gallery with its annotation file listed in reverse: the same numbers and intervals
+    (the bootstrap draws images by row, the modality probe samples captions by row)."""
+    import shutil
+
+    import harma.projection
+
+    real = harma.projection.aligned_2d  # the Procrustes layout (fast); the numbers do not use it
+    monkeypatch.setattr(harma.projection, "aligned_2d", lambda b, a, seed=0, **_: real(b, a, seed, use_umap=False))
+    reverse = tmp_path / "reverse"
+    shutil.copytree(setup["data"], reverse)
+    head, *rows = (reverse / "train.csv").read_text().splitlines()
+    (reverse / "train.csv").write_text("\n".join([head, *rows[::-1]]) + "\n")
+    got = []
+    for data in (setup["data"], reverse):
+        config = dataclasses.replace(setup["config"], data=str(data), cache_dir=str(tmp_path / f"cache-{data.name}"))
+        got.append(space_tab.embedding_view(app_state.AppState(config), None, "data")[3])
+    assert got[0] == got[1] and len(got[0]) == len(space_tab.CI_ROWS + space_tab.GAP_ROWS)
+
+
 def test_bad_inputs_give_messages(setup, state, tmp_path, monkeypatch):
     for query in ("", "   ", None):
         base, adapted, msg = t2i.search_text(state, query, 5, None, "data")
