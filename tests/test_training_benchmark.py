@@ -12,7 +12,7 @@ import pytest
 from harma.metrics import METRIC_KEYS
 from tests.test_encode import write_split
 from training import benchmark
-from training.benchmark import SUITES, BenchmarkError, Method, Suite, aggregate, plan, update_readme
+from training.benchmark import SUITES, BenchmarkError, Method, Suite, aggregate, check_shippable, plan, update_readme
 from training.benchmark_tables import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +77,26 @@ def test_aggregate_means_and_sample_sd_and_the_table(tmp_path):
     assert not update_readme(readme, "toy", table)
     with pytest.raises(BenchmarkError, match="markers"):
         update_readme(readme, "other", table)
+
+
+def test_only_a_finished_run_with_the_recorded_curve_ships(tmp_path):
+    """An unfinished run (its best/ is an early pick) and a run that is not the one a results JSON
+    records are refused with messages; the recorded run ships."""
+    run = tmp_path / "ucm-a-s0"
+    run.mkdir()
+    lines = [{"epoch": 1, "val": {"mR": 20.123456}}, {"epoch": 2, "val": {"mR": 25.0}, "partial": True}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    record = tmp_path / "a-s0.json"
+    with pytest.raises(BenchmarkError, match="1 of 2 epochs done"):
+        check_shippable(run, 2, record)
+    lines[1].pop("partial")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    check_shippable(run, 2, record)  # no record: nothing to compare with
+    record.write_text(json.dumps({"val_mR_per_epoch": [20.1235, 25.0]}))
+    check_shippable(run, 2, record)
+    record.write_text(json.dumps({"val_mR_per_epoch": [20.1235, 24.9]}))
+    with pytest.raises(BenchmarkError, match="not the one in .*a-s0.json"):
+        check_shippable(run, 2, record)
 
 
 def test_readme_table_is_generated_from_the_results():

@@ -35,6 +35,7 @@ from training.benchmark_tables import card_section, markdown, shipped_markdown
 from training.cli import USER_ERRORS, run_command, write_json
 from training.config import load_config
 from training.export import export
+from training.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 # Only the full-set gap number: the run JSONs written before harma.gap.canonical_order hold k-NN purity
@@ -263,23 +264,41 @@ def write_results(suite: Suite, results_dir: Path, readme: Optional[Path]) -> di
     return results
 
 
-def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str) -> list[str]:
-    """Export the given seed's best/ of every shipped method to ``checkpoints/<name>`` (fp16, with the
-    run's ``metrics.jsonl``), evaluate the exported files on val and test (with the zero-shot
-    baseline), record that in ``results/<suite>/shipped/<name>.json`` and in the model card. The seed is fixed in advance (the
-    first one), so nothing is chosen on test. Returns the names shipped."""
+def check_shippable(run_dir: Path, epochs: int, record: Optional[Path]) -> None:
+    """Refuse a run that has not finished its ``epochs`` (its best/ would be an early pick), and one
+    whose validation curve is not the one recorded in ``record`` (the run JSON the README reports),
+    so a shipped checkpoint is always the run its table row describes."""
+    done = [e for e in read_metrics(run_dir) if not e.get("partial")]
+    if len(done) < epochs:
+        raise BenchmarkError(f"{run_dir}: {len(done)} of {epochs} epochs done; let the run finish before shipping it")
+    if record is not None and record.is_file():
+        recorded = json.loads(record.read_text()).get("val_mR_per_epoch")
+        curve = [round(e["val"]["mR"], 4) for e in done]
+        if recorded != curve:
+            raise BenchmarkError(f"{run_dir}: its val mR per epoch {curve} is not the one in {record} ({recorded}); "
+                                 "ship the run that JSON records, or delete the JSON and re-run the benchmark")
+
+
+def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str,
+         methods: Optional[list[str]] = None) -> list[str]:
+    """Export the given seed's best/ of every shipped method (or of ``methods``) to ``checkpoints/<name>``
+    (fp16, with the run's ``metrics.jsonl``), evaluate the exported files on val and test (with the
+    zero-shot baseline), record that in ``results/<suite>/shipped/<name>.json`` and in the model card.
+    The seed is fixed in advance (the first one), so nothing is chosen on test. Only finished runs
+    whose validation curve is the recorded one ship (:func:`check_shippable`). Returns the names shipped."""
     shipped = []
     for m in suite.methods:
         run_dir = runs_dir / f"{suite.name}-{m.key}-s{seed}"
-        if not m.ship:
+        if not m.ship or (methods and m.key not in methods):
             continue
         if not (run_dir / "best").is_dir():
             print(f"ship {m.ship}: no {run_dir / 'best'} on this machine, skipped", flush=True)
             continue
+        cfg = load_config(ROOT / suite.config, [*m.overrides, f"data.root={data}"])
+        check_shippable(run_dir, cfg.run.epochs, results_dir / suite.name / "runs" / f"{m.key}-s{seed}.json")
         out = ROOT / "checkpoints" / m.ship
         export(run_dir, out, "fp16")
         shutil.copy(run_dir / "metrics.jsonl", out / "metrics.jsonl")  # every epoch's validation, beside the pick
-        cfg = load_config(ROOT / suite.config, [*m.overrides, f"data.root={data}"])
         name = f"checkpoints/{m.ship}"
         val = _evaluate(out, data, "train:val", _carve_args(cfg))
         test = _evaluate(out, data, suite.test_split, ["--baseline"])
@@ -333,7 +352,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"{len(todo)} of {len(runs)} runs to go, about {total / 60:.1f} h on 2 CPU cores")
         return
     if args.ship:
-        names = ship(suite, args.seeds[0], runs_dir, results_dir, data)
+        names = ship(suite, args.seeds[0], runs_dir, results_dir, data, args.methods)
         print(f"shipped: {', '.join(names) or 'nothing'}")
     elif not args.aggregate_only:
         if todo and not Path(data).is_dir():
