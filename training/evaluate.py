@@ -113,8 +113,8 @@ def _run(model: torch.nn.Module, split: RetrievalSplit, transform, tokenizer, ar
          device: torch.device, label: str) -> EvalResult:
     from tqdm import tqdm
 
-    total = split.num_images + split.num_captions
-    with tqdm(total=total, desc=f"encode {label}", unit="item", file=sys.stderr, dynamic_ncols=True) as bar:
+    # the total comes with the first update: images plus distinct captions (equal ones are encoded once)
+    with tqdm(total=None, desc=f"encode {label}", unit="item", file=sys.stderr, dynamic_ncols=True) as bar:
         return evaluate_split(
             model, split, transform, tokenizer, clean_captions=args.clean_captions, max_words=args.max_words,
             batch_size=args.batch_size, device=device, num_workers=args.num_workers,
