@@ -19,6 +19,7 @@ log = logging.getLogger("harma.app")
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (or the Space): app.py, assets/, checkpoints/
 ASSETS = ROOT / "assets"
 DEMO = ASSETS / "demo"  # the bundled gallery (UCM test split; python -m training.build_demo)
+DEMO_MAX_BYTES = 6 * 2**20  # the repository's budget for all of DEMO (as training/build_demo.py's MAX_BYTES)
 PRECOMPUTED = DEMO / "precomputed"  # maps shipped for the default model on it (python -m harma_app.precompute)
 SHIPPED = PRECOMPUTED / "embeddings"  # and its embeddings, keyed by content (harma.retrieval.Retriever.ship)
 DEFAULT_PRESET = "rs-minilm-harma"

@@ -156,3 +156,6 @@ def test_precompute_ships_what_a_fresh_start_then_reads(state, tmp_path, monkeyp
     base, adapted = fresh.retrievers(None, "data")
     assert base.from_cache == adapted.from_cache == {"images": True, "captions": True}
     assert space_tab.embedding_view(fresh, None, "data")[0] is not None
+    monkeypatch.setattr(pre, "DEMO_MAX_BYTES", 1000)  # the shipped files no longer fit the demo folder's budget
+    with pytest.raises(pre.AppError, match=r"MiB, over its 0 MiB budget: ship fewer models"):
+        pre.precompute(state, [state.default_model])

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 
 from harma.data import load_split
-from training.build_demo import main
+from harma_app.common import DEMO, DEMO_MAX_BYTES
+from training.build_demo import MAX_BYTES, main
 
 
 def test_builds_a_small_labelled_gallery(tmp_path, capsys):
@@ -28,3 +29,10 @@ def test_builds_a_small_labelled_gallery(tmp_path, capsys):
     assert all(max(Image.open(p).size) == 64 for p in s.images)
     assert "public domain" in (out / "CREDITS.md").read_text()
     assert main(["--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_the_committed_demo_folder_is_within_its_budget():
+    """The gallery and what harma_app.precompute ships beside it share one 6 MiB budget."""
+    assert DEMO_MAX_BYTES == MAX_BYTES == 6 * 2**20
+    size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
+    assert 0 < size <= DEMO_MAX_BYTES, f"{DEMO} takes {size / 2**20:.2f} MiB"
