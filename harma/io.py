@@ -88,6 +88,11 @@ def hash_files(h: "hashlib._Hash", paths: Sequence[PathLike]) -> "hashlib._Hash"
     return h
 
 
+def folder_bytes(folder: PathLike) -> int:
+    """Total size in bytes of the files under ``folder`` (recursively)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 def read_safetensors(path: PathLike, error: type[HarmaError], keys: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The tensors of a safetensors file (only ``keys`` if given). A missing, truncated or foreign file
     raises ``error`` naming the path, never safetensors' own ``SafetensorError``."""

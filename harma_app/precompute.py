@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from harma.errors import one_line
-from harma.io import atomic_write_bytes
+from harma.io import atomic_write_bytes, folder_bytes
 
 from .common import DEMO, DEMO_MAX_BYTES, PRECOMPUTED, SHIPPED, USER_ERRORS, AppError
 from .plots import aligned_view, layout_key
@@ -46,7 +46,7 @@ def precompute(state: AppState, model_keys: Optional[list[str]] = None) -> list[
     for old in [*SHIPPED.iterdir(), *PRECOMPUTED.glob("aligned-*.json")]:
         if old not in written:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-    size = sum(p.stat().st_size for p in PRECOMPUTED.parent.rglob("*") if p.is_file())
+    size = folder_bytes(PRECOMPUTED.parent)
     if size > DEMO_MAX_BYTES:
         raise AppError(f"{PRECOMPUTED.parent} now takes {size / 2**20:.1f} MiB, over its "
                        f"{DEMO_MAX_BYTES / 2**20:.0f} MiB budget: ship fewer models (--model)")

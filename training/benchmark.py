@@ -185,9 +185,9 @@ def execute(suite: Suite, run: Run, runs_dir: Path, data: str) -> dict[str, Any]
             raise BenchmarkError(f"{run.name}: training exited with {proc.returncode} ({out['command']})")
         run_dir = runs_dir / f"{suite.name}-{run.name}"
         checkpoint = run_dir / "best"
-        epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        epochs = read_metrics(run_dir)
         meta = json.loads((checkpoint / CONFIG_NAME).read_text())
-        out.update(best_epoch=meta["extra"]["epoch"], val_mR_per_epoch=[round(e["val"]["mR"], 4) for e in epochs],
+        out.update(best_epoch=meta["extra"]["epoch"], val_mR_per_epoch=val_curve(epochs),
                    trained_params=meta["trainable_params"],
                    train_minutes=round(sum(e.get("epoch_s", 0.0) for e in epochs) / 60, 1),
                    wall_minutes_this_call=round((time.time() - t0) / 60, 1),
@@ -264,6 +264,11 @@ def write_results(suite: Suite, results_dir: Path, readme: Optional[Path]) -> di
     return results
 
 
+def val_curve(epochs: list[dict[str, Any]]) -> list[float]:
+    """Validation mR per epoch as a run JSON records it (``val_mR_per_epoch``), from ``metrics.jsonl`` records."""
+    return [round(e["val"]["mR"], 4) for e in epochs]
+
+
 def check_shippable(run_dir: Path, epochs: int, record: Optional[Path]) -> None:
     """Refuse a run that has not finished its ``epochs`` (its best/ would be an early pick), and one
     whose validation curve is not the one recorded in ``record`` (the run JSON the README reports),
@@ -273,7 +278,7 @@ def check_shippable(run_dir: Path, epochs: int, record: Optional[Path]) -> None:
         raise BenchmarkError(f"{run_dir}: {len(done)} of {epochs} epochs done; let the run finish before shipping it")
     if record is not None and record.is_file():
         recorded = json.loads(record.read_text()).get("val_mR_per_epoch")
-        curve = [round(e["val"]["mR"], 4) for e in done]
+        curve = val_curve(done)
         if recorded != curve:
             raise BenchmarkError(f"{run_dir}: its val mR per epoch {curve} is not the one in {record} ({recorded}); "
                                  "ship the run that JSON records, or delete the JSON and re-run the benchmark")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from harma.data import DatasetError, image_classes, load_split, open_image
-from harma.io import atomic_write_bytes
+from harma.io import atomic_write_bytes, folder_bytes
 from training.cli import run_command
 
 # UC Merced Land Use classes in id order: ids 1-100 are the first, 101-200 the second, ...
@@ -81,7 +81,7 @@ def build(data: Path, out: Path, split: str = "test", side: int = 192, quality: 
         writer.writerow([names[i], caption.strip(), labels[i]])
     atomic_write_bytes(tmp / f"{split}.csv", buf.getvalue().encode())
     atomic_write_bytes(tmp / "CREDITS.md", CREDITS.format(side=side).encode())
-    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    size = folder_bytes(tmp)
     if size > MAX_BYTES:
         shutil.rmtree(tmp)
         raise DatasetError(f"the demo gallery would take {size / 2**20:.1f} MB (limit 6 MB); lower --side or --quality")
