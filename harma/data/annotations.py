@@ -16,7 +16,12 @@ from harma.errors import DatasetError
 
 @dataclass
 class Annotations:
-    """Images (as references relative to the dataset folder) in first-appearance order."""
+    """Images (as references relative to the dataset folder) in first-appearance order.
+
+    Entries that name the same image (after ``os.path.normpath``: ``./a.jpg`` is ``a.jpg``) are merged:
+    their captions are that image's, in file order, wherever the entries are. Two different labels
+    for one image are refused, naming both places.
+    """
 
     source: str  # annotation file(s), for messages
     refs: list[str] = field(default_factory=list)
@@ -25,11 +30,13 @@ class Annotations:
     labels: list[str | None] = field(default_factory=list)
     where: list[str] = field(default_factory=list)  # per caption: file and line/entry, for messages
     _index: dict[str, int] = field(default_factory=dict, repr=False)
+    _label_at: dict[int, str] = field(default_factory=dict, repr=False)  # image -> where its label came from
 
     def add(self, ref: str, captions: Sequence[str], label: str | None = None, where: str | None = None) -> int:
         """Append captions to image ``ref`` (created on first sight); return its index.
 
         ``where`` names the file and line (or entry) the captions come from, for messages."""
+        place = where or self.source
         idx = self._index.get(ref)
         if idx is None:  # first sight of this spelling: normalise ("./a.jpg" is "a.jpg")
             key = os.path.normpath(ref)
@@ -37,13 +44,16 @@ class Annotations:
             if idx is None:
                 idx = self._index[key] = len(self.refs)
                 self.refs.append(key)
-                self.labels.append(label)
+                self.labels.append(None)
             self._index[ref] = idx
-        elif self.labels[idx] is None:
-            self.labels[idx] = label
+        if label is not None:
+            if self.labels[idx] is None:
+                self.labels[idx], self._label_at[idx] = label, place
+            elif self.labels[idx] != label:
+                raise DatasetError(f"{place}: image {ref!r} has label {label!r}, but "
+                                   f"{self._label_at[idx]} gives it {self.labels[idx]!r}")
         self.captions.extend(captions)
         self.text_to_image.extend([idx] * len(captions))
-        place = where or self.source
         self.where.extend([place] if len(captions) == 1 else [f"{place}, caption {j}" for j in range(len(captions))])
         return idx
 
@@ -65,6 +75,7 @@ class Annotations:
         self.refs = [self.refs[i] for i in used]
         self.labels = [self.labels[i] for i in used]
         self._index = {ref: i for i, ref in enumerate(self.refs)}
+        self._label_at = {new_index[i]: w for i, w in self._label_at.items() if i in new_index}
         return len(empty)
 
     def label_list(self) -> list[str] | None:

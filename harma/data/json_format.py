@@ -2,7 +2,9 @@
 
 Entries are per caption (``caption`` a string, several entries per ``image``) or per image
 (``caption`` a list); both shapes may be mixed. Entries are grouped by ``image`` in first-appearance
-order; ``image_id`` (a contiguous re-index in the released code) is not needed for that.
+order; ``image_id`` (a contiguous re-index in the released code) is not needed for that. Entries
+naming the same image, of either shape and wherever they are, are merged (captions in file order);
+two different ``label_name`` values for one image are refused, naming both entries.
 """
 
 from __future__ import annotations

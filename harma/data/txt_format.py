@@ -1,7 +1,8 @@
 """PE-RSITR txt annotations: ``<split>_filename.txt`` + ``<split>_caps.txt`` (method.md §4.3).
 
 Two variants: one filename line per image (the caps file has k lines per image, caption line c
-belongs to image c // k), or one filename line per caption (same line count; lines naming the same
+belongs to image c // k; a name listed twice is refused with both line numbers, since it would merge
+two images' captions), or one filename line per caption (same line count; lines naming the same
 file, consecutive or not, are one image). The grouping is by position, so k must be known: a
 caption file missing a few lines would otherwise still divide evenly and give every image another
 image's captions. k is the format's 5 (UCM, RSICD, RSITMD as published) unless the caller says
@@ -10,6 +11,7 @@ otherwise.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from harma.data.annotations import Annotations, pick_split_file, read_text
@@ -33,6 +35,17 @@ def _lines(path: Path) -> list[str]:
     while lines and not lines[-1]:
         lines.pop()
     return lines
+
+
+def _refuse_repeats(names: list[str], names_path: Path, k: int) -> None:
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        j = first.setdefault(os.path.normpath(name), i)
+        if j != i:
+            raise DatasetError(
+                f"{names_path}: lines {j + 1} and {i + 1} both name {name!r}; with {k} caption lines per filename "
+                "line each line is one image, so a name may appear only once (remove the repeat, with its "
+                f"{k} caption lines)")
 
 
 def read_pe_rsitr_txt(root: Path, split: str, captions_per_image: int | None = None) -> Annotations:
@@ -68,6 +81,8 @@ def read_pe_rsitr_txt(root: Path, split: str, captions_per_image: int | None = N
     if blank is not None:
         raise DatasetError(f"{names_path}: line {blank + 1} is empty")
     k = n_c // n_f
+    if k > 1:  # one filename line per image: a name listed twice would merge two images' captions
+        _refuse_repeats(names, names_path, k)
     ann = Annotations(source=f"{names_path} + {caps_path.name}")
     for c, caption in enumerate(caps):
         ann.add(names[c // k], [caption], where=f"{caps_path}: line {c + 1}")
