@@ -2,9 +2,11 @@
 
     python -m training.build_index --checkpoint checkpoints/ucm-harma --images /data/archive --out indexes/archive
 
-Images are encoded in resumable shards (run the same command again after an interruption); the
-result is ``OUT/embeddings.safetensors`` + ``OUT/index.json`` (ids = paths relative to ``--images``),
-plus ``OUT/ann.faiss`` above the approximate-search threshold. Load it with
+Images are encoded in resumable shards: run the same command again after an interruption. Each
+finished shard records its images' size and modification time, so images changed, added or removed
+since are encoded again (or dropped) and the others are reused. The result is
+``OUT/embeddings.safetensors`` + ``OUT/index.json`` (ids = paths relative to ``--images``), plus
+``OUT/ann.faiss`` above the approximate-search threshold. Load it with
 ``harma.retrieval.EmbeddingIndex.load(OUT)`` or ``python app.py --index OUT``.
 """
 
