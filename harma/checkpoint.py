@@ -8,7 +8,6 @@ atomic (temporary file + rename), so an interrupted save never leaves a half-wri
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -17,9 +16,17 @@ import open_clip
 import torch
 
 from .archs import ensure_arch
-from .config import ModelConfig, from_dict, to_dict
-from .errors import CheckpointError
-from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, atomic_write_json, file_sha256, read_safetensors
+from .config import METHODS, ModelConfig, from_dict, to_dict
+from .errors import CheckpointError, ConfigError
+from .io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+    read_json,
+    read_safetensors,
+)
 from .model import HarmaModel, create_model
 
 FORMAT_VERSION = 1
@@ -69,18 +76,65 @@ def save_adapters(model: HarmaModel, directory: Union[str, Path], extra: Optiona
     return directory
 
 
+# fields of "base" (each may be null): what the adapters were trained on
+BASE_FIELDS = {"model_name": str, "pretrained": str, "base_weights": str, "base_weights_sha256": str,
+               "base_weights_relative": str, "model_cfg": dict}
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type in JSON's words (``null``, ``a list``, ``a string``), for a message."""
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
 def read_adapter_config(directory: Union[str, Path]) -> dict[str, Any]:
+    """The validated ``adapter_config.json`` of an adapter directory.
+
+    Raises:
+        CheckpointError: no such file, invalid JSON, or a field missing or of the wrong type (the
+            message names the file and the field, e.g. ``base`` or ``model.harma``).
+    """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME} (is this an adapter directory?)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    meta = read_json(path, CheckpointError)
+    check_adapter_config(meta, path)
+    return meta
+
+
+def check_adapter_config(meta: Any, path: Union[str, Path]) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and the field unless ``meta`` has the structure
+    :func:`save_adapters` writes: ``method`` one of :data:`~harma.config.METHODS`, ``model`` a valid
+    :class:`~harma.config.ModelConfig` of that method, ``base`` an object of strings, ``extra`` an object."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {_kind(meta)}")
     for key in ("method", "model", "base"):
         if key not in meta:
             raise CheckpointError(f"{path}: missing field {key!r}")
-    return meta
+    if not isinstance(meta["method"], str) or meta["method"] not in METHODS:
+        raise CheckpointError(f"{path}: field 'method' is {str(meta['method'])[:60]!r}, expected one of "
+                              f"{', '.join(METHODS)}")
+    for key in ("model", "base", "extra"):
+        if (key != "extra" or meta.get(key) is not None) and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{path}: field {key!r} must be an object, got {_kind(meta[key])}")
+    for key, kind in BASE_FIELDS.items():
+        value = meta["base"].get(key)
+        if value is not None and not isinstance(value, kind):
+            raise CheckpointError(f"{path}: field 'base.{key}' must be {_kind(kind())} or null, got {_kind(value)}")
+    for key in ("format_version", "trainable_params"):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise CheckpointError(f"{path}: field {key!r} must be a whole number, got {_kind(value)}")
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {meta['format_version']} is newer than this harma reads "
+                              f"({FORMAT_VERSION}); update harma")
+    try:
+        cfg = from_dict(ModelConfig, meta["model"], "model")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if cfg.method != meta["method"]:
+        raise CheckpointError(f"{path}: field 'method' is {meta['method']!r} but 'model.method' is {cfg.method!r}")
 
 
 def _base_mismatch(needed: dict, have: dict) -> list[str]:
@@ -110,6 +164,12 @@ def load_adapter_weights(model: HarmaModel, directory: Union[str, Path], check_b
     if not weights.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_NAME} is missing")
     tensors = read_safetensors(weights, CheckpointError)
+    # trained tensors are floating point: an integer or boolean one would be cast and used as numbers
+    not_float = next((k for k, t in tensors.items() if not t.is_floating_point()), None)
+    if not_float is not None:
+        dtype = str(tensors[not_float].dtype).removeprefix("torch.")
+        raise CheckpointError(f"{weights}: tensor {not_float} has dtype {dtype}; trained tensors are floating "
+                              "point (is this file from another program?)")
     bad_values = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad_values is not None:
         raise CheckpointError(f"{weights}: tensor {bad_values} holds NaN or infinite values; this checkpoint "

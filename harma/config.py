@@ -8,6 +8,7 @@ the PE-RSITR MRS-Adapter (method.md §6).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -192,6 +193,9 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             kwargs[key] = from_dict(hint, value, path)
+        elif dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+            raise ConfigError(f"{path}: expected a section (a mapping of keys), got {type(value).__name__} "
+                              f"{_short(value)}")
         else:
             kwargs[key] = _convert(value, hint, path)
     try:
@@ -203,26 +207,58 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters, for a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _convert(value: Any, hint: Any, where: str) -> Any:
-    """``value`` read as ``hint`` (see :func:`from_dict`); other types pass through to the dataclass."""
+    """``value`` read as ``hint`` (see :func:`from_dict`); other types pass through to the dataclass.
+
+    A float must be finite (``nan`` and ``inf`` are refused), a boolean is not a number, and a list
+    or tuple field takes a list whose items are read as its item type.
+    """
     if typing.get_origin(hint) is Union:  # Optional[X]
         if value is None:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) in (list, tuple):
+        return _convert_items(value, hint, where)
     try:
         if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return float(value)
-        if hint is int and isinstance(value, str):
+            value = float(value)
+        elif hint is int and isinstance(value, str):
             return int(value)
-        if hint is bool and isinstance(value, str):
+        elif hint is bool and isinstance(value, str):
             if value.lower() not in TRUE + FALSE:
                 raise ValueError(value)
             return value.lower() in TRUE
-        if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    except ValueError:
-        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{where}: cannot read {_short(value)} as {getattr(hint, '__name__', hint)}") from None
     if hint in (int, float, bool, str) and value is not None and not isinstance(value, hint):
         if not (hint is float and isinstance(value, int)):
-            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {_short(value)}")
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     return value
+
+
+def _convert_items(value: Any, hint: Any, where: str) -> Any:
+    """A list or tuple field: each item read as its declared type (``tuple[float, float]`` takes two)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {_short(value)}")
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {len(value)}")
+        items = args
+    else:
+        items = [args[0] if args else Any] * len(value)
+    converted = [v if item is Any else _convert(v, item, f"{where}[{i}]")
+                 for i, (v, item) in enumerate(zip(value, items))]
+    return tuple(converted) if typing.get_origin(hint) is tuple else converted

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .errors import HarmaError, unreadable
+from .errors import HarmaError, one_line, unreadable
 
 CONFIG_NAME = "adapter_config.json"  # an adapter directory's description (PEFT layout)
 WEIGHTS_NAME = "adapter_model.safetensors"  # its trained tensors
@@ -61,13 +61,37 @@ def cached_json(path: Optional[PathLike], compute: Callable[[], Any]) -> Any:
     path = Path(path)
     if path.is_file():
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            return read_json(path, HarmaError)
+        except HarmaError:
             pass
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(out).encode())
     return out
+
+
+def parse_json(text: Union[str, bytes], error: type[Exception], where: object) -> Any:
+    """``text`` parsed as JSON. Invalid JSON, nesting deeper than the parser's recursion allows, an
+    integer too long to convert and bytes that are not UTF-8 raise ``error`` naming ``where`` (a path,
+    or ``path: line N``), never ``json``'s own ``ValueError`` or a ``RecursionError``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise error(f"{where}: invalid JSON: nested too deeply to read") from None
+    except ValueError as e:  # UnicodeDecodeError, an integer of more than 4300 digits
+        raise error(f"{where}: invalid JSON: {one_line(e)[:200]}") from None
+
+
+def read_json(path: PathLike, error: type[Exception]) -> Any:
+    """The JSON in file ``path`` (the one JSON reader of the project: see :func:`parse_json`); a file
+    that cannot be read raises ``error`` naming it too."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise error(unreadable(path, e)) from None
+    return parse_json(data, error, path)
 
 
 def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:

@@ -9,7 +9,6 @@ that names the keys (the released HarMA code loads with ``strict=False``, method
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BaseWeightsError
-from .io import CONFIG_NAME, WEIGHTS_NAME, file_sha256, read_safetensors, safetensors_keys
+from .io import CONFIG_NAME, WEIGHTS_NAME, file_sha256, read_json, read_safetensors, safetensors_keys
 
 PREFIXES = ("module.", "model.", "clip.", "state_dict.")
 IGNORED_KEYS = {"logit_bias"}  # optional scalars some checkpoints carry and open_clip may not
@@ -92,6 +91,7 @@ def load_base_weights(clip: nn.Module, path: Union[str, Path], strict: bool = Tr
     unexpected = sorted(k for k in sd if k not in own and k not in IGNORED_KEYS)
     mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                         for k in sd if k in own and sd[k].shape != own[k].shape)
+    _refuse_integers(path, sd, own)
     report = LoadReport(str(path), file_sha256(path), 0, missing, unexpected, mismatched)
     if strict and (missing or unexpected or mismatched):
         lines = [f"{path} does not match {type(clip).__name__}:"]
@@ -105,6 +105,16 @@ def load_base_weights(clip: nn.Module, path: Union[str, Path], strict: bool = Tr
     clip.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     return report
+
+
+def _refuse_integers(path: Union[str, Path], sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Refuse a file whose tensor is integer or boolean where the model holds floating point: loading
+    would cast it and use it as numbers (an integer buffer such as HF ``position_ids`` may stay integer)."""
+    for k, t in sd.items():
+        if k in own and own[k].is_floating_point() and not t.is_floating_point():
+            raise BaseWeightsError(f"{path}: tensor {k} has dtype {str(t.dtype).removeprefix('torch.')} where the "
+                                   f"model holds {str(own[k].dtype).removeprefix('torch.')} (is this file from "
+                                   "another program?)")
 
 
 @contextlib.contextmanager
@@ -134,7 +144,8 @@ def _load_full_checkpoint(clip: nn.Module, directory: Path) -> LoadReport:
     if not config.is_file() or not weights.is_file():
         raise BaseWeightsError(f"{directory}: a base-weights folder must hold adapter_config.json and "
                                "adapter_model.safetensors (a checkpoint of method 'full')")
-    method = json.loads(config.read_text()).get("method")
+    meta = read_json(config, BaseWeightsError)
+    method = meta.get("method") if isinstance(meta, dict) else None
     if method != "full":
         raise BaseWeightsError(f"{directory}: base weights must come from a 'full' checkpoint, this one is {method!r}")
     tensors = read_safetensors(weights, BaseWeightsError)
@@ -143,6 +154,7 @@ def _load_full_checkpoint(clip: nn.Module, directory: Path) -> LoadReport:
     unexpected = sorted(k for k in sd if k not in own)
     mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                         for k in sd if k in own and sd[k].shape != own[k].shape)
+    _refuse_integers(weights, sd, own)
     if unexpected or mismatched:
         raise BaseWeightsError(f"{directory} does not match {type(clip).__name__}: unexpected {unexpected[:10]}, "
                                f"shape mismatch {mismatched[:10]}")
