@@ -17,7 +17,6 @@ standard deviation over seeds) into ``results/<suite>.json`` and the table betwe
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import statistics
@@ -28,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from harma.io import CONFIG_NAME, atomic_write_bytes, atomic_write_json
+from harma.errors import HarmaError
+from harma.io import CONFIG_NAME, atomic_write_bytes, atomic_write_json, read_json
 from harma.metrics import METRIC_KEYS
 from training import evaluate as evaluate_cli
 from training.benchmark_tables import card_section, markdown, shipped_markdown
@@ -186,7 +186,7 @@ def execute(suite: Suite, run: Run, runs_dir: Path, data: str) -> dict[str, Any]
         run_dir = runs_dir / f"{suite.name}-{run.name}"
         checkpoint = run_dir / "best"
         epochs = read_metrics(run_dir)
-        meta = json.loads((checkpoint / CONFIG_NAME).read_text())
+        meta = read_json(checkpoint / CONFIG_NAME, BenchmarkError)
         out.update(best_epoch=meta["extra"]["epoch"], val_mR_per_epoch=val_curve(epochs),
                    trained_params=meta["trainable_params"],
                    train_minutes=round(sum(e.get("epoch_s", 0.0) for e in epochs) / 60, 1),
@@ -207,10 +207,7 @@ def aggregate(suite: Suite, results_dir: Path) -> dict[str, Any]:
     for m in suite.methods:
         runs = []
         for path in sorted((results_dir / suite.name / "runs").glob(f"{m.key}-s*.json")):
-            try:
-                runs.append(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as e:
-                raise BenchmarkError(f"{path}: cannot read the run result ({e})") from None
+            runs.append(read_json(path, BenchmarkError))
         runs = [r for r in runs if r.get("method") == m.key]
         if not runs:
             continue
@@ -231,7 +228,7 @@ def aggregate(suite: Suite, results_dir: Path) -> dict[str, Any]:
     first = next(iter(rows), None)
     protocol = {}
     if first is not None:
-        one = json.loads(next((results_dir / suite.name / "runs").glob(f"{first['method']}-s*.json")).read_text())
+        one = read_json(next((results_dir / suite.name / "runs").glob(f"{first['method']}-s*.json")), BenchmarkError)
         protocol = {"val": {k: one["val"].get(k) for k in ("split", "carve", "num_images", "num_captions")},
                     "test": {k: one["test"].get(k) for k in ("split", "num_images", "num_captions")},
                     "ties": one["val"].get("ties", "expected")}
@@ -277,7 +274,7 @@ def check_shippable(run_dir: Path, epochs: int, record: Optional[Path]) -> None:
     if len(done) < epochs:
         raise BenchmarkError(f"{run_dir}: {len(done)} of {epochs} epochs done; let the run finish before shipping it")
     if record is not None and record.is_file():
-        recorded = json.loads(record.read_text()).get("val_mR_per_epoch")
+        recorded = read_json(record, BenchmarkError).get("val_mR_per_epoch")
         curve = val_curve(done)
         if recorded != curve:
             raise BenchmarkError(f"{run_dir}: its val mR per epoch {curve} is not the one in {record} ({recorded}); "
@@ -308,7 +305,7 @@ def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str,
         val = _evaluate(out, data, "train:val", _carve_args(cfg))
         test = _evaluate(out, data, suite.test_split, ["--baseline"])
         record = {"suite": suite.name, "method": m.key, "label": m.label, "seed": seed, "checkpoint": name,
-                  "best_epoch": json.loads((out / CONFIG_NAME).read_text())["extra"]["epoch"],
+                  "best_epoch": read_json(out / CONFIG_NAME, BenchmarkError)["extra"]["epoch"],
                   "command": f"python -m training.evaluate --checkpoint {name} --data {data} --split "
                              f"{suite.test_split} --baseline",
                   "val": _summary(val), "test": _summary(test), "baseline_test": _summary(test["baseline"])}
@@ -339,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _run(args), (BenchmarkError, OSError))
+    return run_command(lambda: _run(args), (BenchmarkError, HarmaError, OSError))
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -5,10 +5,11 @@ appended to a shipped checkpoint's model card.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from harma.errors import HarmaError
+from harma.io import read_json
 from harma.metrics import METRIC_KEYS
 
 if TYPE_CHECKING:  # type hints only: training.benchmark imports this module
@@ -46,7 +47,7 @@ def shipped_markdown(results_dir: Path, suite: Suite) -> str:
     for m in suite.methods:
         path = results_dir / suite.name / "shipped" / f"{m.ship}.json"
         if m.ship and path.is_file():
-            records.append(json.loads(path.read_text()))
+            records.append(read_json(path, HarmaError))
     head = "| checkpoint | seed | best epoch | val mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | test mR |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     if records:

@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,6 +32,7 @@ from harma.io import CONFIG_NAME, atomic_write_json
 from training.state import find_best
 
 EXIT_ERROR = 2
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # OSError numbers of a full disk or an exhausted quota
 DEVICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -41,9 +44,35 @@ USER_ERRORS = (CliError, HarmaError, OSError)  # a command's own, the library's,
 
 
 def fail(e: BaseException, code: int = EXIT_ERROR) -> int:
-    """Print a user-facing error as one ``error:`` line on stderr; returns the exit code, ``code`` (2)."""
-    print(f"error: {one_line(e)}", file=sys.stderr)
+    """Print a user-facing error as one ``error:`` line on stderr; returns the exit code, ``code`` (2).
+
+    An error raised in a DataLoader worker reaches the main process with the worker's whole traceback
+    in its message; only the worker's own message is printed."""
+    print(f"error: {worker_message(str(e)) or one_line(e)}", file=sys.stderr)
     return code
+
+
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def worker_message(text: str) -> Optional[str]:
+    """The original message inside the text of an exception that PyTorch re-raised from a DataLoader
+    worker (``Caught X in DataLoader worker process N. Original Traceback ... X: message``), on one
+    line; None for any other text."""
+    if WORKER_TRACEBACK not in text:
+        return None
+    lines = text.split(WORKER_TRACEBACK, 1)[1].splitlines()
+    # the frames are indented ("  File ...", "    code"); the exception (type: message) follows the last one
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1)
+    message = " ".join(line.strip() for line in lines[last_frame + 1:] if line.strip())
+    return re.sub(r"^[\w.]+: ", "", message, count=1) or None
+
+
+def os_error_message(e: OSError) -> str:
+    """An ``OSError`` in words: a full disk (``ENOSPC``, ``EDQUOT``) says so and names the file when known."""
+    if e.errno in DISK_FULL:
+        return "the disk is full" + (f" (writing {e.filename})" if e.filename else "") + f": {e.strerror}"
+    return one_line(e)
 
 
 def run_command(body: Callable[[], Any], errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:

@@ -15,6 +15,7 @@ import yaml
 
 from harma.config import ConfigError, ModelConfig, from_dict, to_dict
 from harma.data import CARVES
+from harma.errors import one_line
 from harma.losses import LossConfig
 
 AUGMENTS = ("released", "rotations", "dihedral", "none")
@@ -66,6 +67,12 @@ class DataConfig:
             raise ConfigError("data.captions_per_image must be >= 1 (or null)")
         if self.carve_class_size < 1:
             raise ConfigError("data.carve_class_size must be >= 1")
+        for name in ("max_words", "synthetic_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (0 = decode in the main process), got "
+                              f"{self.num_workers!r}")
 
 
 @dataclass
@@ -97,6 +104,15 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr!r}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.eps!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"optim.schedule={self.schedule!r} is not one of linear, cosine, constant")
         for name in ("text_lr_scale", "up_lr_scale"):
@@ -133,6 +149,26 @@ class RunConfig:
             raise ConfigError(f"run.precision={self.precision!r} is not one of auto, fp32, bf16")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("run.epochs and run.batch_size must be >= 1")
+        for name in ("eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"run.max_steps must be >= 1 (or null for no cap), got {self.max_steps!r}")
+        if self.save_every_steps < 0:
+            raise ConfigError(f"run.save_every_steps must be >= 0 (0 = end of epoch only), got "
+                              f"{self.save_every_steps!r}")
+        if self.name:  # None or "": <config stem>-<method>
+            check_run_name(self.name)
+        if not self.resume:
+            raise ConfigError("run.resume must be never, auto or the path of a run folder, got ''")
+
+
+def check_run_name(name: str) -> None:
+    """A run name is a folder under ``run.out_dir``: plain names, optionally in sub-folders (``tune/ucm-lr3``);
+    an absolute path, ``..``, ``.``, a backslash or an empty part would put it elsewhere."""
+    if name.startswith("/") or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in name.split("/")):
+        raise ConfigError(f"run.name={name!r}: expected a folder name inside run.out_dir (letters, digits, -, _, "
+                          "optionally sub/folder), without '..', '.', a leading '/' or a backslash")
 
 
 @dataclass
@@ -151,7 +187,11 @@ def _set_override(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {k} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except (yaml.YAMLError, RecursionError) as e:
+        why = getattr(e, "problem", None) or one_line(e)[:200]
+        raise ConfigError(f"override {dotted}={raw[:60]}: not a valid YAML value ({why})") from None
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
@@ -167,6 +207,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from e
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply to read") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for item in overrides or []:

@@ -22,6 +22,9 @@ from typing import Any, Optional
 import torch
 
 from harma.checkpoint import read_adapter_config
+from harma.config import from_dict
+from harma.errors import CheckpointError, ConfigError
+from harma.io import CONFIG_NAME
 from harma.data import CARVES, RetrievalSplit
 from harma.encode import EvalResult, bar_progress, evaluate_split
 from harma.metrics import TIE_RULES, format_table
@@ -39,6 +42,7 @@ from training.cli import (
 )
 from training.config import DataConfig
 
+DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)}
 GAP_COLUMNS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
 # Data settings an evaluation takes from the checkpoint's recorded data config, else the trainer's default.
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataConfig)
@@ -75,13 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def data_defaults(meta: dict[str, Any]) -> dict[str, Any]:
-    """Data settings the trainer recorded under ``extra.data`` (or ``extra.config.data``), if any."""
+def data_defaults(meta: dict[str, Any], where: Any = CONFIG_NAME) -> dict[str, Any]:
+    """Data settings the trainer recorded under ``extra.data`` (or ``extra.config.data``), if any;
+    a value of the wrong type raises :class:`CheckpointError` naming ``where`` and the field."""
     extra = meta.get("extra") or {}
     data = extra.get("data")
     if not isinstance(data, dict):
         data = (extra.get("config") or {}).get("data") if isinstance(extra.get("config"), dict) else None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    try:
+        from_dict(DataConfig, {k: v for k, v in data.items() if k in DATA_FIELDS}, "extra.data")
+        if not isinstance(data.get("root_config", ""), (str, type(None))):
+            raise ConfigError(f"extra.data.root_config: expected str, got {data['root_config']!r}")
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return data
 
 
 def recorded_root(recorded: dict[str, Any]) -> str:
@@ -130,7 +143,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Resolve inputs, evaluate, print the tables; returns the JSON-ready results."""
     directory, kind = resolve_checkpoint(args.checkpoint)
     meta = read_adapter_config(directory)
-    recorded = data_defaults(meta)
+    recorded = data_defaults(meta, directory / CONFIG_NAME)
     if recorded and "carve" not in recorded:  # trained before block carving existed: it carved at random
         recorded = {**recorded, "carve": "random"}
     for key, default in DEFAULTS.items():

@@ -9,7 +9,6 @@ metrics per epoch, what the backbone was initialised from, and how to load the c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,7 +19,9 @@ import yaml
 from harma import CheckpointError, HarmaError, HarmaModel, load_adapters, read_adapter_config, save_adapters
 from harma.io import atomic_write_bytes
 from harma.weights import base_weight_keys, open_clip_names
-from training.cli import run_command
+from training.cli import DISK_FULL, CliError, os_error_message, run_command
+from training.rundir import RunError, read_metrics, read_saved_config
+from training.state import write_folder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LICENCES = {
@@ -28,11 +29,6 @@ LICENCES = {
     "ucm": "UCM-Captions (Qu et al. 2016) on UC Merced Land Use imagery (Yang & Newsam 2010, USGS public "
            "domain, released for research)",
 }
-
-
-def _rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _licence(root: str) -> str:
@@ -125,19 +121,34 @@ def _provenance(base: Path) -> str:
 def export(run: Path, out: Path, dtype: str = "fp32") -> Path:
     """Re-save ``run/best`` (or an adapter folder) into ``out`` in ``dtype`` and write MODEL_CARD.md.
 
-    A ``full`` run continued from earlier base weights that it entirely supersedes is saved
-    standalone (see :func:`supersede_base`), so ``out`` may be the folder of those base weights.
+    The folder is written whole into a temporary sibling and then renamed into place (replacing an
+    earlier export), so a failure (a full disk) leaves the previous ``out``, or nothing, never
+    weights without their card. A ``full`` run continued from earlier base weights that it entirely
+    supersedes is saved standalone (see :func:`supersede_base`), so ``out`` may be the folder of
+    those base weights.
     """
     src = run / "best" if (run / "best").is_dir() else run
     meta = read_adapter_config(src)
     model = load_adapters(src)[0]
     origin = supersede_base(model)
-    save_adapters(model, out, extra=meta.get("extra"), dtype=DTYPES[dtype])
-    cfg_path = run / "config.yaml"
-    config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {"model": meta["model"]}
-    card = model_card(out.name, read_adapter_config(out), config, _rows(run), dtype, origin)
-    atomic_write_bytes(out / "MODEL_CARD.md", card.encode())
+    base = model.base_info.get("base_weights")
+    if base and (Path(base).resolve() == out.resolve() or out.resolve() in Path(base).resolve().parents):
+        raise CliError(f"--out {out} holds the base weights {base} these adapters need; export to another folder")
+    config, rows = _run_config(run, meta), read_metrics(run)
+
+    def fill(tmp: Path) -> None:
+        save_adapters(model, tmp, extra=meta.get("extra"), dtype=DTYPES[dtype])
+        card = model_card(out.name, read_adapter_config(tmp), config, rows, dtype, origin)
+        atomic_write_bytes(tmp / "MODEL_CARD.md", card.encode())
+
+    write_folder(out, fill)
     return out
+
+
+def _run_config(run: Path, meta: dict) -> dict:
+    """The run's resolved ``config.yaml`` (its adapter config's model section when there is none)."""
+    path = run / "config.yaml"
+    return read_saved_config(path) if path.is_file() else {"model": meta["model"]}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -146,11 +157,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", required=True, help="destination, e.g. checkpoints/rs-backbone")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="storage dtype of the tensors")
     args = p.parse_args(argv)
-    return run_command(lambda: _export_and_report(args), (HarmaError, OSError))
+    return run_command(lambda: _export_and_report(args), (HarmaError, CliError, RunError, OSError))
 
 
 def _export_and_report(args: argparse.Namespace) -> None:
-    out = export(Path(args.run), Path(args.out), args.dtype)
+    out = Path(args.out)
+    try:
+        export(Path(args.run), out, args.dtype)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise CliError(f"--out {out}: {os_error_message(e)}; nothing was changed there (an earlier export stays as it "
+                       "was): free space and run the export again") from None
     print(f"wrote {out} ({args.dtype}) and {out / 'MODEL_CARD.md'}")
 
 

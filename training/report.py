@@ -14,15 +14,15 @@ FILE`` turns a results file back into the table, so the README's table can be ch
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from harma.errors import CheckpointError, HarmaError
-from harma.io import WEIGHTS_NAME, read_safetensors
+from harma.io import WEIGHTS_NAME, read_json, read_safetensors
 from harma.metrics import METRIC_KEYS
 from training.cli import run_command, write_json
+from training.rundir import read_metrics
 
 GAP_KEYS = ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy")
 
@@ -37,10 +37,9 @@ def _trained_params(checkpoint: Path) -> int:
 
 def row(label: str, eval_json: Path, source: str) -> dict[str, Any]:
     """One table row: metrics and gap numbers from the evaluation, cost from the run folder."""
-    try:
-        result = json.loads(Path(eval_json).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReportError(f"{eval_json}: cannot read the evaluation JSON ({e})") from None
+    result = read_json(eval_json, ReportError)
+    if not isinstance(result, dict):
+        raise ReportError(f"{eval_json}: not an evaluation JSON (expected an object)")
     if source == "baseline":
         if "baseline" not in result:
             raise ReportError(f"{eval_json}: no baseline object (evaluate with --baseline)")
@@ -50,7 +49,7 @@ def row(label: str, eval_json: Path, source: str) -> dict[str, Any]:
         metrics = run / "metrics.jsonl"
         if not metrics.is_file() or not (run / "best").is_dir():
             raise ReportError(f"{run}: not a run folder (needs metrics.jsonl and best/)")
-        epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        epochs = read_metrics(run)
         res, params, method = result, _trained_params(run / "best"), result.get("method")
         minutes = sum(e.get("epoch_s", 0.0) for e in epochs) / 60
     out = {"label": label, "eval": Path(eval_json).stem, "method": method, "trained_params": params, "train_minutes": round(minutes, 1),
@@ -91,12 +90,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="keep the rows of an existing --out file; given rows replace those with the same label "
                         "(in place) or are appended")
     args = p.parse_args(argv)
-    return run_command(lambda: _report(args), (ReportError, HarmaError, OSError, json.JSONDecodeError, KeyError))
+    return run_command(lambda: _report(args), (ReportError, HarmaError, OSError, KeyError))
 
 
 def _report(args: argparse.Namespace) -> None:
     if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+        print(markdown(read_json(args.markdown, ReportError)))
         return
     if not args.rows or not args.out:
         raise ReportError("give rows and --out, or --markdown FILE")
@@ -108,7 +107,7 @@ def _report(args: argparse.Namespace) -> None:
             raise ReportError(f"{spec!r}: expected LABEL=EVAL_JSON:SOURCE")
         rows.append(row(label, Path(eval_json), source))
     if args.update and Path(args.out).is_file():
-        rows = merge_rows(json.loads(Path(args.out).read_text())["rows"], rows)
+        rows = merge_rows(read_json(args.out, ReportError)["rows"], rows)
     results = {"rows": rows}
     write_json(args.out, results, 1)
     print(markdown(results))

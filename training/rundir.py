@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 from harma.config import to_dict
-from harma.io import atomic_write_bytes
+from harma.errors import CheckpointError, one_line
+from harma.io import atomic_write_bytes, parse_json
 from training.config import TrainConfig, config_to_yaml
-from training.state import find_best, find_last
+from training.state import STATE_NAME, find_best, find_last
+
+log = logging.getLogger("training.train")
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
@@ -73,11 +77,30 @@ def plan_run(cfg: TrainConfig, config_path: Optional[str]) -> RunPlan:
         if not run_dir.is_dir():
             return RunPlan(run_dir, None, False)
         find_best(run_dir)
-        return RunPlan(run_dir, find_last(run_dir), False)
+        last = find_last(run_dir)
+        if last is None:
+            _check_nothing_lost(run_dir)
+        return RunPlan(run_dir, last, False)
     if any((run_dir / name).exists() for name in RESULTS):
         raise RunError(f"run folder {run_dir} already exists; pass run.resume=auto to continue it, "
                        "or choose another run.name / run.out_dir")
     return RunPlan(run_dir, None, False)
+
+
+def _check_nothing_lost(run_dir: Path) -> None:
+    """``run.resume=auto`` on a folder without ``last/state.pt``: refuse when the run had got past its
+    first checkpoint (its log records an epoch, or ``last/`` exists without its state), since starting
+    over would replace its results; else (stopped before its first checkpoint) warn and start afresh."""
+    records = read_metrics(run_dir)
+    if records or (run_dir / "last").exists():
+        found = [f"{len(records)} epoch(s) in {METRICS_NAME}"] if records else []
+        found += [f"{name}/" for name in ("last", "best") if (run_dir / name).exists()]
+        raise RunError(f"run.resume=auto: {run_dir} has no last/{STATE_NAME} to resume from, but the run got "
+                       f"further ({', '.join(found)}); starting over would replace its results. Restore "
+                       "last/, or move the folder away (or choose another run.name) to train afresh")
+    found = [name for name in ("best/", CONFIG_NAME) if (run_dir / name).exists()]
+    log.warning("run.resume=auto: %s has no last/%s (it holds %s): the run stopped before its first checkpoint, "
+                "so it starts from scratch", run_dir, STATE_NAME, ", ".join(found) or "no results")
 
 
 # -- which config a run belongs to -------------------------------------------------------------
@@ -128,7 +151,7 @@ def check_resumable(plan: RunPlan, cfg: TrainConfig) -> dict[str, Any]:
     path = plan.run_dir / CONFIG_NAME
     if not path.is_file():
         raise RunError(f"{plan.run_dir}: has a checkpoint but no {CONFIG_NAME}; cannot check it belongs to this config")
-    saved = yaml.safe_load(path.read_text()) or {}
+    saved = read_saved_config(path)
     current = to_dict(cfg)
     if plan.by_path:  # the folder is named by run.resume, so its name/out_dir may be given differently
         for key in ("out_dir", "name"):
@@ -141,21 +164,58 @@ def check_resumable(plan: RunPlan, cfg: TrainConfig) -> dict[str, Any]:
     return saved
 
 
+def read_saved_config(path: Path) -> dict[str, Any]:
+    """A run folder's ``config.yaml``: a mapping of the ``TrainConfig`` sections, else :class:`RunError`."""
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
+        why = getattr(e, "problem", None) or one_line(e)[:200]
+        raise RunError(f"{path}: cannot be read ({why}); restore the run's config.yaml, or train afresh in "
+                       "another folder") from None
+    sections = {f.name for f in fields(TrainConfig)}
+    if not isinstance(saved, dict) or any(not isinstance(v, dict) for k, v in saved.items() if k in sections):
+        raise RunError(f"{path}: not a run config (expected a mapping of the sections {', '.join(sorted(sections))}"
+                       "); restore the run's config.yaml, or train afresh in another folder")
+    return saved
+
+
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / CONFIG_NAME, config_to_yaml(cfg).encode())
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS_NAME, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Add one line to ``metrics.jsonl``, atomically (the file is rewritten whole: a full disk or a kill
+    leaves the previous lines, never half a line)."""
+    path = run_dir / METRICS_NAME
+    before = path.read_bytes() if path.is_file() else b""
+    if before and not before.endswith(b"\n"):
+        before += b"\n"
+    atomic_write_bytes(path, before + (json.dumps(record) + "\n").encode())
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (a line that is not a JSON object raises :class:`CheckpointError`
+    naming it; a last line cut short, written by an older version killed mid-line, is dropped)."""
     path = run_dir / METRICS_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line, CheckpointError, f"{path}: line {n}")
+        except CheckpointError:
+            if n == len(lines) and not text.endswith("\n"):
+                break
+            raise
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{path}: line {n}: expected a JSON object")
+        records.append(record)
+    return records
 
 
 def trim_metrics(run_dir: Path, completed_epochs: int) -> None:

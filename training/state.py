@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -80,12 +80,23 @@ def _check_finite(model: HarmaModel) -> None:
                               "the previous checkpoint is kept")
 
 
+def write_folder(directory: Path, fill: Callable[[Path], None]) -> None:
+    """``fill(tmp)`` a temporary sibling of ``directory``, then swap it in. If filling fails (a full
+    disk: ``OSError``), the temporary folder is removed and ``directory`` is left as it was (used for
+    ``last/``, ``best/`` and by ``training.export``)."""
+    tmp = _fresh_tmp(directory)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, directory)
+
+
 def write_adapters_dir(model: HarmaModel, directory: Path, extra: dict[str, Any]) -> None:
     """``save_adapters`` into a temporary folder, then swap it in (used for ``best/``)."""
     _check_finite(model)
-    tmp = _fresh_tmp(directory)
-    save_adapters(model, tmp, extra=extra)
-    _swap_in(tmp, directory)
+    write_folder(directory, lambda tmp: save_adapters(model, tmp, extra=extra))
 
 
 def write_last(model: HarmaModel, directory: Path, state: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -98,12 +109,14 @@ def write_last(model: HarmaModel, directory: Path, state: dict[str, Any], extra:
         extra: metadata for ``adapter_config.json``.
     """
     _check_finite(model)
-    tmp = _fresh_tmp(directory)
-    save_adapters(model, tmp / "adapters", extra=extra)
-    buf = io.BytesIO()
-    torch.save({"version": STATE_VERSION, **state}, buf)
-    atomic_write_bytes(tmp / STATE_NAME, buf.getvalue())
-    _swap_in(tmp, directory)
+
+    def fill(tmp: Path) -> None:
+        save_adapters(model, tmp / "adapters", extra=extra)
+        buf = io.BytesIO()
+        torch.save({"version": STATE_VERSION, **state}, buf)
+        atomic_write_bytes(tmp / STATE_NAME, buf.getvalue())
+
+    write_folder(directory, fill)
 
 
 def recover_swap(final: Path, marker: str) -> Optional[Path]:

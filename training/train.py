@@ -31,10 +31,10 @@ from harma import ConfigError, HarmaError, create_model
 from harma.archs import is_known, register_arch_files
 from harma.data import verify_images
 from harma.encode import bar_progress
-from training.cli import CliError, fail, setup_logging
+from training.cli import DISK_FULL, CliError, fail, os_error_message, setup_logging
 from training.config import TrainConfig, load_config
 from training.data import SYNTHETIC, Splits, build_splits, prepare_root
-from training.distributed import barrier, broadcast_object, cleanup, init_distributed
+from training.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from training.engine import NonFiniteLossError, StepSettings, resolve_precision
 from training.loop import Trainer
 from training.rundir import METRICS_NAME, RunError, RunPlan, check_resumable, plan_run, write_config
@@ -103,6 +103,16 @@ def run(cfg: TrainConfig, config_path: Optional[str]) -> int:
         raise ConfigError(f"run.device={cfg.run.device}: {e}") from None
     main = dist.rank == 0
     plan = _plan(cfg, config_path, main)
+    try:
+        return _train(cfg, plan, dist)
+    except OSError as e:  # e.g. a full disk: checkpoints are written whole or not at all, so the last one stands
+        fix = "free space" if e.errno in DISK_FULL else "fix that"
+        raise RunError(f"run folder {plan.run_dir}: {os_error_message(e)}; the checkpoints already written are "
+                       f"kept: {fix}, then continue with run.resume=auto") from None
+
+
+def _train(cfg: TrainConfig, plan: RunPlan, dist: DistInfo) -> int:
+    main = dist.rank == 0
     if plan.by_path:  # keep config.yaml describing where the run really lives
         cfg.run.out_dir, cfg.run.name = str(plan.run_dir.parent), plan.run_dir.name
     root = prepare_root(cfg.data, plan.run_dir, cfg.run.seed, write=False)
@@ -155,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         return run(cfg, args.config)
-    except _USER_ERRORS as e:
+    except (*_USER_ERRORS, OSError) as e:  # OSError: a file that cannot be read before the run folder is known
         return fail(e, EXIT_ERROR)
     except NonFiniteLossError as e:
         return fail(e, EXIT_NONFINITE)
