@@ -1,7 +1,8 @@
 """Decoded images cached once as one memory-mapped uint8 array, so epochs are not bound by JPEG decoding.
 
-The cache file is keyed by the image paths (with size and modification time), the side length and
-the band choice of multi-band images (``HARMA_BANDS``),
+The cache file is keyed by the image paths (with size and modification time), the side length,
+the band choice of multi-band images (``HARMA_BANDS``) and the decoder's version
+(``harma.data.images.DECODER_VERSION``, so pixels an older reader decoded differently are not reused),
 built with a temporary file + rename (an interrupted build leaves nothing half-written), and read
 with ``mmap_mode="r"`` so DataLoader workers share the pages instead of copying them.
 """
@@ -16,13 +17,14 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from harma.data.images import DEFAULT_BANDS, hash_files, image_bands, open_image
+from harma.data.images import DECODER_VERSION, DEFAULT_BANDS, hash_files, image_bands, open_image
 from harma.errors import DatasetError
 
 
 def cache_key(paths: Sequence[Union[str, Path]], size: int) -> str:
     bands = image_bands()  # a band choice other than the default (HARMA_BANDS) is another cache
-    h = hashlib.sha256((f"v1|{size}" + (f"|bands={bands}" if bands != DEFAULT_BANDS else "")).encode())
+    h = hashlib.sha256((f"v1|{size}|decoder={DECODER_VERSION}" + (f"|bands={bands}" if bands != DEFAULT_BANDS
+                                                                   else "")).encode())
     return hash_files(h, paths).hexdigest()[:20]
 
 

@@ -11,9 +11,19 @@ rule instead of letting a decoder truncate them silently:
 - **Values.** 8-bit data is used as it is. Anything else (16/32-bit integers, floats) gets a
   per-image, per-band linear percentile stretch: the band's 2nd percentile maps to 0 and its 98th
   to 255, clipped, the usual quick-look rule for RS data. Non-finite pixels (no-data) become 0.
-- **Reader.** Pillow, except for TIFFs it would decode wrongly (more than 8 bits per sample with
-  several samples, which Pillow truncates to their high byte, or more than four bands) or cannot
-  decode: those go through ``tifffile`` (a PyPI wheel), imported only then.
+- **Reader.** Chosen by the file's real layout (TIFF tags: samples per pixel, bits, photometric).
+  Pillow reads every non-TIFF, and the TIFFs it decodes exactly: one sample (grey, palette, bilevel,
+  16/32-bit, float), grey + alpha, colour spaces it converts to RGB (YCbCr, CMYK, CIELab), and
+  8-bit RGB when only its first three bands are asked for. Every other TIFF (several grey samples,
+  RGB with extra samples, more than 8 bits per sample, more than four bands, contiguous or
+  band-interleaved/planar, any compression), and a TIFF Pillow cannot open, goes through ``tifffile``
+  (a PyPI wheel), imported only then. Pillow would misread those: truncate wide samples to their
+  high byte, drop extra bands, or read a compressed planar image as its band 0 in grey. tifffile
+  decodes zlib/deflate, LZMA and PackBits itself; for LZW, JPEG and other codecs in such a layout
+  it needs ``imagecodecs``, and without it the image is refused with that advice, never misread.
+- **Limits.** Every reader checks the image's size from its header before decoding, and
+  concurrent decodes share a memory budget: :mod:`harma.data.decode_limits` (``PIL.Image.MAX_IMAGE_PIXELS``,
+  ``HARMA_DECODE_MB``).
 """
 
 from __future__ import annotations
@@ -27,13 +37,21 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from harma.errors import DatasetError
+from harma.data.decode_limits import DECODE_BUDGET, check_size, decode_cost
+from harma.errors import DatasetError, HarmaError
 from harma.io import hash_files
 
+# What open_image makes of a file: bumped whenever it may decode a file differently or refuse one it read
+# (2: TIFFs routed by layout, size limits), so caches of decoded pixels and verify marks start afresh.
+DECODER_VERSION = 2
 DEFAULT_BANDS = (0, 1, 2)
 STRETCH_PERCENTILES = (2.0, 98.0)
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-_TIFF_BITS, _TIFF_SAMPLES = 258, 277
+_TIFF_BITS, _TIFF_PHOTOMETRIC, _TIFF_SAMPLES, _TIFF_EXTRA_SAMPLES = 258, 262, 277, 338
+_GREY, _RGB = {0, 1}, 2  # photometric: min-is-white / min-is-black, RGB
+_COLOUR_SPACES = (5, 6, 8, 9, 10)  # CMYK, YCbCr, CIELab, ICCLab, ITULab: Pillow converts these to RGB
+_ALPHA = {1, 2}  # extra samples: associated, unassociated alpha
+_TIFF_TILE_SIZE = (322, 323)  # tile width, tile length
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -111,45 +129,92 @@ def to_rgb(pixels: np.ndarray, bands: Sequence[int], name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
 
 
-def _needs_tifffile(img: Image.Image) -> bool:
-    """A TIFF that Pillow opens but would decode wrongly (several samples of more than 8 bits)."""
-    if img.format != "TIFF":
-        return False
+def _tiff_layout(img: Image.Image) -> tuple[int, int, Optional[int], tuple]:
+    """(samples per pixel, widest bits per sample, photometric, extra samples) from a TIFF's tags."""
     tags = getattr(img, "tag_v2", {})
-    bits = tags.get(_TIFF_BITS, 8)
+    bits = tags.get(_TIFF_BITS, 1)
     bits = max(bits) if isinstance(bits, (tuple, list)) else bits
-    return int(tags.get(_TIFF_SAMPLES, 1)) > 1 and int(bits) > 8
+    extra = tags.get(_TIFF_EXTRA_SAMPLES, ())
+    extra = tuple(extra) if isinstance(extra, (tuple, list)) else (extra,)
+    return int(tags.get(_TIFF_SAMPLES, 1)), int(bits), tags.get(_TIFF_PHOTOMETRIC), extra
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    """A TIFF's first image as (H, W) or (H, W, bands), through tifffile."""
+def _pillow_reads(img: Image.Image, chosen: tuple[int, ...]) -> bool:
+    """Whether Pillow decodes this image to exactly the samples asked for (the module's reader rule).
+
+    Every non-TIFF, and the TIFFs of one sample, of grey + alpha, of a colour space Pillow converts
+    (YCbCr, CMYK, CIELab) or of 8-bit RGB when only its first three bands are asked for. Not the
+    others: Pillow truncates wider samples to their high byte, drops extra samples, and reads a
+    compressed band-interleaved (planar) image of several grey samples as its band 0 alone.
+    """
+    if img.format != "TIFF":
+        return True
+    samples, bits, photometric, extra = _tiff_layout(img)
+    if samples == 1 or (photometric in _COLOUR_SPACES and bits <= 8):
+        return True
+    if samples == 2 and photometric in _GREY and set(extra) <= _ALPHA and extra:
+        return True
+    return photometric == _RGB and bits == 8 and max(chosen) < 3
+
+
+def _pillow_cost(img: Image.Image) -> tuple[int, int]:
+    """(bands, bytes per band) that Pillow holds while decoding ``img`` (4 bytes a pixel for most modes)."""
+    if img.mode in ("1", "L", "P"):
+        return 1, 1
+    return (1, 2) if img.mode.startswith("I;16") else (1, 4)
+
+
+def _image_axes(axes: str, shape: tuple[int, ...], name: str) -> tuple[str, tuple[int, ...]]:
+    """``axes`` and ``shape`` without singleton axes, checked to be one 2-D image with optional bands."""
+    kept = [(a, n) for a, n in zip(axes, shape) if a in "YX" or n != 1]
+    axes, shape = "".join(a for a, _ in kept), tuple(n for _, n in kept)
+    if "Y" not in axes or "X" not in axes or len(axes) > 3:
+        raise DatasetError(f"{name}: cannot read TIFF (axes {axes!r}, shape {shape}: expected one 2-D image with "
+                           "optional bands)")
+    return axes, shape
+
+
+def _read_tiff(path: Path, chosen: tuple[int, ...]) -> Image.Image:
+    """A TIFF's first image as RGB through tifffile, its size checked from the header before decoding."""
+    name = str(path)
     try:
         import tifffile
     except ImportError:
-        raise DatasetError(f"{path}: this TIFF (more than 8 bits per sample in several bands, or a layout Pillow "
-                           "cannot read) needs the tifffile package: pip install tifffile") from None
+        raise DatasetError(f"{path}: this TIFF (its layout is one Pillow reads wrongly or not at all) needs the "
+                           "tifffile package: pip install tifffile") from None
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            axes, pixels = series.axes, series.asarray()
+            axes, shape = _image_axes(series.axes, series.shape, name)
+            height, width = shape[axes.index("Y")], shape[axes.index("X")]
+            bands = int(np.prod([n for a, n in zip(axes, shape) if a not in "YX"]))  # 1 for an empty product
+            itemsize = series.dtype.itemsize
+            check_size(name, width, height, bands, itemsize)
+            page = series.keyframe
+            if page.is_tiled:  # each tile is decoded whole: a huge tile of a small image is a bomb too
+                check_size(f"{name} (one tile)", page.tilewidth, page.tilelength * max(page.tiledepth, 1), bands,
+                           itemsize)
+            with DECODE_BUDGET.reserve(decode_cost(width, height, bands, itemsize)):
+                pixels = series.asarray().reshape(shape)
+                order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a not in "YX"]
+                return to_rgb(pixels.transpose(order), chosen, name)
+    except HarmaError:
+        raise
     except Exception as e:  # tifffile raises many types (TiffFileError, ValueError, codec errors)
+        if "imagecodecs" in str(e):  # LZW, JPEG, ... : tifffile decodes only zlib, LZMA and PackBits itself
+            raise DatasetError(f"{path}: this TIFF's compression needs the imagecodecs package for its layout "
+                               f"(Pillow would misread it): pip install imagecodecs ({e})") from None
         raise DatasetError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from None
-    for i in range(len(axes) - 1, -1, -1):  # drop singleton axes (time, depth, a lone band)
-        if axes[i] not in "YX" and pixels.shape[i] == 1:
-            pixels, axes = pixels.take(0, axis=i), axes[:i] + axes[i + 1:]
-    if "Y" not in axes or "X" not in axes or len(axes) > 3:
-        raise DatasetError(f"{path}: cannot read TIFF (axes {axes!r}, shape {pixels.shape}: expected one 2-D "
-                           "image with optional bands)")
-    order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a not in "YX"]
-    return pixels.transpose(order)
 
 
 def open_image(path: str | Path, bands: Optional[Sequence[int]] = None) -> Image.Image:
     """Open an image as 8-bit RGB, turning every failure into a :class:`DatasetError` naming the file.
 
     16/32-bit and floating-point images are stretched and multi-band images reduced to three bands
-    by the rule in this module's docstring. PIL's ``MAX_IMAGE_PIXELS`` limit is kept as configured;
-    an image above it (a possible decompression bomb) is refused instead of only warned about.
+    by the rule in this module's docstring. Every reader is held to the limits of
+    :mod:`harma.data.decode_limits` before it decodes: an image over PIL's ``MAX_IMAGE_PIXELS`` (a
+    possible decompression bomb) is refused, not only warned about, and concurrent decodes share
+    the ``HARMA_DECODE_MB`` budget.
 
     Args:
         path: Image file.
@@ -165,20 +230,27 @@ def open_image(path: str | Path, bands: Optional[Sequence[int]] = None) -> Image
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if _needs_tifffile(img):
-                    return to_rgb(_read_tiff(path), chosen, str(path))
-                if img.mode in _HIGH_DEPTH_MODES:
-                    return to_rgb(np.asarray(img), chosen, str(path))
-                if chosen != DEFAULT_BANDS and img.mode in ("RGB", "RGBA"):
-                    return to_rgb(np.asarray(img), chosen, str(path))
-                return img.convert("RGB")
+                if not _pillow_reads(img, chosen):
+                    return _read_tiff(path, chosen)
+                check_size(str(path), *img.size, *_pillow_cost(img))
+                tile = [getattr(img, "tag_v2", {}).get(t) for t in _TIFF_TILE_SIZE] if img.format == "TIFF" else []
+                if all(isinstance(t, int) for t in tile) and tile:  # each tile is decoded whole
+                    check_size(f"{path} (one tile)", *tile, *_pillow_cost(img))
+                with DECODE_BUDGET.reserve(decode_cost(*img.size, *_pillow_cost(img))):
+                    if img.mode in _HIGH_DEPTH_MODES:
+                        return to_rgb(np.asarray(img), chosen, str(path))
+                    if chosen != DEFAULT_BANDS and img.mode in ("RGB", "RGBA"):
+                        return to_rgb(np.asarray(img), chosen, str(path))
+                    return img.convert("RGB")
+    except HarmaError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DatasetError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if path.suffix.lower() in (".tif", ".tiff"):  # e.g. more than four bands: tifffile may read it
-            return to_rgb(_read_tiff(path), chosen, str(path))
+            return _read_tiff(path, chosen)
         raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
@@ -198,7 +270,7 @@ def verify_images(paths: Sequence[str | Path], cache_dir: Optional[str | Path] =
     Raises:
         DatasetError: naming how many images failed and the first five, each with its reason.
     """
-    h = hash_files(hashlib.sha256(f"verify-v1|{image_bands()}".encode()), paths)
+    h = hash_files(hashlib.sha256(f"verify-v1|decoder-{DECODER_VERSION}|{image_bands()}".encode()), paths)
     marker = Path(cache_dir) / f"verified-{h.hexdigest()[:20]}" if cache_dir is not None else None
     if marker is not None and marker.is_file():
         return 0
