@@ -202,8 +202,8 @@ def _read_tiff(path: Path, chosen: tuple[int, ...]) -> Image.Image:
         raise
     except Exception as e:  # tifffile raises many types (TiffFileError, ValueError, codec errors)
         if "imagecodecs" in str(e):  # LZW, JPEG, ... : tifffile decodes only zlib, LZMA and PackBits itself
-            raise DatasetError(f"{path}: this TIFF's compression needs the imagecodecs package for its layout "
-                               f"(Pillow would misread it): pip install imagecodecs ({e})") from None
+            raise DatasetError(f"{path}: this TIFF's compression needs the imagecodecs package in this layout "
+                               f"(Pillow cannot read it correctly): pip install imagecodecs ({e})") from None
         raise DatasetError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from None
 
 
@@ -227,21 +227,22 @@ def open_image(path: str | Path, bands: Optional[Sequence[int]] = None) -> Image
     path = Path(path)
     chosen = image_bands(bands)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # only around the header read: the filters are process-wide
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if not _pillow_reads(img, chosen):
-                    return _read_tiff(path, chosen)
-                check_size(str(path), *img.size, *_pillow_cost(img))
-                tile = [getattr(img, "tag_v2", {}).get(t) for t in _TIFF_TILE_SIZE] if img.format == "TIFF" else []
-                if all(isinstance(t, int) for t in tile) and tile:  # each tile is decoded whole
-                    check_size(f"{path} (one tile)", *tile, *_pillow_cost(img))
-                with DECODE_BUDGET.reserve(decode_cost(*img.size, *_pillow_cost(img))):
-                    if img.mode in _HIGH_DEPTH_MODES:
-                        return to_rgb(np.asarray(img), chosen, str(path))
-                    if chosen != DEFAULT_BANDS and img.mode in ("RGB", "RGBA"):
-                        return to_rgb(np.asarray(img), chosen, str(path))
-                    return img.convert("RGB")
+            img = Image.open(path)
+        with img:
+            if not _pillow_reads(img, chosen):
+                return _read_tiff(path, chosen)
+            check_size(str(path), *img.size, *_pillow_cost(img))  # the limit, whatever the filters in other threads
+            tile = [getattr(img, "tag_v2", {}).get(t) for t in _TIFF_TILE_SIZE] if img.format == "TIFF" else []
+            if all(isinstance(t, int) for t in tile) and tile:  # each tile is decoded whole
+                check_size(f"{path} (one tile)", *tile, *_pillow_cost(img))
+            with DECODE_BUDGET.reserve(decode_cost(*img.size, *_pillow_cost(img))):
+                if img.mode in _HIGH_DEPTH_MODES:
+                    return to_rgb(np.asarray(img), chosen, str(path))
+                if chosen != DEFAULT_BANDS and img.mode in ("RGB", "RGBA"):
+                    return to_rgb(np.asarray(img), chosen, str(path))
+                return img.convert("RGB")
     except HarmaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
