@@ -13,7 +13,8 @@ from harma.errors import ConfigError, one_line
 from harma.sources import ModelSource
 
 from . import controls, tab_compare, tab_embedding_space, tab_image_to_text, tab_metrics, tab_text_to_image
-from .common import QUERY_CONCURRENCY, USER_ERRORS, AppError, log
+from .common import QUERY_CONCURRENCY
+from .galleries import SECRET_FILE, SERVED
 from .state import AppConfig, AppState, ModelPair, load_models, parse_args
 
 LINKED_MAPS = Path(__file__).parent / "static" / "linked_maps.js"  # map clicks and lassos -> show_pick
@@ -88,25 +89,18 @@ def _follow_the_model(app: AppState, demo: gr.Blocks, top: dict, tabs: dict[str,
 
 
 def served_folders(app: AppState) -> list[str]:
-    """The folders the app must serve files from: its thumbnails, uploads and CSV exports (not its embedding
-    cache), and the real (symlinks resolved) folders of the gallery's images, so a dataset whose
-    ``images/`` is a link to an image store works."""
-    folders = {app.cache_dir / "thumbs", app.cache_dir / "uploads", app.cache_dir / "exports"}
-    for key in {app.default_gallery, "data" if app.config.data else "", "index" if app.config.index else ""} - {""}:
-        try:
-            folders.update(p.resolve().parent for p in app.gallery(key).images)
-        except (AppError, *USER_ERRORS) as e:  # shown in the status line when the gallery is used
-            log.warning("gallery %s: %s", key, one_line(e))
-    if app.config.data:
-        folders.add(Path(app.config.data).expanduser().resolve())
-    return sorted(str(f) for f in folders)
+    """The only folders the app serves files from (docs/security.md): the files it made itself under its
+    cache folder (:data:`harma_app.galleries.SERVED`: display copies, uploaded galleries, CSV exports). Never
+    a dataset or index folder: every image a page shows is a display copy (:func:`~.galleries.displayable`)."""
+    return [str(app.cache_dir / name) for name in SERVED]
 
 
 def launch_options(demo: gr.Blocks) -> dict[str, Any]:
     """``launch()`` arguments: theme and css (Gradio 6 takes them here), the folders files are served
-    from (:func:`served_folders`) and the embedding cache, which is never served."""
+    from (:func:`served_folders`), and the embedding cache and install key, which are never served."""
     app: AppState = demo.harma_state
-    return dict(allowed_paths=served_folders(app), blocked_paths=[str(app.cache_dir / "index")],
+    return dict(allowed_paths=served_folders(app),
+                blocked_paths=[str(app.cache_dir / "index"), str(app.cache_dir / SECRET_FILE)],
                 theme=gr.themes.Soft(), css=CSS, max_file_size="25mb",
                 head=f"<script>{LINKED_MAPS.read_text()}</script>")
 

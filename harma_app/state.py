@@ -49,6 +49,7 @@ class AppConfig:
     allow_download: bool = False  # let open_clip download pretrained tags (HARMA_ALLOW_DOWNLOAD=1)
     device: str = "cpu"  # cpu | cuda | auto (HARMA_DEVICE)
     batch_size: int = 64
+    follow_links: bool = False  # accept images resolving outside --data / the index root (HARMA_FOLLOW_LINKS)
 
     @classmethod
     def from_env(cls, env: Optional[dict] = None) -> "AppConfig":
@@ -80,6 +81,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
     p.add_argument("--model", default=base.model, help="preset name or model key to select at start")
     p.add_argument("--cache-dir", default=base.cache_dir, help="embedding cache folder (default .cache/harma-app)")
     p.add_argument("--umap-points", type=int, default=base.umap_points, help="max points per modality in the plot")
+    p.add_argument("--follow-links", action="store_true", default=base.follow_links,
+                   help="accept images that resolve outside the --data folder or the --index's image root (symlinks "
+                   "to an image store, ../ references); env HARMA_FOLLOW_LINKS=1; docs/security.md")
     p.add_argument("--allow-download", action="store_true", default=base.allow_download,
                    help="let open_clip download pretrained weights (network)")
     p.add_argument("--device", default=base.device, help="cpu | cuda | auto")
@@ -89,7 +93,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
     cfg = AppConfig(data=args.data, index=",".join(args.index) if args.index else None, split=args.split,
                     checkpoint=args.checkpoint, model=args.model, cache_dir=args.cache_dir,
                     umap_points=args.umap_points, allow_download=args.allow_download, device=args.device,
-                    batch_size=base.batch_size)
+                    batch_size=base.batch_size, follow_links=args.follow_links)
     return cfg, args
 
 
@@ -207,9 +211,10 @@ class AppState:
         with self._lock:
             if key not in self._galleries:
                 if key == "data":
-                    self._galleries[key] = dataset_gallery(self.config.data, self.config.split)
+                    self._galleries[key] = dataset_gallery(self.config.data, self.config.split,
+                                                           self.config.follow_links)
                 elif key == "index" and self.config.index:
-                    self._galleries[key] = index_gallery(self.config.index.split(","))
+                    self._galleries[key] = index_gallery(self.config.index.split(","), self.config.follow_links)
                 else:  # uploads of an earlier run stay in the cache folder
                     self._galleries[key] = uploaded_gallery(key, self.cache_dir)
             return self._galleries[key]

@@ -88,6 +88,10 @@ def compare_view(app: AppState, model_key: Optional[str], gallery_key: Optional[
     try:
         direction = DIRECTIONS.get(direction_label, "t2i")
         records = query_ranks(app, model_key, gallery_key, direction, progress)
+        classes = sorted({r["class"] for r in records if r["class"]})
+        if cls and cls != ALL and cls not in classes:
+            raise AppError(f"no scene class {cls!r} in this gallery; choose {ALL!r} or one of: "
+                           + (", ".join(classes) if classes else "(none: its images carry no class)"))
         shown = arrange(records, sort, cls)
         rows = [_row(r, direction) for r in shown]
         buf = io.StringIO()
@@ -95,7 +99,6 @@ def compare_view(app: AppState, model_key: Optional[str], gallery_key: Optional[
         path = app.cache_dir / "exports" / f"compare-{direction}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue().encode())
-        classes = sorted({r["class"] for r in records if r["class"]})
         gains = sum(r["baseline"] > r["adapted"] for r in shown)
         losses = sum(r["baseline"] < r["adapted"] for r in shown)
         note = (f"{len(shown):,} queries: the adapters ranked the right answer higher for {gains:,}, lower for "
@@ -132,7 +135,9 @@ def layout() -> dict[str, Any]:
         with gr.Row():
             direction = gr.Radio(list(DIRECTIONS), value=next(iter(DIRECTIONS)), label="Queries", scale=2)
             sort = gr.Dropdown(list(SORTS), value=SORTS[0], label="Sort", scale=1)
-            cls = gr.Dropdown([ALL], value=ALL, label="Scene class", scale=1)
+            # custom values: the choices are filled when the table is first computed, and an API client
+            # filtering by class on its first call must not be refused for that (compare_view checks the class)
+            cls = gr.Dropdown([ALL], value=ALL, label="Scene class", scale=1, allow_custom_value=True)
             export = gr.File(label="CSV", scale=1, elem_id="compare-csv")
         note = gr.Markdown(elem_classes="harma-note", label="note")
         table = gr.Dataframe(headers=HEADERS["t2i"], wrap=True, interactive=False, max_height=420,

@@ -77,10 +77,11 @@ def gap_rows(app: AppState, key: tuple, gallery: Gallery, retrievers: tuple[Retr
 
 
 def hover_thumbnails(app: AppState, gallery: Gallery, rows: list[int]) -> dict[str, str]:
-    """The file a browser shows for each mapped image (``"i:<row>"``; TIFFs as JPEG copies), all in
-    folders the app serves; the maps carry them for the hover thumbnails of linked_maps.js."""
-    thumbs = app.cache_dir / "thumbs"
-    return {f"i:{i}": displayable(gallery.images[i], thumbs) for i in rows}
+    """The file a browser shows for each mapped image (``"i:<row>"``): its display copy, made by the app in
+    a folder it serves (:func:`~.galleries.displayable`); the maps carry them for the hover thumbnails of
+    linked_maps.js. An image without one (an unwritable cache folder) shows no thumbnail."""
+    shown = {f"i:{i}": displayable(gallery.images[i], app.cache_dir) for i in rows}
+    return {k: v for k, v in shown.items() if isinstance(v, str)}
 
 
 def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optional[str], lines: bool = False,
@@ -140,15 +141,15 @@ def show_pick(app: AppState, gallery_key: Optional[str], payload: Optional[str])
         if not images and not captions:
             return None, "Click a point, or draw a lasso or box around some, on either map.", []
         linked = list(dict.fromkeys(images + [i for j in captions for i in gallery.pool.images[j]]))
-        thumbs = app.cache_dir / "thumbs"
-        tiles = [(displayable(gallery.images[i], thumbs), gallery.images[i].name) for i in linked[:MAX_PICKED]]
+        tiles = [(displayable(gallery.images[i], app.cache_dir), gallery.images[i].name) for i in linked[:MAX_PICKED]]
         if picked.get("kind") == "click" and images:
             i = images[0]
             own = [c for c, img in zip(gallery.split.captions, gallery.split.text_to_image) if img == i]
-            return str(gallery.images[i]), f"**{gallery.images[i].name}**" + "".join(f"\n- {c}" for c in own), tiles
+            return (displayable(gallery.images[i], app.cache_dir),
+                    f"**{gallery.images[i].name}**" + "".join(f"\n- {c}" for c in own), tiles)
         if picked.get("kind") == "click":
             text = f"**Caption:** {gallery.pool.raw[captions[0]]}\n\nIt describes {len(linked)} image(s), shown below."
-            return str(gallery.images[linked[0]]), text, tiles
+            return displayable(gallery.images[linked[0]], app.cache_dir), text, tiles
         more = f" (the first {MAX_PICKED} shown)" if len(linked) > MAX_PICKED else ""
         return None, (f"Selected {len(images)} image(s) and {len(captions)} caption(s); {len(linked)} image(s) "
                       f"below{more}."), tiles

@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import gradio as gr
 
+from PIL import Image
+
 from harma.data import open_image
 from harma.retrieval import Hit
 
@@ -30,6 +32,16 @@ def picker_indices(gallery: Gallery) -> list[int]:
     return list(range(0, n, step))[:PICKER_SIZE]
 
 
+def query_preview(path: str, pil: Image.Image) -> Any:
+    """The uploaded query image as the preview shows it: the upload itself when a browser can show it (a
+    file in Gradio's upload folder), else (a TIFF) a copy of its decoded RGB, longest side <= 512."""
+    if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"):
+        return path
+    preview = pil.copy()
+    preview.thumbnail((512, 512))
+    return preview
+
+
 def _rank_captions(app: AppState, model_key, gallery_key, k, progress, query_fn) -> tuple[list, list]:
     gallery = app.gallery(gallery_key)
     if gallery.pool is None:
@@ -48,7 +60,8 @@ def search_image(app: AppState, image: Optional[str], k: Any, model_key: Optiona
         path = str(getattr(image, "name", image))
         pil = open_image(path)  # refuses non-images, corrupt files and decompression bombs
         base, adapted = _rank_captions(app, model_key, gallery_key, k, progress, lambda r, kk: r.search_image(pil, kk))
-        return path, _caption_rows(base, None), _caption_rows(adapted, None), f"Captions ranked for {Path(path).name}."
+        return (query_preview(path, pil), _caption_rows(base, None), _caption_rows(adapted, None),
+                f"Captions ranked for {Path(path).name}.")
     except (AppError, *USER_ERRORS) as e:
         return None, [], [], fail(e)
 
@@ -73,7 +86,7 @@ def gallery_image_captions(app: AppState, i: int, k: Any, model_key: Optional[st
         gallery = app.gallery(gallery_key)
         base, adapted = _rank_captions(app, model_key, gallery_key, k, progress,
                                        lambda r, kk: r.search_gallery_image(i, kk))
-        return (str(gallery.images[i]), _caption_rows(base, i), _caption_rows(adapted, i),
+        return (displayable(gallery.images[i], app.cache_dir), _caption_rows(base, i), _caption_rows(adapted, i),
                 f"Captions ranked for {gallery.images[i].name}; ✓ = one of its ground-truth captions.")
     except (AppError, *USER_ERRORS) as e:
         return None, [], [], fail(e)
@@ -85,7 +98,7 @@ def picker_items(app: AppState, gallery_key: Optional[str]) -> list[tuple[Any, s
         gallery = app.gallery(gallery_key)
     except (AppError, *USER_ERRORS):
         return []
-    return [(displayable(gallery.images[i], app.cache_dir / "thumbs"), gallery.images[i].name)
+    return [(displayable(gallery.images[i], app.cache_dir), gallery.images[i].name)
             for i in picker_indices(gallery)]
 
 

@@ -27,8 +27,7 @@ def load_examples() -> list[str]:
 
 
 def _tiles(app: AppState, gallery: Gallery, hits: list[Hit], matches: set[int]) -> list[tuple[Any, str]]:
-    thumbs = app.cache_dir / "thumbs"
-    return [(displayable(gallery.images[h.index], thumbs),
+    return [(displayable(gallery.images[h.index], app.cache_dir),
              f"#{h.rank} · {h.score:.3f}{' ✓' if h.index in matches else ''}") for h in hits]
 
 

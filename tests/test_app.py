@@ -126,7 +126,8 @@ def test_search_text_both_models(setup, state):
     truth = {i for c, i in zip(split.captions, split.text_to_image) if "a red square on a grey field" in c}
     assert truth and "✓" in status + "".join(c for _, c in base + adapted)
     all_tiles, _, _ = t2i.search_text(state, "a red square on a grey field", 24, None, "data")
-    marked = {split.images.index(Path(p)) for p, c in all_tiles if c.endswith("✓")}
+    names = [p.name for p in split.images]  # a tile is the app's display copy, named "<key>-<image name>"
+    marked = {names.index(Path(p).name.partition("-")[2]) for p, c in all_tiles if c.endswith("✓")}
     assert marked == truth
 
 
@@ -140,7 +141,7 @@ def test_image_to_text_upload_and_pick(setup, state):
     # picking tile 0 of the picker (image 0) ranks all captions from the stored embedding; ✓ = its own captions
     n_pool = len(state.gallery("data").pool)
     preview, base, adapted, _ = i2t.pick_image(state, 0, common.MAX_K, None, "data")
-    assert preview == str(split.images[0]) and len(base) == min(n_pool, common.MAX_K)
+    assert Path(preview).name.endswith("-" + split.images[0].name) and len(base) == min(n_pool, common.MAX_K)
     own = {c.lower().strip(" .") for c, i in zip(split.captions, split.text_to_image) if i == 0}
     assert {r[2].lower().strip(" .") for r in base if r[3] == "✓"} == own
     assert len(i2t.picker_items(state, "data")) == len(i2t.picker_indices(state.gallery("data"))) == 24
@@ -285,7 +286,8 @@ def test_demo_wires_stable_api_names(setup):
     names = {fn.api_name for fn in demo.fns.values()}
     assert {"search_text", "search_image", "embedding_view", "metrics", "status"} <= names
     opts = blocks.launch_options(demo)
-    assert str(setup["data"].resolve()) in opts["allowed_paths"] and "theme" in opts and "css" in opts
+    assert str(setup["data"].resolve()) not in opts["allowed_paths"] and "theme" in opts and "css" in opts
+    assert opts["allowed_paths"] == [str(setup["base"].resolve() / "cache" / d) for d in ("thumbs", "uploads", "exports")]
     search = next(fn for fn in demo.fns.values() if fn.api_name == "search_text")
     assert search.concurrency_limit == common.QUERY_CONCURRENCY > 1  # served concurrently, not one at a time
 
@@ -312,7 +314,8 @@ def test_prebuilt_index_gallery_uses_the_matching_index(setup, tmp_path):
     tiles_base, tiles_adapted, status = t2i.search_text(state, "a red square", 3, None, "index")
     assert f"of {len(built)} images" in status
     _, rows = built.search(adapted.encode_text("a red square"), 3)
-    assert [t[0] for t in tiles_adapted] == [str(built.image_paths()[r]) for r in rows.tolist()]
+    assert [Path(t[0]).name.partition("-")[2] for t in tiles_adapted] == [built.image_paths()[r].name
+                                                                            for r in rows.tolist()]
     # a broken index folder is a message, not a traceback
     cfg_bad = app_state.AppConfig(index=str(tmp_path / "nowhere"), cache_dir=str(tmp_path / "c"))
     _, _, status = t2i.search_text(app_state.AppState(cfg_bad), "a red square", 3, None, "index")

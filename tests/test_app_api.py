@@ -81,7 +81,7 @@ def test_parallel_queries_all_answer(served):
         assert [x["caption"] for x in adapted] == [x["caption"] for x in ref[1]]
 
 
-def test_symlinked_images_folder_is_served_and_the_cache_is_not(tmp_path_factory):
+def test_symlinked_images_folder_works_with_follow_links_and_the_cache_is_not_served(tmp_path_factory):
     import shutil
 
     import httpx
@@ -95,10 +95,10 @@ def test_symlinked_images_folder_is_served_and_the_cache_is_not(tmp_path_factory
     shutil.copytree(setup["data"] / "images", store / "images")
     (linked / "images").symlink_to(store / "images", target_is_directory=True)
     config = app.AppConfig(data=str(linked), split="train", checkpoint=str(setup["adapters"]),
-                           cache_dir=str(linked.parent / "linked-cache"))
+                           cache_dir=str(linked.parent / "linked-cache"), follow_links=True)
     demo = app.build_demo(config)
     opts = app.launch_options(demo)
-    assert str((store / "images").resolve()) in opts["allowed_paths"]
+    assert str((store / "images").resolve()) not in opts["allowed_paths"]  # shown through display copies
     assert not any(p.endswith("linked-cache") for p in opts["allowed_paths"])
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                             **opts)

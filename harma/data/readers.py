@@ -2,14 +2,20 @@
 
 Formats: HarMA JSON, PE-RSITR txt, csv/tsv, jsonl, and a bare image folder. Image references are
 resolved against the dataset folder or its ``images/`` sub-folder, whichever holds them.
+
+A dataset folder is trusted to name images inside itself only: a reference that resolves outside it
+(``../``, an absolute path, a symlink to elsewhere) is refused, or skipped with a count and the first
+names, unless the caller opts in with ``follow_links=True`` (default: ``$HARMA_FOLLOW_LINKS``), e.g.
+for an ``images/`` folder that links to an image store (docs/security.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 from harma.data.annotations import Annotations
 from harma.data.images import IMAGE_EXTENSIONS, scan_images
@@ -17,7 +23,7 @@ from harma.data.json_format import json_splits, read_harma_json
 from harma.data.split import RetrievalSplit
 from harma.data.table_format import csv_splits, jsonl_splits, read_csv, read_jsonl
 from harma.data.txt_format import read_pe_rsitr_txt, txt_splits
-from harma.errors import DatasetError
+from harma.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +36,33 @@ _ANNOTATED: dict[str, tuple[Callable, Callable[[Path, str], Annotations], str]] 
 }
 FORMATS = (*_ANNOTATED, "image_folder")
 _SAMPLE = 32  # image references probed to choose the image base folder
+FOLLOW_LINKS_ENV = "HARMA_FOLLOW_LINKS"
+LINKS_HINT = ("If the links are intended (e.g. an images/ folder linking to an image store), opt in: "
+              "python app.py --follow-links, HARMA_FOLLOW_LINKS=1 for the commands, or follow_links=True.")
+
+
+def follow_links_setting(follow_links: Optional[bool] = None) -> bool:
+    """``follow_links`` if given, else ``$HARMA_FOLLOW_LINKS`` (``1``/``0``), else False."""
+    if follow_links is not None:
+        return bool(follow_links)
+    raw = os.environ.get(FOLLOW_LINKS_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{FOLLOW_LINKS_ENV}={raw!r}: expected 1 (follow links out of a dataset folder) or 0")
+
+
+def outside_root(paths: Sequence[str | Path], root: str | Path) -> list[int]:
+    """Positions of ``paths`` that resolve (``..``, absolute references, symlinks) outside ``root``."""
+    real = os.path.realpath(root)
+    prefix = real if real.endswith(os.sep) else real + os.sep
+    return [i for i, p in enumerate(paths) if not os.path.realpath(p).startswith(prefix)]
+
+
+def name_outside(refs: Sequence[str], paths: Sequence[str | Path], positions: Sequence[int]) -> str:
+    """The first five of ``positions`` as ``ref -> where it leads``, for a message."""
+    return ", ".join(f"{refs[i]} -> {os.path.realpath(paths[i])}" for i in positions[:5])
 
 
 def _check_root(root: str | Path) -> Path:
@@ -105,6 +138,42 @@ def _drop_missing(
     return out, [refs[i] for i in kept]
 
 
+def _drop_outside(
+    split: RetrievalSplit, refs: list[str], source: str, allow_missing: bool
+) -> tuple[RetrievalSplit, list[str]]:
+    """Refuse images that resolve outside the dataset folder, or drop them (and their captions) when
+    missing images may be dropped; refused all the same when none would be left."""
+    bad = outside_root(split.images, split.root)
+    if not bad:
+        return split, refs
+    what = (f"{len(bad)} of {split.num_images} images listed in {source} resolve outside the dataset folder "
+            f"{split.root} (a ../ or absolute reference, or a symlink); first: {name_outside(refs, split.images, bad)}")
+    if not allow_missing or len(bad) == split.num_images:
+        raise DatasetError(f"{what}. {LINKS_HINT}")
+    gone = set(bad)
+    kept = [i for i in range(split.num_images) if i not in gone]
+    out = split.subset(kept)
+    logger.warning("%s: skipped %s, and their %d captions. %s", split.name, what,
+                   split.num_captions - out.num_captions, LINKS_HINT)
+    return out, [refs[i] for i in kept]
+
+
+def _scan(root: Path, follow_links: bool) -> list[Path]:
+    """:func:`scan_images`, without (and warning about) files that resolve outside ``root``."""
+    images = scan_images(root)
+    bad = [] if follow_links else outside_root(images, root)
+    if bad:
+        refs = [p.relative_to(root).as_posix() for p in images]
+        what = (f"{len(bad)} of {len(images)} image files under {root} resolve outside it (symlinks); "
+                f"first: {name_outside(refs, images, bad)}")
+        if len(bad) == len(images):
+            raise DatasetError(f"{what}. {LINKS_HINT}")
+        logger.warning("skipped %s. %s", what, LINKS_HINT)
+        gone = set(bad)
+        images = [p for i, p in enumerate(images) if i not in gone]
+    return images
+
+
 def _check_counts(split: RetrievalSplit, refs: list[str], source: str, expected: int) -> None:
     counts = Counter(split.text_to_image)
     bad = [i for i in range(split.num_images) if counts[i] != expected]
@@ -125,6 +194,7 @@ def load_split(
     allow_missing: bool = False,
     expected_captions_per_image: int | None = None,
     allow_empty: bool = False,
+    follow_links: Optional[bool] = None,
 ) -> RetrievalSplit:
     """Load one split of a retrieval dataset folder.
 
@@ -140,17 +210,22 @@ def load_split(
             positional PE-RSITR txt layout it is also how captions are grouped (default 5 there).
         allow_empty: Drop empty or whitespace-only captions (with a warning giving the count)
             instead of raising an error that names the file and line of the first.
+        follow_links: Accept images that resolve outside ``root`` (``../`` or absolute references,
+            symlinks to elsewhere); default ``$HARMA_FOLLOW_LINKS``, else False: listed ones are
+            refused (dropped with a warning under ``allow_missing``), scanned ones skipped with a
+            warning.
 
     Returns:
         The split, named ``"<folder>/<split>"`` (``"<folder>/all"`` for an image folder), with
         absolute image paths.
     """
     root = _check_root(root)
+    follow = follow_links_setting(follow_links)
     fmt = _detect_for_split(root, split) if format is None else format
     if fmt not in FORMATS:
         raise DatasetError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "image_folder":
-        images = scan_images(root)
+        images = _scan(root, follow)
         if not images:
             raise DatasetError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         refs = [p.relative_to(root).as_posix() for p in images]
@@ -176,6 +251,8 @@ def load_split(
             text_to_image=ann.text_to_image,
             labels=ann.label_list(),
         )
+        if not follow:
+            out, refs = _drop_outside(out, refs, source, allow_missing)
         if check_images:
             out, refs = _drop_missing(out, refs, source, base, allow_missing)
     if expected_captions_per_image is not None:

@@ -113,7 +113,9 @@ def find_prebuilt(indexes: Sequence[EmbeddingIndex], identity: dict[str, Any],
     """The first of ``indexes`` built by the model ``identity`` describes over exactly ``paths``."""
     want = json.loads(json.dumps(identity, default=str))
     for index in indexes:
-        if index.extra.get("model") == want and len(index) == len(paths) and index.image_paths() == list(paths):
+        # a comparison only: the paths were checked (harma.data.readers.outside_root) when the gallery was made
+        if (index.extra.get("model") == want and len(index) == len(paths)
+                and index.image_paths(follow_links=True) == list(paths)):
             return index
     return None
 

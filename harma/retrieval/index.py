@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..data.readers import LINKS_HINT, follow_links_setting, name_outside, outside_root
 from ..errors import ConfigError, IndexFormatError
 from ..io import INDEX_FILE, atomic_write_bytes
 from .ann import ANNConfig, ANNIndex
@@ -153,11 +154,30 @@ class EmbeddingIndex:
         self.extra = json.loads(json.dumps(extra or {}, default=str))
         return path
 
-    def image_paths(self) -> list[Path]:
+    def image_paths(self, follow_links: Optional[bool] = None) -> list[Path]:
         """Image files of an image index: ids resolved against the recorded ``root`` (as written by
-        :func:`harma.retrieval.build_image_index`), or the ids themselves without one."""
+        :func:`harma.retrieval.build_image_index`), or the ids themselves without one.
+
+        Args:
+            follow_links: accept ids that resolve outside the root (``../`` or absolute ids, symlinks to
+                elsewhere) and an index that records no root; default ``$HARMA_FOLLOW_LINKS``, else
+                False: such an index raises :class:`IndexFormatError` (an index names files inside its
+                image folder only, docs/security.md).
+        """
         root = self.extra.get("root")
-        return [Path(root) / i for i in self.ids] if root else [Path(i) for i in self.ids]
+        paths = [Path(root) / i for i in self.ids] if root else [Path(i) for i in self.ids]
+        if follow_links_setting(follow_links):
+            return paths
+        if not root:
+            raise IndexFormatError(f"this image index records no image root, so nothing keeps its {len(paths)} "
+                                   "image paths inside one folder; rebuild it with python -m training.build_index "
+                                   f"(which records one). {LINKS_HINT}")
+        bad = outside_root(paths, root)
+        if bad:
+            raise IndexFormatError(f"{len(bad)} of {len(paths)} images in {INDEX_FILE} resolve outside the index's "
+                                   f"image root {root} (a ../ or absolute id, or a symlink); first: "
+                                   f"{name_outside(self.ids, paths, bad)}. {LINKS_HINT}")
+        return paths
 
     @classmethod
     def load(cls, path: Union[str, Path], **kwargs: Any) -> "EmbeddingIndex":
