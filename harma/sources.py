@@ -10,15 +10,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import open_clip
 
 from .archs import ARCHS, resolve_arch
 from .checkpoint import read_adapter_config
-from .errors import CheckpointError, PresetError, one_line
+from .config import METHODS, HarmaConfig, ModelConfig, MRSConfig, from_dict
+from .errors import CheckpointError, HarmaError, PresetError, one_line
 from .io import CONFIG_NAME
 from .presets import PRESETS, Preset
+
+# What a malformed adapter folder can raise while it is read: the library's errors, an unreadable or
+# non-UTF-8 file, and JSON nested deeper than Python's parser recurses.
+READ_ERRORS = (HarmaError, OSError, UnicodeDecodeError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,58 @@ def backbone_problem(model: dict, base: dict, allow_download: bool, how: Optiona
     return None
 
 
+def adapter_meta(directory: Union[str, Path]) -> dict[str, Any]:
+    """``adapter_config.json`` of ``directory``, checked for what discovery and loading rely on: an
+    object whose ``method`` is a known method, whose ``base`` is an object and whose ``model`` fills a
+    :class:`~harma.config.ModelConfig`. Raises :class:`CheckpointError` naming the file and field."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        meta = read_adapter_config(directory)
+    except TypeError:  # a JSON value without fields (null, a number): nothing to look a field up in
+        meta = None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to read") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object with method, model and base fields")
+    if meta.get("method") not in METHODS:
+        raise CheckpointError(f"{path}: field 'method' is {meta.get('method')!r}, not one of {', '.join(METHODS)}")
+    for name in ("model", "base"):
+        if not isinstance(meta.get(name), dict):
+            raise CheckpointError(f"{path}: field {name!r} must be an object, got {meta.get(name)!r:.80}")
+    try:
+        cfg = from_dict(ModelConfig, meta["model"], "model")
+    except RecursionError:
+        raise CheckpointError(f"{path}: field 'model' is nested too deeply") from None
+    except HarmaError as e:
+        raise CheckpointError(f"{path}: {one_line(e)}") from None
+    except (TypeError, AttributeError) as e:  # a value of the wrong kind that from_dict passes through (null, a number)
+        raise CheckpointError(f"{path}: field 'model' holds a value of the wrong type ({one_line(e)})") from None
+    for name, kind in (("harma", HarmaConfig), ("mrs", MRSConfig)):  # from_dict passes a non-mapping through
+        if not isinstance(getattr(cfg, name), kind):
+            raise CheckpointError(f"{path}: field 'model.{name}' must be an object, got {getattr(cfg, name)!r:.80}")
+    if not isinstance(cfg.model_name, str):
+        raise CheckpointError(f"{path}: field 'model.model_name' must be a string, got {cfg.model_name!r:.80}")
+    return meta
+
+
+def shown_path(path: Union[str, Path], root: Optional[Path] = None) -> str:
+    """How a front end names a folder to its visitors, without the server's absolute path: relative to
+    ``root`` (the project) or the working directory when inside one, else the folder's name."""
+    p = Path(path).expanduser().resolve()
+    for base in [b.resolve() for b in (root, Path.cwd()) if b is not None]:
+        if p != base and p.is_relative_to(base):
+            return p.relative_to(base).as_posix()
+    return p.name
+
+
+def _without_paths(msg: str, directory: Path, shown: str) -> str:
+    """``msg`` with ``directory`` (as given, absolute and resolved) written as ``shown``."""
+    forms = {str(directory), str(directory.absolute()), str(directory.resolve())} - {"", "."}
+    for form in sorted(forms, key=len, reverse=True):
+        msg = msg.replace(form, shown)
+    return msg
+
+
 def _find_file(path: str, near: Path, root: Path) -> Optional[Path]:
     p = Path(path).expanduser()
     candidates = [p] if p.is_absolute() else [Path.cwd() / p, root / p, near / p]
@@ -85,18 +142,21 @@ def checkpoint_source(directory: Path, allow_download: bool, base_weights: Optio
     folder) and the adapter directory, in that order.
     """
     directory = Path(directory).expanduser()
-    key = key or f"checkpoint:{directory.resolve()}"
+    key = key or f"checkpoint:{directory.resolve().name}"
+    shown = shown_path(directory, root)
     try:
-        meta = read_adapter_config(directory)
-    except CheckpointError as e:
-        return ModelSource(key, label or directory.name, directory, None, one_line(e))
+        meta = adapter_meta(directory)
+    except READ_ERRORS as e:  # listed as unavailable, with the reason
+        return ModelSource(key, label or directory.name, directory, None,
+                           _without_paths(one_line(e), directory, shown))
     label = label or f"{directory.name} ({meta['method']} on {meta['base'].get('model_name')})"
     wanted = base_weights or meta["model"].get("base_weights")
     found = _find_file(wanted, directory, root or Path.cwd()) if wanted else None
     if wanted and found is None:
         sha = meta["base"].get("base_weights_sha256")
+        named = wanted if not Path(wanted).is_absolute() else shown_path(wanted, root)
         return ModelSource(key, label, directory, None,
-                           f"{directory}: base weights `{wanted}` not found on this machine (sha256 {sha})")
+                           f"{shown}: base weights `{named}` not found on this machine (sha256 {sha})")
     problem = backbone_problem(meta["model"], meta["base"], allow_download, how)
     return ModelSource(key, label, directory, str(found) if found else None, problem)
 
@@ -127,23 +187,54 @@ def discover_sources(root: Path, checkpoint: Optional[str] = None, allow_downloa
                      how: Optional[dict] = None) -> dict[str, ModelSource]:
     """``checkpoint``, then the presets, then ``root/checkpoints/*/`` adapter directories (not ``full`` backbones).
 
+    Adapter folders are keyed ``checkpoint:<folder name>`` (``-2``, ``-3``... when two share a name), so
+    no key carries a server path. A folder that cannot be read is listed, with its problem.
     ``missing(preset, names)`` words a preset's absent folders and ``how`` (keys of :data:`HOW`) the
     remedies, in the front end's own terms (its flags); the defaults name no front end."""
     sources: dict[str, ModelSource] = {}
-    if checkpoint:
-        src = checkpoint_source(Path(checkpoint), allow_download, root=root, how=how)
+
+    def add(directory: Path) -> None:
+        name, n = directory.resolve().name, 1
+        while f"checkpoint:{name}" in sources:
+            n += 1
+            name = f"{directory.resolve().name}-{n}"
+        src = checkpoint_source(directory, allow_download, key=f"checkpoint:{name}", root=root, how=how)
         sources[src.key] = src
+
+    if checkpoint:
+        add(Path(checkpoint).expanduser())
     for preset in PRESETS.values():
         src = preset_source(preset, allow_download, root, missing, how)
         sources[src.key] = src
     seen = {s.adapters.resolve() for s in sources.values() if s.adapters is not None}
     for cfg_file in sorted((root / "checkpoints").glob(f"*/{CONFIG_NAME}")):
         directory = cfg_file.parent
+        if directory.resolve() in seen:
+            continue
         try:
-            if directory.resolve() in seen or read_adapter_config(directory)["method"] == "full":
+            if adapter_meta(directory)["method"] == "full":
                 continue
-        except CheckpointError:
+        except READ_ERRORS:
             pass  # listed, with its problem
-        src = checkpoint_source(directory, allow_download, root=root, how=how)
-        sources[src.key] = src
+        add(directory)
     return sources
+
+
+def find_source(sources: dict[str, ModelSource], name: str) -> Optional[str]:
+    """The key in ``sources`` that ``name`` means: a key (``preset:NAME``, ``checkpoint:FOLDER``), a
+    bare preset or folder name (``rs-minilm-harma``, ``ucm-mrs``), or an adapter directory's path, with
+    or without ``checkpoint:`` (the keys' earlier form); None when it names none of them."""
+    name = name.strip()
+    if name in sources:
+        return name
+    for prefix in ("preset:", "checkpoint:"):
+        if prefix + name in sources:
+            return prefix + name
+    path = name.removeprefix("checkpoint:")
+    if not path or not any(sep in path for sep in ("/", os.sep, "~")):
+        return None
+    try:
+        wanted = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        return None
+    return next((k for k, s in sources.items() if s.adapters is not None and s.adapters.resolve() == wanted), None)
