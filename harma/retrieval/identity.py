@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -87,13 +88,26 @@ def cache_key(parts: dict[str, Any]) -> str:
     return _sha({"index_version": INDEX_VERSION, **parts})[:32]
 
 
+_write_failures: dict[str, str] = {}  # cache folder -> why writing there failed (caching off there)
+_write_lock = threading.Lock()
+
+
+def cache_problem(cache_dir: Optional[Union[str, Path]]) -> Optional[str]:
+    """Why :func:`cached_index` stopped writing to ``cache_dir`` in this process (None while it writes):
+    a front end shows it once, e.g. in a status line."""
+    return None if cache_dir is None else _write_failures.get(str(Path(cache_dir).absolute()))
+
+
 def cached_index(cache_dir: Optional[Union[str, Path]], parts: dict[str, Any],
                  build: Callable[[], EmbeddingIndex]) -> tuple[EmbeddingIndex, bool]:
     """Load the index cached under ``cache_dir/<cache_key(parts)>``, or build and save it.
 
     Returns:
         ``(index, hit)``; ``hit`` is True when it came from disk. With ``cache_dir=None`` it is
-        always built. An unreadable entry is rebuilt (with a warning).
+        always built. An unreadable entry is rebuilt (with a warning). When the entry cannot be
+        written (a full disk, a read-only folder) the built index is returned all the same, the
+        failure is logged once and caching to ``cache_dir`` stays off in this process
+        (:func:`cache_problem` says why).
     """
     if cache_dir is None:
         return build(), False
@@ -104,7 +118,17 @@ def cached_index(cache_dir: Optional[Union[str, Path]], parts: dict[str, Any],
         except IndexFormatError as e:
             log.warning("rebuilding the embedding cache: %s", e)
     index = build()
-    index.save(path, extra={"key": parts})
+    folder = str(Path(cache_dir).absolute())
+    if folder not in _write_failures:
+        try:
+            index.save(path, extra={**index.extra, "key": parts})
+        except OSError as e:
+            with _write_lock:
+                first = folder not in _write_failures
+                _write_failures[folder] = (f"embeddings are not cached: cannot write to the cache folder "
+                                           f"({e.strerror or type(e).__name__}); they are kept in memory only")
+            if first:
+                log.warning("%s: %s (%s)", folder, _write_failures[folder], e)
     return index, False
 
 
