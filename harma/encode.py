@@ -8,6 +8,9 @@ and the modality-gap diagnostics of :mod:`harma.gap` are computed on the same em
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -16,12 +19,53 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .data import ImageDataset, RetrievalSplit, clean_caption
-from .errors import DatasetError, NonFiniteEmbeddingError
+from .data import ImageDataset, RetrievalSplit, clean_caption, open_image
+from .data.images import image_bands
+from .errors import DatasetError, NonFiniteEmbeddingError, one_line
 from .gap import canonical_order, modality_gap
+from .io import atomic_write_bytes, hash_files
 from .metrics import retrieval_metrics
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (done, total)
+
+
+def unreadable_images(paths: Sequence[Union[str, Path]], cache_dir: Optional[Union[str, Path]] = None,
+                      progress: Optional[Progress] = None) -> list[tuple[int, str]]:
+    """``(index, reason)`` of every image :func:`harma.data.open_image` cannot decode, in order: the
+    images :func:`~harma.retrieval.build_image_index` skips, found before encoding so that a gallery can
+    leave them out (with their captions) instead of stopping at the first.
+
+    Args:
+        paths: image files.
+        cache_dir: where to remember the answer for exactly these files (path, size, modification
+            time) and this band choice, so a gallery is decoded once; None, or a folder that cannot be
+            written: check every time.
+        progress: ``progress(done, total)``.
+    """
+    memo = None
+    if cache_dir is not None:
+        key = hash_files(hashlib.sha256(f"unreadable-v1|{image_bands()}".encode()), paths).hexdigest()[:24]
+        memo = Path(cache_dir) / f"unreadable-{key}.json"
+        try:
+            return [(int(i), str(why)) for i, why in json.loads(memo.read_text())]
+        except (OSError, ValueError, TypeError):
+            pass  # not checked yet (or an unreadable memo): check
+    bad: list[tuple[int, str]] = []
+    for i, p in enumerate(paths):
+        try:
+            open_image(p)
+        except DatasetError as e:
+            bad.append((i, one_line(e)))
+        if progress is not None:
+            progress(i + 1, len(paths))
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(memo, json.dumps(bad).encode())
+        except OSError as e:
+            log.warning("cannot remember the image check in %s: %s", memo.parent, e)
+    return bad
 
 
 def check_finite_embeddings(emb: torch.Tensor, kind: str, names: Sequence[Any]) -> None:
