@@ -13,7 +13,6 @@ from harma.errors import ConfigError, one_line
 from harma.sources import ModelSource
 
 from . import controls, tab_compare, tab_embedding_space, tab_image_to_text, tab_metrics, tab_text_to_image
-from .common import QUERY_CONCURRENCY
 from .galleries import SECRET_FILE, SERVED
 from .state import AppConfig, AppState, ModelPair, load_models, parse_args
 
@@ -45,7 +44,7 @@ def build_demo(config: Optional[AppConfig] = None,
         common = [top["k"], top["model"], top["gallery_key"]]
         # queries are served concurrently (one pool for all query events); the model calls inside
         # are serialised by harma.retrieval.Retriever, everything else (search, files, streaming) overlaps
-        fast = dict(concurrency_limit=QUERY_CONCURRENCY, concurrency_id="queries")
+        fast = dict(concurrency_limit=app.config.query_concurrency, concurrency_id="queries")
         tab_text_to_image.wire(app, t2i, common, top["status"], fast)
         tab_image_to_text.wire(app, i2t, common, top["status"], fast)
         tab_embedding_space.wire(app, space, top["model"], top["gallery_key"])
@@ -110,8 +109,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config, args = parse_args(argv)
-    except ConfigError as e:  # a HARMA_* variable that cannot be read: one line, like the commands
+        ui = build_demo(config)
+    except ConfigError as e:  # a setting (flag or HARMA_* variable) that cannot be used: one line, like the commands
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    ui = build_demo(config)
     ui.queue().launch(server_name=args.host, server_port=args.port, **launch_options(ui))

@@ -5,7 +5,6 @@ an error into a status line."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,7 +24,7 @@ SHIPPED = PRECOMPUTED / "embeddings"  # and its embeddings, keyed by content (ha
 DEFAULT_PRESET = "rs-minilm-harma"
 MAX_QUERY_CHARS = 300
 MAX_K = 50
-QUERY_CONCURRENCY = int(os.environ.get("HARMA_QUERY_CONCURRENCY", "16"))  # query events served at once (Gradio: 1)
+QUERY_CONCURRENCY = 16  # default query events served at once (Gradio: 1); HARMA_QUERY_CONCURRENCY (AppConfig)
 MAX_UPLOADS = 500
 MAX_ENCODE = 20_000  # images the app encodes itself for an --index gallery lacking one model's index
 USER_ERRORS = (HarmaError, OSError)  # the library's user-facing errors and unreadable files; anything else is a bug
@@ -63,6 +62,12 @@ def fail(e: BaseException) -> str:
     msg = file_names_only(msg)
     gr.Warning(plain_text(msg))  # a toast shows Markdown as typed
     return f"⚠️ {msg}"
+
+
+def short_list(items: list[str], shown: int = 5) -> str:
+    """The first ``shown`` items, then how many more: a long list of files stays one readable line."""
+    more = len(items) - shown
+    return "; ".join(items[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
 def plain_text(markdown: str) -> str:

@@ -20,6 +20,7 @@ from .common import (
     file_names_only,
     plain_text,
     progress_cb,
+    short_list,
 )
 from .state import AppState
 from .tab_image_to_text import picker_items
@@ -30,24 +31,19 @@ def status_text(app: AppState, model_key: Optional[str], gallery_key: Optional[s
     try:
         key = app.model_key(model_key)
         source = app.sources[key]
-        lines.append(f"**Model:** {source.label} — " + (f"⚠️ {source.problem}" if source.problem else
-                     "baseline = the same backbone without adapters (zero-shot)"))
+        lines.append(f"**Model:** {source.label} — " + (f"⚠️ {file_names_only(source.problem)}" if source.problem
+                     else "baseline = the same backbone without adapters (zero-shot)"))
     except AppError as e:
-        lines.append(f"**Model:** ⚠️ {e}")
+        lines.append(f"**Model:** ⚠️ {file_names_only(str(e))}")
     default = app.sources.get(f"preset:{DEFAULT_PRESET}")
     if default is not None and default.problem and key != default.key:
-        lines.append(f"ℹ️ {default.problem}")
+        lines.append(f"ℹ️ {file_names_only(default.problem)}")
     try:
         lines.append("**Gallery:** " + app.gallery(gallery_key).describe())
     except (AppError, *USER_ERRORS) as e:
         lines.append(f"**Gallery:** ⚠️ {file_names_only(str(e) if isinstance(e, AppError) else one_line(e))}")
+    lines += [f"ℹ️ {note[:1].upper()}{note[1:]}." for note in app.notes(gallery_key)]
     return "\n\n".join(lines)
-
-
-def short_list(items: list[str], shown: int = 5) -> str:
-    """The first ``shown`` items, then how many more: a long list of files stays one readable line."""
-    more = len(items) - shown
-    return "; ".join(items[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
 def use_uploads(app: AppState, files: Optional[list], model_key: Optional[str], current: Optional[str],
@@ -76,7 +72,10 @@ def layout(app: AppState) -> dict[str, Any]:
     choices = [(s.label + (" — unavailable" if s.problem else ""), k) for k, s in app.sources.items()]
     gallery_key = gr.State(app.default_gallery)
     with gr.Row():
-        model = gr.Dropdown(choices, value=app.default_model, label="Model", scale=3, elem_id="model")
+        # custom values: the API also takes a preset's or folder's name, or an adapter directory's path (the
+        # earlier keys); the handlers map them to a choice, or answer with a message naming the choices
+        model = gr.Dropdown(choices, value=app.default_model, label="Model", scale=3, elem_id="model",
+                            allow_custom_value=True)
         k = gr.Slider(1, MAX_K, value=8, step=1, label="Top k", scale=1)
     status = gr.Markdown(elem_id="status", label="status")
     with gr.Accordion("Gallery source", open=False):

@@ -4,6 +4,7 @@ handlers share: loaded models, galleries and retrievers, each loaded once and ke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
@@ -14,20 +15,36 @@ from typing import Any, Callable, Optional
 import torch
 
 from harma import ModelConfig, create_model, load_adapters
-from harma.checkpoint import read_adapter_config
 from harma.config import from_dict
+from harma.encode import unreadable_images
 from harma.errors import ConfigError, one_line
 from harma.presets import Preset
-from harma.retrieval import Retriever, RetrieverOptions
-from harma.sources import ModelSource
+from harma.retrieval import CaptionPool, Retriever, RetrieverOptions
+from harma.retrieval.identity import cache_problem
+from harma.sources import READ_ERRORS, ModelSource, adapter_meta, find_source
 from harma.sources import discover_sources as find_sources
 
-from .common import DEFAULT_PRESET, DEMO, HOW_TO_DATA, MAX_ENCODE, ROOT, SHIPPED, USER_ERRORS, AppError
+from .common import (
+    DEFAULT_PRESET,
+    DEMO,
+    HOW_TO_DATA,
+    MAX_ENCODE,
+    QUERY_CONCURRENCY,
+    ROOT,
+    SHIPPED,
+    USER_ERRORS,
+    AppError,
+    file_names_only,
+    log,
+    short_list,
+)
 from .galleries import Gallery, dataset_gallery, index_gallery, upload_gallery, uploaded_gallery
 
 DESCRIPTION = ("HarMA demo: remote-sensing image-text retrieval, the frozen backbone (baseline) next to the adapted "
                "model.")
 ENV_NAMES = {"cache_dir": "HARMA_CACHE"}  # AppConfig fields whose variable is not HARMA_<FIELD>
+MINIMUM = {"umap_points": 2, "batch_size": 1, "query_concurrency": 1}  # whole-number settings: their least value
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
 DEFAULT_MISSING = (f"The default model **{DEFAULT_PRESET}** needs `checkpoints/rs-backbone/` (its backbone, a `full` "
                    "checkpoint) and `checkpoints/ucm-harma/` (its HarMA adapters); missing here: {missing}. "
                    "Produce them with the training commands in `checkpoints/README.md`, or start the app on any "
@@ -47,22 +64,44 @@ class AppConfig:
     cache_dir: str = str(ROOT / ".cache" / "harma-app")  # embeddings, projections, uploads (HARMA_CACHE)
     umap_points: int = 1000  # per modality, for the embedding plot (HARMA_UMAP_POINTS)
     allow_download: bool = False  # let open_clip download pretrained tags (HARMA_ALLOW_DOWNLOAD=1)
-    device: str = "cpu"  # cpu | cuda | auto (HARMA_DEVICE)
-    batch_size: int = 64
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto (HARMA_DEVICE)
+    batch_size: int = 64  # images per forward pass when the app encodes a gallery (HARMA_BATCH_SIZE)
+    query_concurrency: int = QUERY_CONCURRENCY  # query events served at once (HARMA_QUERY_CONCURRENCY)
     follow_links: bool = False  # accept images resolving outside --data / the index root (HARMA_FOLLOW_LINKS)
+
+    def __post_init__(self) -> None:
+        """Refuse values the app would only trip over later (a query pool of 0 hangs every query)."""
+        for name, least in MINIMUM.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"{name} must be a whole number >= {least}, got {value!r}")
+        if self.device != "auto":
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"device {self.device!r} is not a device: use {DEVICES}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device!r}: torch sees no CUDA device here (use cpu or auto)")
+            if device.type not in ("cpu", "cuda", "mps"):
+                raise ConfigError(f"device {self.device!r} is not supported: use {DEVICES}")
+
+    @classmethod
+    def read(cls, values: dict[str, Any], names: dict[str, str]) -> "AppConfig":
+        """The config of ``values`` (field -> value, strings read as the field's type), each checked on
+        its own first so that an error names its setting as ``names[field]`` (a variable or a flag)."""
+        for field, value in values.items():
+            try:
+                from_dict(cls, {field: value})
+            except ConfigError as e:
+                raise ConfigError(f"{names[field]}={value!r}: {e}") from None
+        return from_dict(cls, values)
 
     @classmethod
     def from_env(cls, env: Optional[dict] = None) -> "AppConfig":
         """The ``HARMA_*`` variables (empty ones ignored), read with the project's one config parser."""
         env = os.environ if env is None else env
         names = {f.name: ENV_NAMES.get(f.name, f"HARMA_{f.name.upper()}") for f in fields(cls)}
-        given = {field: env[var] for field, var in names.items() if env.get(var)}
-        for field, value in given.items():  # one at a time, so an error names its variable
-            try:
-                from_dict(cls, {field: value})
-            except ConfigError as e:
-                raise ConfigError(f"{names[field]}={value!r}: {e}") from None
-        cfg = from_dict(cls, given)
+        cfg = cls.read({field: env[var] for field, var in names.items() if env.get(var)}, names)
         if not cfg.data and not cfg.index and (DEMO / "test.csv").is_file():
             cfg.data = str(DEMO)  # no dataset given: the bundled demo gallery, so every tab works
         return cfg
@@ -78,7 +117,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
                    "the gallery is the indexed images (env HARMA_INDEX, comma-separated)")
     p.add_argument("--split", default=base.split, help="split to show (default: test, val or train, first present)")
     p.add_argument("--checkpoint", default=base.checkpoint, help="adapter directory (env HARMA_CHECKPOINT)")
-    p.add_argument("--model", default=base.model, help="preset name or model key to select at start")
+    p.add_argument("--model", default=base.model,
+                   help="model to select at start: a preset or checkpoint folder name, or a model key (env HARMA_MODEL)")
     p.add_argument("--cache-dir", default=base.cache_dir, help="embedding cache folder (default .cache/harma-app)")
     p.add_argument("--umap-points", type=int, default=base.umap_points, help="max points per modality in the plot")
     p.add_argument("--follow-links", action="store_true", default=base.follow_links,
@@ -86,14 +126,22 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
                    "to an image store, ../ references); env HARMA_FOLLOW_LINKS=1; docs/security.md")
     p.add_argument("--allow-download", action="store_true", default=base.allow_download,
                    help="let open_clip download pretrained weights (network)")
-    p.add_argument("--device", default=base.device, help="cpu | cuda | auto")
+    p.add_argument("--device", default=base.device, help="cpu | cuda | cuda:N | mps | auto")
     p.add_argument("--host", default=None, help="server name (default: Gradio's, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="server port (default: Gradio's, or GRADIO_SERVER_PORT)")
     args = p.parse_args(argv)
-    cfg = AppConfig(data=args.data, index=",".join(args.index) if args.index else None, split=args.split,
-                    checkpoint=args.checkpoint, model=args.model, cache_dir=args.cache_dir,
-                    umap_points=args.umap_points, allow_download=args.allow_download, device=args.device,
-                    batch_size=base.batch_size, follow_links=args.follow_links)
+    values = {f.name: getattr(args, f.name) for f in fields(AppConfig) if hasattr(args, f.name)}
+    values["index"] = ",".join(args.index) if args.index else None
+    changed = {k: v for k, v in values.items() if v != getattr(base, k)}  # the rest was checked by from_env
+    cfg = base
+    if changed:
+        AppConfig.read(changed, {k: "--" + k.replace("_", "-") for k in changed})  # an error names the flag
+        cfg = dataclasses.replace(base, **changed)
+    if cfg.model:
+        sources = discover_sources(cfg)
+        if find_source(sources, cfg.model) is None:
+            setting = "--model" if "model" in changed else "HARMA_MODEL"
+            raise ConfigError(f"{setting}={cfg.model!r}: {unknown_model(cfg.model, sources)}")
     return cfg, args
 
 
@@ -114,6 +162,14 @@ def discover_sources(config: AppConfig) -> dict[str, ModelSource]:
     return find_sources(ROOT, config.checkpoint, config.allow_download, _missing_message, HOW)
 
 
+def unknown_model(name: str, sources: dict[str, ModelSource]) -> str:
+    """The message for a model name that names no choice (a path is shown by its last part only)."""
+    path = name.removeprefix("checkpoint:")
+    shown = f"checkpoint:…/{Path(path).name}" if "/" in path or os.sep in path else name
+    return (f"unknown model {shown!r}; choose one of: {', '.join(sources)} "
+            "(a preset's or checkpoint folder's name alone works too)")
+
+
 # -- models --------------------------------------------------------------------------------------
 Bundle = tuple[Any, Callable, Callable]  # (model, eval preprocess, tokenizer)
 
@@ -130,7 +186,7 @@ def load_models(source: ModelSource, device: str = "cpu") -> ModelPair:
     """The adapted model from ``source.adapters`` and its backbone without adapters (method zeroshot)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
-        meta = read_adapter_config(source.adapters)
+        meta = adapter_meta(source.adapters)
         cfg = from_dict(ModelConfig, meta["model"], "model")
         if source.base_weights:
             cfg.base_weights = source.base_weights
@@ -146,7 +202,10 @@ def load_models(source: ModelSource, device: str = "cpu") -> ModelPair:
 
 # -- the state the handlers share ----------------------------------------------------------------
 class AppState:
-    """Model choices, loaded models, galleries and retrievers, each loaded once and kept (LRU-bounded)."""
+    """Model choices, loaded models, galleries and retrievers, each loaded once and kept (LRU-bounded).
+
+    Each item is made under its own lock, so loading one model (or encoding a gallery with it) never
+    holds up the visitors of a model that is loaded already; the state's lock guards only its dicts."""
 
     def __init__(self, config: AppConfig, loader: Callable[[ModelSource, str], ModelPair] = load_models) -> None:
         self.config = config
@@ -156,14 +215,20 @@ class AppState:
         self.default_model = self._default_model()
         self.default_gallery = "index" if config.index else "data" if config.data else ""
         self._lock = threading.RLock()
+        self._making: dict[tuple, threading.Lock] = {}  # (store, key) -> the lock of the item being made
         self._models: OrderedDict[str, ModelPair] = OrderedDict()
         self._galleries: dict[str, Gallery] = {}
         self._retrievers: OrderedDict[tuple, tuple[Retriever, Retriever]] = OrderedDict()
         self._results: dict[tuple, Any] = {}  # embedding views and metric tables
+        self._notes: dict[str, str] = {}  # gallery key -> what loading it left out
 
     def _default_model(self) -> str:
         if self.config.model:
-            return self.model_key(self.config.model)
+            key = find_source(self.sources, self.config.model)
+            if key is None:
+                raise ConfigError(f"HARMA_MODEL / --model={self.config.model!r}: "
+                                  + unknown_model(self.config.model, self.sources))
+            return key
         if self.config.checkpoint:
             return next(iter(self.sources))
         default = f"preset:{DEFAULT_PRESET}"
@@ -171,21 +236,47 @@ class AppState:
             return default
         return next((k for k, s in self.sources.items() if s.problem is None), default)
 
+    def _once(self, name: str, store: dict, key: Any, make: Callable[[], Any], keep: Optional[int] = None) -> Any:
+        """``store[key]``, made by ``make()`` under a lock of its own (once, however many ask at the same
+        time) while other items are served; ``keep``: most recently used items kept (``store`` an OrderedDict)."""
+        with self._lock:
+            if key in store:
+                if keep:
+                    store.move_to_end(key)
+                return store[key]
+            lock = self._making.setdefault((name, key), threading.Lock())
+        with lock:
+            with self._lock:
+                if key in store:  # made while this thread waited
+                    return store[key]
+            try:
+                value = make()
+            except BaseException:
+                with self._lock:
+                    self._making.pop((name, key), None)
+                raise
+            with self._lock:
+                store[key] = value
+                self._making.pop((name, key), None)
+                while keep and len(store) > keep:
+                    store.popitem(last=False)
+            return value
+
     def model_key(self, key: Optional[str]) -> str:
-        """Accept a key (``preset:NAME``, ``checkpoint:PATH``) or a bare preset name."""
+        """The key of a model choice from a key (``preset:NAME``, ``checkpoint:FOLDER``), a bare preset or
+        folder name, or (the earlier keys) an adapter directory's path (:func:`harma.sources.find_source`)."""
         key = key or self.default_model
-        if key in self.sources:
-            return key
-        if f"preset:{key}" in self.sources:
-            return f"preset:{key}"
-        raise AppError(f"unknown model {key!r}; choose one of: {', '.join(self.sources)}")
+        found = find_source(self.sources, str(key))
+        if found is None:
+            raise AppError(unknown_model(str(key), self.sources))
+        return found
 
     def adapted_label(self, key: Optional[str]) -> str:
         """"Adapted (<method>)" for the model ``key`` (read from its adapter config; no model is loaded)."""
         try:
             source = self.sources[self.model_key(key)]
-            method = read_adapter_config(source.adapters)["method"] if source.adapters else None
-        except (AppError, *USER_ERRORS):
+            method = adapter_meta(source.adapters)["method"] if source.adapters else None
+        except (AppError, *READ_ERRORS):
             method = None
         return f"Adapted ({METHOD_NAMES[method]})" if method in METHOD_NAMES else "Adapted"
 
@@ -197,27 +288,47 @@ class AppState:
         source = self.sources[key]
         if source.problem:
             raise AppError(source.problem)
-        with self._lock:
-            if key not in self._models:
-                self._models[key] = self.loader(source, self.config.device)
-                while len(self._models) > 2:
-                    self._models.popitem(last=False)
-            self._models.move_to_end(key)
-            return self._models[key]
+        return self._once("model", self._models, key, lambda: self.loader(source, self.config.device), keep=2)
 
     def gallery(self, key: Optional[str]) -> Gallery:
         if not key:
             raise AppError(f"No gallery yet. {HOW_TO_DATA}")
-        with self._lock:
-            if key not in self._galleries:
-                if key == "data":
-                    self._galleries[key] = dataset_gallery(self.config.data, self.config.split,
-                                                           self.config.follow_links)
-                elif key == "index" and self.config.index:
-                    self._galleries[key] = index_gallery(self.config.index.split(","), self.config.follow_links)
-                else:  # uploads of an earlier run stay in the cache folder
-                    self._galleries[key] = uploaded_gallery(key, self.cache_dir)
-            return self._galleries[key]
+
+        def load() -> Gallery:
+            if key == "data":
+                return self._readable(key, dataset_gallery(self.config.data, self.config.split,
+                                                           self.config.follow_links))
+            if key == "index" and self.config.index:
+                return index_gallery(self.config.index.split(","), self.config.follow_links)
+            return uploaded_gallery(key, self.cache_dir)  # uploads of an earlier run stay in the cache folder
+
+        return self._once("gallery", self._galleries, key, load)
+
+    def _readable(self, key: str, gallery: Gallery) -> Gallery:
+        """``gallery`` without the images that cannot be decoded (and their captions), so that one bad file
+        does not stop every query; what was left out becomes a note in the status line. The bundled gallery
+        is trusted; an index's images were checked when it was built."""
+        if gallery.bundled:
+            return gallery
+        bad = unreadable_images(gallery.images, self.cache_dir / "checked")
+        if not bad:
+            return gallery
+        n = len(gallery.images)
+        reasons = [file_names_only(why) for _, why in bad]
+        if len(bad) == n:
+            raise AppError(f"none of the {n:,} images of {gallery.name} can be read; first: {reasons[0]}")
+        gone = {i for i, _ in bad}
+        split = gallery.split.subset([i for i in range(n) if i not in gone])
+        pool = CaptionPool.from_captions(split.captions, split.text_to_image) if split.num_captions else None
+        self._notes[key] = f"skipped {len(bad):,} of {n:,} images that cannot be read: " + short_list(reasons)
+        log.warning("gallery %s: %s", gallery.name, self._notes[key])
+        return dataclasses.replace(gallery, split=split, pool=pool)
+
+    def notes(self, gallery_key: Optional[str]) -> list[str]:
+        """What a visitor should know about the gallery and the caches: images left out, caching off."""
+        notes = [self._notes[gallery_key]] if gallery_key in self._notes else []
+        cache = cache_problem(self.cache_dir / "index")
+        return notes + ([cache] if cache else [])
 
     def add_uploads(self, files: list) -> tuple[str, Gallery, list[str]]:
         key, gallery, skipped = upload_gallery(files, self.cache_dir)
@@ -232,38 +343,32 @@ class AppState:
         follows one bar through the steps: loading the models, then each model's images and captions."""
         model_key = self.model_key(model_key)
         gallery = self.gallery(gallery_key)
-        key = (model_key, gallery_key)
-        with self._lock:
-            if key not in self._retrievers:
-                stages = ["images"] + (["captions"] if gallery.pool is not None else [])
-                steps = 1 + 2 * len(stages)
 
-                def report(step: int, done: float, desc: str) -> None:
-                    if progress is not None:
-                        progress((step + done) / steps, f"Step {step + 1} of {steps}: {desc}")
+        def build() -> tuple[Retriever, Retriever]:
+            stages = ["images"] + (["captions"] if gallery.pool is not None else [])
+            steps = 1 + 2 * len(stages)
 
-                report(0, 0.0, "loading the models")
-                pair = self.models(model_key)
-                built = []
-                for s, (side, bundle, ckpt) in enumerate((("baseline", pair.baseline, None),
-                                                          ("adapted", pair.adapted, pair.source.adapters))):
-                    def cb(stage: str, done: int, total: int, s: int = s, side: str = side) -> None:
-                        report(1 + s * len(stages) + stages.index(stage), done / max(total, 1),
-                               f"encoding the gallery's {stage} with the {side} model (cached afterwards)")
+            def report(step: int, done: float, desc: str) -> None:
+                if progress is not None:
+                    progress((step + done) / steps, f"Step {step + 1} of {steps}: {desc}")
 
-                    options = RetrieverOptions(checkpoint=ckpt, cache_dir=self.cache_dir / "index",
-                                               shipped_dir=SHIPPED if gallery.bundled else None,
-                                               batch_size=self.config.batch_size, prebuilt=gallery.prebuilt,
-                                               max_encode=MAX_ENCODE if gallery.prebuilt else None)
-                    built.append(Retriever.build(*bundle, gallery.images, gallery.pool, options, progress=cb))
-                self._retrievers[key] = (built[0], built[1])
-                while len(self._retrievers) > 4:
-                    self._retrievers.popitem(last=False)
-            self._retrievers.move_to_end(key)
-            return self._retrievers[key]
+            report(0, 0.0, "loading the models")
+            pair = self.models(model_key)
+            built = []
+            for s, (side, bundle, ckpt) in enumerate((("baseline", pair.baseline, None),
+                                                      ("adapted", pair.adapted, pair.source.adapters))):
+                def cb(stage: str, done: int, total: int, s: int = s, side: str = side) -> None:
+                    report(1 + s * len(stages) + stages.index(stage), done / max(total, 1),
+                           f"encoding the gallery's {stage} with the {side} model (cached afterwards)")
+
+                options = RetrieverOptions(checkpoint=ckpt, cache_dir=self.cache_dir / "index",
+                                           shipped_dir=SHIPPED if gallery.bundled else None,
+                                           batch_size=self.config.batch_size, prebuilt=gallery.prebuilt,
+                                           max_encode=MAX_ENCODE if gallery.prebuilt else None)
+                built.append(Retriever.build(*bundle, gallery.images, gallery.pool, options, progress=cb))
+            return built[0], built[1]
+
+        return self._once("retrievers", self._retrievers, (model_key, gallery_key), build, keep=4)
 
     def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key not in self._results:
-                self._results[key] = compute()
-            return self._results[key]
+        return self._once("result", self._results, key, compute)

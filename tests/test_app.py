@@ -81,7 +81,7 @@ def test_import_is_cheap_and_loads_no_model(setup, monkeypatch):
     assert calls == [] and module.demo.harma_state._models == {} and module.demo.harma_state._galleries == {}
     assert had_umap or "umap" not in sys.modules
     assert elapsed < 5, f"executing app.py took {elapsed:.1f}s"
-    assert module.demo.harma_state.default_model == f"checkpoint:{setup['adapters'].resolve()}"
+    assert module.demo.harma_state.default_model == f"checkpoint:{setup['adapters'].name}"
 
 
 def test_parse_args_overrides_env(monkeypatch):
