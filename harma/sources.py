@@ -231,8 +231,9 @@ def find_source(sources: dict[str, ModelSource], name: str) -> Optional[str]:
         if prefix + name in sources:
             return prefix + name
     path = name.removeprefix("checkpoint:")
-    if not path or not any(sep in path for sep in ("/", os.sep, "~")):
-        return None
+    if not path or not any(sep in path for sep in ("/", os.sep, "~")):  # a folder name, e.g. a preset's
+        named = [k for k, s in sources.items() if s.adapters is not None and s.adapters.name == path]
+        return named[0] if len(named) == 1 else None
     try:
         wanted = Path(path).expanduser().resolve()
     except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte

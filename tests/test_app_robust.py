@@ -157,3 +157,15 @@ def test_model_keys_name_folders_and_accept_the_earlier_forms(setup, tmp_path):
     old = f"checkpoint:{adapters.resolve()}"  # what API clients sent before
     assert picker.preprocess(old) == old and "⚠️" not in controls.status_text(demo.harma_state, old, "data")
     assert "unknown model" in controls.status_text(demo.harma_state, picker.preprocess("nope"), "data")
+
+
+def test_find_source_takes_keys_names_and_paths(tmp_path):
+    from harma.sources import ModelSource, find_source
+
+    sources = {"preset:rs": ModelSource("preset:rs", "rs (preset)", tmp_path / "checkpoints" / "ucm-harma"),
+               "checkpoint:ucm-mrs": ModelSource("checkpoint:ucm-mrs", "ucm-mrs", tmp_path / "checkpoints" / "ucm-mrs")}
+    for given, key in (("rs", "preset:rs"), ("ucm-harma", "preset:rs"), ("checkpoint:ucm-harma", "preset:rs"),
+                       ("ucm-mrs", "checkpoint:ucm-mrs"), (str(tmp_path / "checkpoints" / "ucm-harma"), "preset:rs"),
+                       (f"checkpoint:{tmp_path}/checkpoints/ucm-mrs", "checkpoint:ucm-mrs")):
+        assert find_source(sources, given) == key, given
+    assert find_source(sources, "nope") is None and find_source(sources, "/etc") is None
