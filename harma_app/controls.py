@@ -22,6 +22,7 @@ from .common import (
     progress_cb,
     short_list,
 )
+from .galleries import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES
 from .state import AppState
 from .tab_image_to_text import picker_items
 
@@ -80,7 +81,8 @@ def layout(app: AppState) -> dict[str, Any]:
     status = gr.Markdown(elem_id="status", label="status")
     with gr.Accordion("Gallery source", open=False):
         gr.Markdown(HOW_TO_DATA)
-        files = gr.File(file_count="multiple", file_types=["image"], label="Images to search", height=220,
+        files = gr.File(file_count="multiple", file_types=["image"], height=220,
+                        label=f"Images to search (at most {MAX_UPLOAD_FILES}, {MAX_UPLOAD_BYTES // 2**20} MB in all)",
                         elem_id="upload-files")  # a long list scrolls inside 220 px
         with gr.Row():
             use_files = gr.Button("Use the uploaded images")
