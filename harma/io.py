@@ -70,18 +70,22 @@ def cached_json(path: Optional[PathLike], compute: Callable[[], Any]) -> Any:
     return out
 
 
-def parse_json(text: Union[str, bytes], error: type[Exception], where: object) -> Any:
+def parse_json(text: Union[str, bytes], error: type[Exception], where: object, line: Optional[int] = None) -> Any:
     """``text`` parsed as JSON. Invalid JSON, nesting deeper than the parser's recursion allows, an
-    integer too long to convert and bytes that are not UTF-8 raise ``error`` naming ``where`` (a path,
-    or ``path: line N``), never ``json``'s own ``ValueError`` or a ``RecursionError``."""
+    integer too long to convert and bytes that are not UTF-8 raise ``error`` naming ``where`` (a path)
+    and, for one record of a JSON-lines file, its ``line``; never ``json``'s own ``ValueError`` or a
+    ``RecursionError``."""
+    at = where if line is None else f"{where}: line {line}"
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if line is not None:
+            raise error(f"{at}, column {e.colno}: invalid JSON: {e.msg}") from None
+        raise error(f"{at}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except RecursionError:
-        raise error(f"{where}: invalid JSON: nested too deeply to read") from None
+        raise error(f"{at}: invalid JSON: nested too deeply to read") from None
     except ValueError as e:  # UnicodeDecodeError, an integer of more than 4300 digits
-        raise error(f"{where}: invalid JSON: {one_line(e)[:200]}") from None
+        raise error(f"{at}: invalid JSON: {one_line(e)[:200]}") from None
 
 
 def read_json(path: PathLike, error: type[Exception]) -> Any:

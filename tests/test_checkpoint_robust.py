@@ -122,8 +122,10 @@ def test_one_json_reader_names_the_file(tmp_path):
     for path in (bad, digits):
         with pytest.raises(IndexFormatError, match=f"{path.name}: invalid JSON"):
             read_json(path, IndexFormatError)
-    with pytest.raises(CheckpointError, match="x.jsonl: line 3: invalid JSON at line 1, column 2"):
-        parse_json("{]", CheckpointError, "x.jsonl: line 3")
+    with pytest.raises(CheckpointError, match="x.jsonl: line 3, column 2: invalid JSON"):
+        parse_json("{]", CheckpointError, "x.jsonl", line=3)
+    with pytest.raises(CheckpointError, match="x.json: invalid JSON at line 2, column 1"):
+        parse_json("{\n]", CheckpointError, "x.json")
 
 
 def test_cached_json_recomputes_an_entry_nested_too_deep(tmp_path):
@@ -170,3 +172,22 @@ def test_checkpoint_folder_on_a_full_disk_keeps_the_previous_one(saved, tmp_path
     assert {p.name: p.read_bytes() for p in last.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary folder left behind
     assert state.read_state(last)["global_step"] == 1
+
+
+def test_index_and_annotation_json_nested_too_deep_name_the_file(tmp_path):
+    from harma.data import load_split
+    from harma.errors import DatasetError
+    from harma.retrieval import EmbeddingIndex
+
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "index.json").write_text(DEEP)
+    (index / "embeddings.safetensors").write_bytes(b"")
+    with pytest.raises(IndexFormatError, match="index.json: invalid JSON: nested too deeply"):
+        EmbeddingIndex.load(index)
+    for name, text, where in (("train.json", DEEP, "train.json"), ("train.jsonl", "\n" + DEEP, "train.jsonl: line 2")):
+        data = tmp_path / name.replace(".", "_")
+        data.mkdir()
+        (data / name).write_text(text)
+        with pytest.raises(DatasetError, match=f"{where}: invalid JSON: nested too deeply"):
+            load_split(data, "train")

@@ -207,7 +207,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = parse_json(line, CheckpointError, f"{path}: line {n}")
+            record = parse_json(line, CheckpointError, path, line=n)
         except CheckpointError:
             if n == len(lines) and not text.endswith("\n"):
                 break
