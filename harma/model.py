@@ -9,7 +9,6 @@ injector created), never by parameter-name substrings (method.md §7.5).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import pickle
 from pathlib import Path
@@ -37,7 +36,7 @@ from .inject import (
     text_tower_parameters,
     text_tower_parts,
 )
-from .io import CONFIG_NAME
+from .io import CONFIG_NAME, read_json
 from .weights import load_base_weights, quiet_pickle_warnings
 
 log = logging.getLogger(__name__)
@@ -359,7 +358,9 @@ def _check_base_checkpoint_model(cfg: ModelConfig) -> None:
     """A checkpoint folder used as base weights must have been trained on the same architecture."""
     meta_path = Path(cfg.base_weights) / CONFIG_NAME
     if meta_path.is_file():
-        needed = json.loads(meta_path.read_text()).get("base", {}).get("model_name")
+        meta = read_json(meta_path, BaseWeightsError)
+        base = meta.get("base") if isinstance(meta, dict) else None
+        needed = base.get("model_name") if isinstance(base, dict) else None
         if needed and needed != cfg.model_name:
             raise BaseWeightsError(f"{cfg.base_weights} was trained on {needed}, not {cfg.model_name}")
 
