@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..data.readers import LINKS_HINT, follow_links_setting, name_outside, outside_root
 from ..errors import ConfigError, IndexFormatError
-from ..io import INDEX_FILE, atomic_write_bytes
+from ..io import INDEX_FILE, atomic_write_bytes, parse_json
 from .ann import ANNConfig, ANNIndex
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,12 @@ class EmbeddingIndex:
 
         path = Path(path)
         try:
-            meta = json.loads((path / INDEX_FILE).read_text())
-            blob = (path / EMBEDDINGS_FILE).read_bytes()
-        except (OSError, json.JSONDecodeError) as e:
+            text, blob = (path / INDEX_FILE).read_bytes(), (path / EMBEDDINGS_FILE).read_bytes()
+        except OSError as e:
             raise IndexFormatError(f"{path}: cannot read the index ({type(e).__name__}: {e})") from None
+        meta = parse_json(text, IndexFormatError, path / INDEX_FILE)
+        if not isinstance(meta, dict):
+            raise IndexFormatError(f"{path / INDEX_FILE}: expected a JSON object")
         if meta.get("format_version") != INDEX_VERSION:
             raise IndexFormatError(f"{path}: index format {meta.get('format_version')!r}, expected {INDEX_VERSION}")
         if hashlib.sha256(blob).hexdigest() != meta.get("embeddings_sha256"):
