@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import IMAGE_EXTENSIONS, open_image
 from ..encode import eval_mode, model_device, unit_rows
 from ..errors import ConfigError, DatasetError
-from ..io import INDEX_FILE, atomic_write_bytes
+from ..io import INDEX_FILE, atomic_write_bytes, read_json
 from .index import EmbeddingIndex
 
 SHARDS = ".shards"
@@ -132,8 +132,8 @@ def _check_manifest(out: Path, identity: dict[str, Any]) -> None:
     manifest = json.loads(json.dumps({"version": 2, "identity": identity}, default=str))
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
+            old = read_json(path, DatasetError)
+        except DatasetError:
             old = None
         if not isinstance(old, dict) or old.get("identity") != manifest["identity"]:
             raise FileExistsError(f"{out} holds a partial build for a different model (or an unreadable "
