@@ -9,12 +9,12 @@ two different ``label_name`` values for one image are refused, naming both entri
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from harma.data.annotations import Annotations, pick_split_file, read_text
 from harma.errors import DatasetError
+from harma.io import parse_json
 
 
 def json_splits(root: Path) -> list[str]:
@@ -34,13 +34,7 @@ def find_json(root: Path, split: str) -> Path:
 
 def load_json(path: Path) -> Any:
     """Parse a JSON file, reporting syntax errors with line and column."""
-    text = read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(
-            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from None
+    return parse_json(read_text(path), DatasetError, path)
 
 
 def record_captions(record: dict, keys: tuple[str, ...], where: str) -> list[str]:
