@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from harma.data.annotations import Annotations, pick_split_file, read_text
 from harma.data.json_format import record_captions, record_image
 from harma.errors import DatasetError
+from harma.io import parse_json
 
 IMAGE_KEYS = ("image", "filepath", "path")
 CAPTION_KEYS = ("caption", "text", "title")
@@ -121,10 +121,7 @@ def read_jsonl(root: Path, split: str) -> Annotations:
         if not line.strip():
             continue
         where = f"{path}: line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}, column {e.colno}: invalid JSON: {e.msg}") from None
+        record = parse_json(line, DatasetError, path, line=lineno)
         if not isinstance(record, dict):
             raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
         image = record_image(record, IMAGE_KEYS, where)
