@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from harma.errors import DatasetError
+from harma.io import read_json
+
 COLORS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 215), "yellow": (230, 205, 40)}
 SHAPES = {"square": "square", "circle": "round", "triangle": "triangular"}  # name -> adjective
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
@@ -57,7 +60,7 @@ def _captions(rng: np.random.Generator, n: int, **words: str) -> list[str]:
 def _complete(root: Path, params: dict) -> bool:
     """Whether ``root`` holds every file of a dataset written with ``params``."""
     try:
-        if json.loads((root / "synthetic.json").read_text()) != params:
+        if read_json(root / "synthetic.json", DatasetError) != params:
             return False
         for split in ("train", "val"):
             with open(root / f"{split}.csv", newline="", encoding="utf-8") as f:
