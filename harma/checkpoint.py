@@ -15,9 +15,9 @@ from typing import Any, Optional, Union
 import open_clip
 import torch
 
-from .archs import ensure_arch
+from .archs import ensure_arch, is_known
 from .config import METHODS, ModelConfig, from_dict, to_dict
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, HarmaError, one_line
 from .io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -213,9 +213,16 @@ def load_adapters(directory: Union[str, Path], device: Union[str, torch.device] 
     if cfg.base_weights and not Path(cfg.base_weights).exists():
         raise CheckpointError(f"{directory}: base weights {cfg.base_weights} not found on this machine; "
                               "pass base_weights=PATH (sha256 " + str(meta["base"].get("base_weights_sha256")) + ")")
+    saved_arch = not is_known(meta["base"].get("model_name"))  # built from the checkpoint's own model_cfg
     ensure_arch(meta["base"].get("model_name"), meta["base"].get("model_cfg"))
-    # a `full` folder holds every trained tensor, so a tower open_clip left random is filled next
-    out = create_model(cfg, device, weights_follow=cfg.method == "full")
+    try:
+        # a `full` folder holds every trained tensor, so a tower open_clip left random is filled next
+        out = create_model(cfg, device, weights_follow=cfg.method == "full")
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        if not saved_arch or isinstance(e, HarmaError):
+            raise
+        raise CheckpointError(f"{Path(directory) / CONFIG_NAME}: field 'base.model_cfg' is not an open_clip "
+                              f"architecture that builds ({type(e).__name__}: {one_line(e)[:200]})") from None
     load_adapter_weights(out[0], directory)
     return out
 

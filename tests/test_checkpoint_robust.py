@@ -191,3 +191,16 @@ def test_index_and_annotation_json_nested_too_deep_name_the_file(tmp_path):
         (data / name).write_text(text)
         with pytest.raises(DatasetError, match=f"{where}: invalid JSON: nested too deeply"):
             load_split(data, "train")
+
+
+def test_saved_architecture_that_does_not_build_names_the_field(saved, tmp_path):
+    from harma import load_adapters
+
+    for f in saved[1].iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    meta = _good_meta(saved)
+    meta["model"]["model_name"] = meta["base"]["model_name"] = "harma-test-never-registered"
+    meta["base"]["model_cfg"] = {"embed_dim": "x", "vision_cfg": {"layers": "two"}, "text_cfg": {}}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="field 'base.model_cfg' is not an open_clip architecture"):
+        load_adapters(tmp_path)
