@@ -13,10 +13,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harma import CheckpointError, HarmaModel, ModelConfig, load_adapter_weights, read_adapter_config, save_adapters
+import training.state as state
+from harma import (
+    CheckpointError,
+    HarmaModel,
+    ModelConfig,
+    load_adapter_weights,
+    load_adapters,
+    read_adapter_config,
+    save_adapters,
+)
 from harma.config import ConfigError, from_dict
-from harma.errors import BaseWeightsError, IndexFormatError
+from harma.data import load_split
+from harma.errors import BaseWeightsError, DatasetError, IndexFormatError
 from harma.io import CONFIG_NAME, WEIGHTS_NAME, cached_json
+from harma.retrieval import EmbeddingIndex
 from harma.weights import load_base_weights
 from tests.conftest import TINY_NAME, perturb_, tiny_config
 
@@ -111,7 +122,7 @@ def test_integer_tensor_in_base_weights_is_refused(tmp_path):
 
 
 def test_one_json_reader_names_the_file(tmp_path):
-    from harma.io import parse_json, read_json  # new in issue 36
+    from harma.io import parse_json, read_json  # new in issue 36; imported here so the other tests run on older code
 
     deep, bad, digits = tmp_path / "deep.json", tmp_path / "bad.json", tmp_path / "digits.json"
     deep.write_text(DEEP)
@@ -155,8 +166,6 @@ def test_from_dict_reads_list_fields_item_by_item():
 
 
 def test_checkpoint_folder_on_a_full_disk_keeps_the_previous_one(saved, tmp_path, monkeypatch):
-    import training.state as state
-
     model = saved[0]
     last = tmp_path / "last"
     state.write_last(model, last, {"global_step": 1}, extra={"epoch": 1})
@@ -175,10 +184,6 @@ def test_checkpoint_folder_on_a_full_disk_keeps_the_previous_one(saved, tmp_path
 
 
 def test_index_and_annotation_json_nested_too_deep_name_the_file(tmp_path):
-    from harma.data import load_split
-    from harma.errors import DatasetError
-    from harma.retrieval import EmbeddingIndex
-
     index = tmp_path / "index"
     index.mkdir()
     (index / "index.json").write_text(DEEP)
@@ -194,8 +199,6 @@ def test_index_and_annotation_json_nested_too_deep_name_the_file(tmp_path):
 
 
 def test_saved_architecture_that_does_not_build_names_the_field(saved, tmp_path):
-    from harma import load_adapters
-
     for f in saved[1].iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     meta = _good_meta(saved)

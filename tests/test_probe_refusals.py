@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -16,13 +17,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._utils import ExceptionWrapper
 
+import harma.checkpoint
+import training.export
+import training.state
 from harma import create_model, save_adapters
+from harma.errors import DatasetError
 from harma.io import CONFIG_NAME
 from tests.conftest import tiny_config
 from training.build_index import main as build_index_main
+from training.config import config_to_yaml, load_config
 from training.evaluate import main as evaluate_main
 from training.export import main as export_main
+from training.rundir import plan_run
+from training.state import read_state
 from training.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,8 +140,6 @@ def test_junk_config_yaml_on_resume_is_one_error_line(tmp_path, capsys, junk):
 
 
 def test_resume_without_last_state_is_refused_when_the_run_got_further(tmp_path, capsys):
-    from training.config import config_to_yaml, load_config
-
     config = config_to_yaml(load_config(TINY, [f"run.out_dir={tmp_path / 'runs'}", *SMALL]))
     run = _fake_run(tmp_path, config, state=False)
     before = (run / "metrics.jsonl").read_text()
@@ -143,11 +150,6 @@ def test_resume_without_last_state_is_refused_when_the_run_got_further(tmp_path,
 
 
 def test_resume_before_the_first_checkpoint_says_it_starts_afresh(tmp_path, caplog):
-    import logging
-
-    from training.config import load_config
-    from training.rundir import plan_run
-
     run = tmp_path / "runs" / "debug_tiny-harma"
     (run / "best").mkdir(parents=True)  # killed between writing best/ and the first last/
     (run / "config.yaml").write_text("run: {}\n")
@@ -174,11 +176,6 @@ def _enospc_on_call(monkeypatch, module, n: int) -> None:
 
 
 def test_training_on_a_full_disk_is_one_error_line_and_resumable(tmp_path, one_thread, capsys, monkeypatch):
-    import training.state
-    from training.config import load_config
-    from training.rundir import plan_run
-    from training.state import read_state
-
     _enospc_on_call(monkeypatch, training.state, 2)  # the second state.pt: after step 2
     argv = ["--config", TINY, f"run.out_dir={tmp_path}", *SMALL, "run.save_every_steps=1"]
     assert train_main(argv) == 2
@@ -198,8 +195,6 @@ def exportable(tmp_path):
 
 
 def test_export_on_a_full_disk_leaves_the_previous_export(tmp_path, exportable, capsys, monkeypatch):
-    import harma.checkpoint
-
     out = tmp_path / "checkpoints" / "ucm-x"
     assert export_main(["--run", str(exportable), "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -213,8 +208,6 @@ def test_export_on_a_full_disk_leaves_the_previous_export(tmp_path, exportable, 
 
 
 def test_export_on_a_full_disk_writes_nothing(tmp_path, exportable, capsys, monkeypatch):
-    import training.export
-
     _enospc_on_call(monkeypatch, training.export, 1)  # the model card, after the weights
     out = tmp_path / "out"
     assert export_main(["--run", str(exportable), "--out", str(out)]) == 2
@@ -242,10 +235,7 @@ def test_worker_error_is_the_workers_own_message(tmp_path, capsys):
 
 
 def test_worker_message_is_taken_from_the_reraised_text():
-    from torch._utils import ExceptionWrapper
-
-    from harma.errors import DatasetError
-    from training.cli import worker_message
+    from training.cli import worker_message  # new in issue 36; imported here so the other tests run on older code
 
     try:
         raise DatasetError("x.jpg: cannot read image\n(second line)")
