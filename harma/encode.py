@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .data import ImageDataset, RetrievalSplit, clean_caption, open_image
-from .data.images import image_bands
+from .data.images import decode_signature
 from .errors import DatasetError, NonFiniteEmbeddingError, one_line
 from .gap import canonical_order, modality_gap
 from .io import atomic_write_bytes, hash_files
@@ -45,7 +45,7 @@ def unreadable_images(paths: Sequence[Union[str, Path]], cache_dir: Optional[Uni
     """
     memo = None
     if cache_dir is not None:
-        key = hash_files(hashlib.sha256(f"unreadable-v1|{image_bands()}".encode()), paths).hexdigest()[:24]
+        key = hash_files(hashlib.sha256(f"unreadable-v2|{decode_signature()}".encode()), paths).hexdigest()[:24]
         memo = Path(cache_dir) / f"unreadable-{key}.json"
         try:
             return [(int(i), str(why)) for i, why in json.loads(memo.read_text())]

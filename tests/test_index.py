@@ -191,6 +191,16 @@ def test_cache_hits_and_invalidates(tiny, tmp_path):
     json.loads(next(cache.iterdir()).joinpath("index.json").read_text())  # entries are plain JSON
 
 
+def test_cache_misses_for_another_band_choice(tiny, tmp_path, monkeypatch):
+    """Embeddings depend on how images decode: another HARMA_BANDS is another cache entry (it was a hit)."""
+    t, cache = tiny, tmp_path / "cache"
+    first = _build(t, cache)
+    monkeypatch.setenv("HARMA_BANDS", "2,1,0")
+    swapped = _build(t, cache)
+    assert swapped.from_cache["images"] is False and swapped.from_cache["captions"] is True
+    assert not torch.allclose(swapped.images.embeddings, first.images.embeddings)
+
+
 def test_shipped_embeddings_are_keyed_by_content(tiny, tmp_path):
     """Embeddings shipped beside a gallery serve a copy of it anywhere (other folder, other times),
     are never used for changed bytes or another model, and carry no path of the machine that wrote them."""

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-import harma.data.cache as cache_module
+import harma.data.images as images_module
 from harma.data import DatasetError, open_image
 from harma.data.cache import ImageCache, cache_key
 from harma.data.images import stretch_to_uint8
@@ -131,5 +131,5 @@ def test_image_cache_holds_the_bands_of_a_planar_tiff_and_is_keyed_by_the_decode
     cache = ImageCache([path], 6, tmp_path / "cache")
     assert (np.asarray(cache[0]) == data).all()  # the three bands, not band 0 in grey
     key = cache_key([path], 6)
-    monkeypatch.setattr(cache_module, "DECODER_VERSION", 1)  # pixels an older reader decoded are not reused
+    monkeypatch.setattr(images_module, "DECODER_VERSION", 1)  # pixels an older reader decoded are not reused
     assert cache_key([path], 6) != key

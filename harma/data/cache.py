@@ -17,14 +17,12 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from harma.data.images import DECODER_VERSION, DEFAULT_BANDS, hash_files, image_bands, open_image
+from harma.data.images import decode_signature, hash_files, open_image
 from harma.errors import DatasetError
 
 
 def cache_key(paths: Sequence[Union[str, Path]], size: int) -> str:
-    bands = image_bands()  # a band choice other than the default (HARMA_BANDS) is another cache
-    h = hashlib.sha256((f"v1|{size}|decoder={DECODER_VERSION}" + (f"|bands={bands}" if bands != DEFAULT_BANDS
-                                                                   else "")).encode())
+    h = hashlib.sha256(f"v2|{size}|{decode_signature()}".encode())  # another decoder or band choice: another cache
     return hash_files(h, paths).hexdigest()[:20]
 
 

@@ -87,6 +87,12 @@ def image_bands(bands: Optional[Sequence[int]] = None) -> tuple[int, ...]:
     return bands
 
 
+def decode_signature() -> str:
+    """What decides the pixels :func:`open_image` makes of a file besides its bytes (the decoder version
+    and the band choice): every cache of decoded pixels, embeddings or verify marks keys on it."""
+    return f"decoder-{DECODER_VERSION}|bands-{','.join(map(str, image_bands()))}"
+
+
 def stretch_to_uint8(band: np.ndarray, percentiles: tuple[float, float] = STRETCH_PERCENTILES) -> np.ndarray:
     """Linear stretch of one band to 0-255: its ``percentiles`` map to 0 and 255 (clipped); non-finite
     pixels become 0; a constant band becomes 0."""
@@ -271,7 +277,7 @@ def verify_images(paths: Sequence[str | Path], cache_dir: Optional[str | Path] =
     Raises:
         DatasetError: naming how many images failed and the first five, each with its reason.
     """
-    h = hash_files(hashlib.sha256(f"verify-v1|decoder-{DECODER_VERSION}|{image_bands()}".encode()), paths)
+    h = hash_files(hashlib.sha256(f"verify-v2|{decode_signature()}".encode()), paths)
     marker = Path(cache_dir) / f"verified-{h.hexdigest()[:20]}" if cache_dir is not None else None
     if marker is not None and marker.is_file():
         return 0

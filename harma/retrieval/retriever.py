@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import clean_caption
+from ..data.images import decode_signature
 from ..encode import encode_images, encode_texts, eval_mode, model_device
 from ..errors import DatasetError, IndexFormatError, QueryError
 from .captions import CaptionPool
@@ -145,7 +146,8 @@ class Retriever:
             images, hit_i = match, True
         else:
             images, hit_i = cached_index(opts.cache_dir, {"kind": "images", "model": ident,
-                                                          "images": paths_fingerprint(paths)}, build_images)
+                                                          "images": paths_fingerprint(paths),
+                                                          "decode": decode_signature()}, build_images)
         out_captions, hit_c = None, None
         if texts is not None:
             ids = [str(j) for j in range(len(texts))]
