@@ -9,7 +9,9 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from harma.errors import ConfigError, one_line
+from harma.data.decode_limits import decode_budget_mb
+from harma.data.images import image_bands
+from harma.errors import ConfigError, DatasetError, one_line
 from harma.sources import ModelSource
 
 from . import controls, tab_compare, tab_embedding_space, tab_image_to_text, tab_metrics, tab_text_to_image
@@ -109,8 +111,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config, args = parse_args(argv)
+        image_bands(), decode_budget_mb()  # read at every decode: a bad HARMA_BANDS / HARMA_DECODE_MB stops the start
         ui = build_demo(config)
-    except ConfigError as e:  # a setting (flag or HARMA_* variable) that cannot be used: one line, like the commands
+    except (ConfigError, DatasetError) as e:  # a setting (flag or HARMA_* variable) that cannot be used: one line, like the commands
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     ui.queue().launch(server_name=args.host, server_port=args.port, **launch_options(ui))

@@ -25,7 +25,6 @@ DEFAULT_PRESET = "rs-minilm-harma"
 MAX_QUERY_CHARS = 300
 MAX_K = 50
 QUERY_CONCURRENCY = 16  # default query events served at once (Gradio: 1); HARMA_QUERY_CONCURRENCY (AppConfig)
-MAX_UPLOADS = 500
 MAX_ENCODE = 20_000  # images the app encodes itself for an --index gallery lacking one model's index
 USER_ERRORS = (HarmaError, OSError)  # the library's user-facing errors and unreadable files; anything else is a bug
 

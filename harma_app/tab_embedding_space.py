@@ -3,7 +3,6 @@ that say how the modality gap and the scene clustering changed."""
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from typing import Any, Optional
 
@@ -12,7 +11,7 @@ import torch
 
 from harma.gap import canonical_order, modality_gap
 from harma.gap_ci import gap_with_intervals
-from harma.io import arrays_key, cached_json
+from harma.io import arrays_key, cached_json, parse_json
 from harma.retrieval import Retriever
 
 from .common import PRECOMPUTED, USER_ERRORS, AppError, fail, progress_cb
@@ -124,10 +123,10 @@ def show_pick(app: AppState, gallery_key: Optional[str], payload: Optional[str])
     clicked caption and its image), and the selected images as a gallery."""
     try:
         gallery = app.gallery(gallery_key)
-        try:
-            picked = json.loads(payload or "{}")
+        try:  # the one JSON reader: a payload nested too deeply is refused, not a RecursionError
+            picked = parse_json(payload or "{}", AppError, "the map's selection")
             ids = list(dict.fromkeys(str(x) for x in picked.get("ids", [])))  # each item once
-        except (ValueError, AttributeError):
+        except (AppError, ValueError, AttributeError, TypeError):
             raise AppError("the map sent a selection that cannot be read") from None
         images, captions = [], []
         for item in ids:

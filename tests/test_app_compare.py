@@ -126,6 +126,8 @@ def test_a_map_pick_shows_the_item_and_a_selection_its_images(state):
     assert len(tiles) == len({1, 2, *pool.images[0]}) and "Selected 2 image(s) and 1 caption(s)" in text
     assert space_tab.show_pick(state, "data", '{"kind": "select", "ids": ["i:999", "x"]}')[2] == []
     assert "cannot be read" in space_tab.show_pick(state, "data", "not json")[1]
+    deep = '{"ids": ' + "[" * 100_000 + "]" * 100_000 + "}"  # a visitor's payload nested 100k deep
+    assert "cannot be read" in space_tab.show_pick(state, "data", deep)[1]
 
 
 def test_precompute_ships_what_a_fresh_start_then_reads(state, tmp_path, monkeypatch):

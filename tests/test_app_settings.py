@@ -20,7 +20,8 @@ def no_launch(monkeypatch):
         raise AssertionError(f"the app would start with {config}")
 
     monkeypatch.setattr(blocks, "build_demo", build_demo)
-    for var in ("HARMA_MODEL", "HARMA_DEVICE", "HARMA_UMAP_POINTS", "HARMA_BATCH_SIZE", "HARMA_QUERY_CONCURRENCY"):
+    for var in ("HARMA_MODEL", "HARMA_DEVICE", "HARMA_UMAP_POINTS", "HARMA_BATCH_SIZE", "HARMA_QUERY_CONCURRENCY",
+                "HARMA_BANDS", "HARMA_DECODE_MB"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -39,6 +40,8 @@ def refused(capsys, argv: list[str]) -> str:
     ("HARMA_DEVICE", "quantum", "cpu, cuda"),
     ("HARMA_UMAP_POINTS", "-5", ">= 2"),
     ("HARMA_MODEL", "nope", "unknown model 'nope'"),
+    ("HARMA_BANDS", "red", "three 0-based band numbers"),  # both were refused only at the first decode
+    ("HARMA_DECODE_MB", "0", "at least 1"),
 ])
 def test_a_variable_it_cannot_use_stops_the_app_at_start(no_launch, monkeypatch, capsys, var, value, says):
     monkeypatch.setenv(var, value)
