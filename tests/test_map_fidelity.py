@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from harma.errors import HarmaError
 from harma.gap import modality_gap
 from harma.gap_ci import gap_with_intervals
-
-map_fidelity = pytest.importorskip("harma.map_fidelity").map_fidelity
+from harma.map_fidelity import map_fidelity
 
 
 def _clusters(n_img=60, per_image=2, dim=8, seed=0):

@@ -1,0 +1,80 @@
+"""The modality-gap figures' numbers (harma.gap_figures) on hand-made cases and against the plain formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harma.errors import HarmaError
+from harma.gap_figures import gap_figures
+from harma.metrics import retrieval_metrics
+
+
+def _unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_histograms_split_matched_from_unmatched_cosines():
+    img = _unit([1, 0, 0], [0, 1, 0])
+    txt = _unit([1, 0, 0], [0.6, 0.8, 0], [0, 1, 0])  # captions 0, 1 of image 0; caption 2 of image 1
+    h = gap_figures(img, txt, [0, 0, 1], bins=10)["histogram"]
+    # matched cosines: 1, 0.6, 1; unmatched: (img1, cap0) 0, (img1, cap1) 0.8, (img0, cap2) 0
+    assert h["matched_mean"] == pytest.approx((1 + 0.6 + 1) / 3)
+    assert h["unmatched_mean"] == pytest.approx(0.8 / 3)
+    assert h["edges"][0] == pytest.approx(0.0) and h["edges"][-1] == pytest.approx(1.0)
+    width = h["edges"][1] - h["edges"][0]
+    assert sum(h["matched"]) * width == pytest.approx(1.0) and sum(h["unmatched"]) * width == pytest.approx(1.0)
+    assert h["unmatched"][0] * width == pytest.approx(2 / 3)  # the two zeros sit in the first bin
+    assert h["matched"][-1] * width == pytest.approx(2 / 3)  # the two ones in the last
+
+
+def test_gap_dimensions_name_the_dimensions_that_carry_the_gap():
+    img = _unit([1, 0, 0.1, 0], [1, 0, -0.1, 0])
+    txt = _unit([0, 1, 0.1, 0.2], [0, 1, -0.1, 0.2])
+    d = gap_figures(img, txt, [0, 1])["dimensions"]
+    delta = img.double().mean(0) - txt.double().mean(0)
+    assert d["squared_distance"] == pytest.approx(float(delta @ delta))
+    assert d["top_dims"][:2] in ([0, 1], [1, 0]) and d["top_dims"][2] == 3
+    assert sum(d["top_shares"]) == pytest.approx(1.0)
+    assert d["cumulative"][-1] == pytest.approx(d["squared_distance"])
+    assert d["dims_for_50"] == 2 and d["dims_for_90"] == 2  # dims 0 and 1 carry about 48% each, dim 3 the rest
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_shift_curve_is_r1_of_the_explicitly_shifted_images(ties):
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(12, 6, generator=g) + 1.5, dim=-1)
+    t2i = [i % 12 for i in range(30)]
+    txt = F.normalize(img[t2i] + 0.8 * torch.randn(30, 6, generator=g) - 1.0, dim=-1)
+    if ties:  # a caption equal to another: tied scores, counted at their expected rank as in harma.metrics
+        txt[5] = txt[17]
+    lambdas = [-1.0, 0.0, 0.5, 1.0, 2.0]
+    curve = gap_figures(img, txt, t2i, lambdas=lambdas)["shift"]
+    delta = img.mean(0) - txt.mean(0)
+    for j, lam in enumerate(lambdas):
+        m = retrieval_metrics(F.normalize(img - lam * delta, dim=-1) @ txt.T, t2i)
+        assert curve["i2t_R@1"][j] == pytest.approx(m["i2t_R@1"], abs=1e-4)
+        assert curve["t2i_R@1"][j] == pytest.approx(m["t2i_R@1"], abs=1e-4)
+    assert len(set(curve["t2i_R@1"])) > 1  # the shift changes retrieval in this case
+
+
+def test_caption_share_of_neighbours_per_class():
+    # class "apart": images near e0, their captions on e1 (a gap); class "mixed": each caption on its image
+    img = _unit([1, 0, 0, 0.1], [1, 0, 0, -0.1], [0, 0, 1, 0.1], [0, 0, 1, -0.1])
+    txt = _unit([0, 1, 0, 0.1], [0, 1, 0, -0.1], [0, 0, 1, 0.1], [0, 0, 1, -0.1])
+    n = gap_figures(img, txt, [0, 1, 2, 3], ["apart", "apart", "mixed", "mixed"], k=1)["neighbours"]
+    assert n["classes"] == ["apart", "mixed"] and n["counts"] == [2, 2]
+    assert n["shares"] == pytest.approx([0.0, 1.0])
+    assert n["all"] == pytest.approx(0.5) and n["chance"] == pytest.approx(4 / 7)
+    assert gap_figures(img, txt, [0, 1, 2, 3], k=1)["neighbours"]["classes"] == []
+
+
+def test_bad_input_is_a_message():
+    img, txt = _unit([1, 0], [0, 1]), _unit([1, 0], [0, 1])
+    with pytest.raises(HarmaError, match="every image needs at least one caption"):
+        gap_figures(img, txt, [0, 0])
+    with pytest.raises(HarmaError, match="one image index"):
+        gap_figures(img, txt, [0, 5])
+    with pytest.raises(HarmaError, match="3 classes for 2 images"):
+        gap_figures(img, txt, [0, 1], ["a", "b", "c"])
