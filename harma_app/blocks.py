@@ -14,7 +14,8 @@ from harma.data.images import image_bands
 from harma.errors import ConfigError, DatasetError, one_line
 from harma.sources import ModelSource
 
-from . import controls, tab_compare, tab_embedding_space, tab_image_to_text, tab_metrics, tab_text_to_image
+from . import (controls, tab_compare, tab_embedding_space, tab_image_to_text, tab_metrics, tab_modality_gap,
+               tab_text_to_image)
 from .galleries import SECRET_FILE, SERVED
 from .state import AppConfig, AppState, ModelPair, load_models, parse_args
 
@@ -42,6 +43,7 @@ def build_demo(config: Optional[AppConfig] = None,
             space = tab_embedding_space.layout()
             metrics = tab_metrics.layout()
             compare = tab_compare.layout()
+            gap = tab_modality_gap.layout()
 
         common = [top["k"], top["model"], top["gallery_key"]]
         # queries are served concurrently (one pool for all query events); the model calls inside
@@ -51,9 +53,11 @@ def build_demo(config: Optional[AppConfig] = None,
         tab_image_to_text.wire(app, i2t, common, top["status"], fast)
         tab_embedding_space.wire(app, space, top["model"], top["gallery_key"])
         tab_metrics.wire(app, metrics, top["model"], top["gallery_key"])
+        tab_modality_gap.wire(app, gap, top["model"], top["gallery_key"])
         tab_compare.wire(app, compare, common, top["status"], fast)
         controls.wire(app, demo, top, i2t["picker"])
-        _follow_the_model(app, demo, top, dict(t2i=t2i, i2t=i2t, space=space, metrics=metrics, compare=compare))
+        _follow_the_model(app, demo, top, dict(t2i=t2i, i2t=i2t, space=space, metrics=metrics, compare=compare,
+                                               gap=gap))
     return demo
 
 
@@ -63,6 +67,7 @@ def _follow_the_model(app: AppState, demo: gr.Blocks, top: dict, tabs: dict[str,
     current = gr.State("t2i")
     for name, ui in tabs.items():
         ui["tab"].select(lambda name=name: name, None, current, api_visibility="private", queue=False)
+    tab_modality_gap.follow(app, tabs["gap"], top["model"], top["gallery_key"], current)  # its own handler
     space, metrics, compare = tabs["space"], tabs["metrics"], tabs["compare"]
     labelled = [tabs["t2i"]["adapted_gallery"], tabs["i2t"]["adapted_caps"], space["adapted_plot"],
                 compare["adapted_gallery"], compare["adapted_caps"]]
