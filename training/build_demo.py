@@ -19,16 +19,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from harma.data import DatasetError, image_classes, load_split, open_image
+from harma.data import DatasetError, load_split, open_image, scene_names
 from harma.io import atomic_write_bytes, folder_bytes
 from training.cli import run_command
 
-# UC Merced Land Use classes in id order: ids 1-100 are the first, 101-200 the second, ...
-UCM_CLASSES = ("agricultural", "airplane", "baseball diamond", "beach", "buildings", "chaparral",
-               "dense residential", "forest", "freeway", "golf course", "harbor", "intersection",
-               "medium residential", "mobile home park", "overpass", "parking lot", "river", "runway",
-               "sparse residential", "storage tanks", "tennis court")
-MAX_BYTES = 6 * 2**20
+MAX_BYTES = 8 * 2**20  # the demo folder's budget, images and the app's shipped embeddings and maps together
 
 CREDITS = """# Demo gallery: credits and licence
 
@@ -47,23 +42,10 @@ Obtain the full dataset from its authors (see the project README, "Datasets").
 """
 
 
-def ucm_class(key: str) -> str:
-    """The UCM class name for an :func:`harma.data.image_classes` key of numeric ids ("ids 101-200")."""
-    first = int(key.split()[1].split("-")[0])
-    index = (first - 1) // 100
-    if not 0 <= index < len(UCM_CLASSES):
-        raise DatasetError(f"image ids {key} are outside UC Merced's 21 classes of 100 ids")
-    return UCM_CLASSES[index]
-
-
 def build(data: Path, out: Path, split: str = "test", side: int = 192, quality: int = 85) -> int:
     """Write the gallery; returns its size in bytes."""
     s = load_split(data, split)
-    classes, _ = image_classes(s)
-    if s.labels is None:
-        labels = [ucm_class(c) for c in classes]
-    else:
-        labels = list(s.labels)
+    labels = scene_names(s)  # UCM's numbered blocks by name (harma.data.scene_names)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
@@ -84,7 +66,8 @@ def build(data: Path, out: Path, split: str = "test", side: int = 192, quality: 
     size = folder_bytes(tmp)
     if size > MAX_BYTES:
         shutil.rmtree(tmp)
-        raise DatasetError(f"the demo gallery would take {size / 2**20:.1f} MB (limit 6 MB); lower --side or --quality")
+        raise DatasetError(f"the demo gallery would take {size / 2**20:.1f} MiB (limit {MAX_BYTES / 2**20:.0f} MiB, "
+                           "with the app's shipped embeddings and maps); lower --side or --quality")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return size

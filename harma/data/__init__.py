@@ -7,7 +7,7 @@ from harma.data.captions import clean_caption
 from harma.data.datasets import ImageDataset, PairDataset
 from harma.data.images import IMAGE_EXTENSIONS, open_image, verify_images
 from harma.data.readers import FORMATS, detect_format, load_split
-from harma.data.split import CARVES, RetrievalSplit, carve, carve_block_split, carve_split, image_classes
+from harma.data.split import CARVES, RetrievalSplit, carve, carve_block_split, carve_split, image_classes, scene_names
 from harma.data.synthetic import write_synthetic_dataset
 from harma.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 from harma.errors import DatasetError
@@ -27,6 +27,7 @@ __all__ = [
     "carve_block_split",
     "carve_split",
     "image_classes",
+    "scene_names",
     "clean_caption",
     "detect_format",
     "eval_transform",

@@ -118,6 +118,47 @@ def image_classes(split: RetrievalSplit, class_size: int = 100) -> tuple[list[st
     return classes, positions
 
 
+# UC Merced Land Use's 21 classes in id order (Yang & Newsam 2010): ids 1-100 the first, 101-200 the second, ...
+UCM_CLASSES = ("agricultural", "airplane", "baseball diamond", "beach", "buildings", "chaparral",
+               "dense residential", "forest", "freeway", "golf course", "harbor", "intersection",
+               "medium residential", "mobile home park", "overpass", "parking lot", "river", "runway",
+               "sparse residential", "storage tanks", "tennis court")
+CLASSES_FILE = "classes.txt"  # beside the annotations: one class name a line, for numbered blocks of ids
+
+
+def scene_names(split: RetrievalSplit, class_size: int = 100) -> list[str]:
+    """The scene class of every image by name, for showing (:func:`image_classes` keys it for carving).
+
+    Labels and file-name prefixes are names already. Purely numeric file names are blocks of
+    ``class_size`` ids (:func:`image_classes`); block ``k`` (ids ``k*class_size+1`` ...) is named by line
+    ``k + 1`` of ``classes.txt`` in the dataset folder when there is one, else by UC Merced's classes
+    (:data:`UCM_CLASSES`, alphabetical) when the ids fill exactly its 21 blocks of 100 (1-2100, the
+    last block present), else stays ``"ids 1-100"``.
+
+    Raises:
+        DatasetError: as :func:`image_classes`; or a ``classes.txt`` with fewer names than blocks.
+    """
+    classes, positions = image_classes(split, class_size)
+    blocks = [(p - 1) // class_size if c.startswith("ids ") else None for c, p in zip(classes, positions)]
+    if split.labels is not None or all(b is None for b in blocks):
+        return classes
+    names_file = Path(split.root) / CLASSES_FILE
+    if names_file.is_file():
+        try:
+            names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{names_file}: cannot read the class names ({e})") from None
+        top = max(b for b in blocks if b is not None)
+        if top >= len(names):
+            raise DatasetError(f"{names_file}: {len(names)} class names, but image ids go up to block {top + 1} "
+                               f"(ids {top * class_size + 1}-{(top + 1) * class_size}); one name a line, in id order")
+    elif class_size == 100 and max(b for b in blocks if b is not None) == len(UCM_CLASSES) - 1:
+        names = list(UCM_CLASSES)
+    else:
+        return classes
+    return [names[b] if b is not None else c for c, b in zip(classes, blocks)]
+
+
 def carve_block_split(
     split: RetrievalSplit, val_fraction: float = 0.1, class_size: int = 100
 ) -> tuple[RetrievalSplit, RetrievalSplit]:
