@@ -1,7 +1,13 @@
 """The embedding-space maps: both models' images and captions in one 2-D frame
 (:func:`harma.projection.aligned_projection`, cached on disk), drawn side by side with the same axes
-and as one animated figure whose slider moves every point from its baseline to its adapted place.
-plotly is imported when a figure is drawn, not with the app."""
+and as one figure whose slider and play button move every point from its baseline to its adapted place.
+
+Gradio's Plotly component draws with ``Plotly.react``, which drops ``frames``: the slider steps are
+``update`` calls carrying the in-between coordinates themselves, and play (a ``skip`` button) is run by
+linked_maps.js with ``Plotly.animate`` on ``layout.meta.move``. Points are coloured by modality (the
+default), scene class, retrieval outcome under that model or rank change between the models; each
+modality's centroid and the gap vector between them are drawn on every map. plotly is imported when a
+figure is drawn, not with the app."""
 
 from __future__ import annotations
 
@@ -10,23 +16,39 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from harma.projection import ALIGNED, aligned_projection
+import torch
+
+from harma.projection import ALIGNED, MAP_NEIGHBORS, SEPARATE, aligned_projection
 from harma.retrieval import Retriever, content_fingerprint, model_identity
 
 from .galleries import Gallery
 
-IMAGE_COLOR, CAPTION_COLOR = "#2563eb", "#f97316"
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
-           "#756bb1", "#636363", "#9c9ede", "#cedb9c", "#e7ba52", "#ad494a"]
-STEPS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the animated figure's frames, baseline (0) to adapted (1)
+IMAGE_COLOR, CAPTION_COLOR = "#1d4ed8", "#ea580c"  # two strong colours: blue images, orange captions
+SYMBOL = {"i": "circle", "t": "diamond"}
+# plotly's Alphabet (26 distinguishable colours), then Dark24 for galleries with more scene classes
+PALETTE = ["#AA0DFE", "#3283FE", "#85660D", "#782AB6", "#565656", "#1C8356", "#16FF32", "#F7E1A0", "#E2E2E2",
+           "#1CBE4F", "#C4451C", "#DEA0FD", "#FE00FA", "#325A9B", "#FEAF16", "#F8A19F", "#90AD1C", "#F6222E",
+           "#1CFFCE", "#2ED9FF", "#B10DA1", "#C075A6", "#FC1CBF", "#B00068", "#FBE426", "#FA0087",
+           "#2E91E5", "#E15F99", "#1CA71C", "#FB0D0D", "#DA16FF", "#222A2A", "#B68100", "#750D86", "#EB663B",
+           "#511CFB", "#00A08B", "#FB00D1", "#FC0080", "#B2828D", "#6C7C32", "#778AAE", "#862A16", "#A777F1"]
+COLOUR_BY = {  # colour-by choices: key -> label shown in the app
+    "modality": "Modality (image vs caption)",
+    "scene": "Scene class",
+    "outcome": "Retrieval outcome under that model",
+    "rank": "Rank change, baseline → adapted",
+}
+OUTCOMES = [("ground truth at rank 1", "#16a34a"), ("ground truth in the top 10", "#f59e0b"),
+            ("missed (not in the top 10)", "#dc2626")]
+CHANGES = [("ranked higher by adapted", "#16a34a"), ("same rank", "#9ca3af"), ("ranked lower by adapted", "#dc2626")]
+STEPS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # the move figure's slider, baseline (0) to adapted (1)
+RING = "harma-ring"  # the trace linked_maps.js moves onto the hovered or picked item
 
 
 def layout_key(retrievers: tuple[Retriever, Retriever], gallery: Gallery, max_points: int, seed: int = 0) -> str:
     """What a map depends on, independent of the machine: both models' identities (weights by sha256),
     the gallery's image bytes and captions, and the sampling settings. Names a precomputed map."""
     models = [r.identity or model_identity(r.model) for r in retrievers]
-    h = hashlib.sha256(json.dumps({"v": 1, "models": models, "points": max_points, "seed": seed}, sort_keys=True,
+    h = hashlib.sha256(json.dumps({"v": 2, "models": models, "points": max_points, "seed": seed}, sort_keys=True,
                                   default=str).encode())
     h.update(content_fingerprint(gallery.images).encode())
     for caption in (gallery.pool.texts if gallery.pool else []):
@@ -51,6 +73,10 @@ def aligned_view(retrievers: tuple[Retriever, Retriever], gallery: Gallery, max_
 
 
 def method_note(view: dict) -> str:
+    if view["method"] == SEPARATE:
+        return (f"each model's own UMAP (cosine, {MAP_NEIGHBORS} neighbours, random_state=0), the adapted map rotated, "
+                "scaled and shifted onto the baseline's (orthogonal Procrustes on the shared items); the baseline "
+                "map depends on the baseline model only")
     if view["method"] == ALIGNED:
         return ("one layout for both models: umap-learn's AlignedUMAP (cosine, random_state=0), each point tied to "
                 "the same item in the other model's layout")
@@ -58,88 +84,219 @@ def method_note(view: dict) -> str:
             "(orthogonal Procrustes on the shared items): umap-learn was unavailable or the set too small")
 
 
-def _points(view: dict, t: float) -> list[tuple[float, float]]:
-    return [((1 - t) * b[0] + t * a[0], (1 - t) * b[1] + t * a[1]) for b, a in zip(view["base"], view["adapted"])]
+def projection_label(view: dict) -> str:
+    """The short name of the projection, written on every map."""
+    return {SEPARATE: f"UMAP per model ({MAP_NEIGHBORS} nb.), adapted Procrustes-aligned to baseline",
+            ALIGNED: "AlignedUMAP (both models fitted together)"}.get(view["method"], "PCA per model, Procrustes-aligned")
 
 
-def _traces(view: dict, xy: list, gallery: Gallery, r: Retriever, classes: Optional[list[str]], lines: bool) -> list:
-    """Scatter traces: per scene class (or per modality without classes), images as circles and
-    captions as crosses; optionally a grey segment from each caption to each of its images shown."""
+def _items(view: dict, gallery: Gallery, r: Retriever, classes: Optional[list[str]]) -> list[tuple]:
+    """Every mapped point: (id "i:<row>" / "t:<row>", its index in the layout, modality, scene, hover text)."""
+    pool, n = gallery.pool, len(view["img_rows"])
+    out = []
+    for k, i in enumerate(view["img_rows"]):
+        scene = classes[i] if classes else None
+        out.append((f"i:{i}", k, "i", scene, gallery.images[i].name + (f" ({scene})" if scene else "")))
+    for k, j in enumerate(view["txt_rows"]):
+        scene = classes[pool.images[j][0]] if classes and pool and pool.images[j] else None
+        text = r.captions.metadata[j]["caption"][:120]
+        out.append((f"t:{j}", n + k, "t", scene, text + (f" ({scene})" if scene else "")))
+    return out
+
+
+def gt_ranks(view: dict, gallery: Gallery, r: Retriever) -> dict[str, int]:
+    """Rank (1 = first) of the best ground truth for every mapped point under ``r``'s embeddings: an image
+    among all distinct captions (its own captions), a caption among all images (the images it describes)."""
+    pool = gallery.pool
+    if pool is None or r.captions is None:
+        return {}
+    imgs, caps = r.images.embeddings.float(), r.captions.embeddings.float()
+    own: dict[int, list[int]] = {}
+    for j, images in enumerate(pool.images):
+        for i in images:
+            own.setdefault(i, []).append(j)
+    out = {}
+    for rows, queries, keys, truth, kind in ((view["img_rows"], imgs, caps, own, "i"),
+                                             (view["txt_rows"], caps, imgs, dict(enumerate(pool.images)), "t")):
+        for start in range(0, len(rows), 512):
+            chunk = rows[start:start + 512]
+            sims = queries[torch.as_tensor(chunk, dtype=torch.long)] @ keys.T
+            for q, row in zip(sims, chunk):
+                gt = truth.get(row, [])
+                best = float(q[torch.as_tensor(gt, dtype=torch.long)].max()) if gt else float("inf")
+                out[f"{kind}:{row}"] = int((q > best).sum()) + 1 if gt else 10**9
+    return out
+
+
+def _groups(items: list[tuple], colour: str, classes: Optional[list[str]], ranks: dict, other: dict) -> list:
+    """Legend groups: [(name, colour, items)] for the colour-by choice (modality when it cannot be drawn)."""
+    if colour == "scene" and classes:
+        names = sorted({it[3] for it in items if it[3] is not None})
+        return [(c, PALETTE[g % len(PALETTE)], [it for it in items if it[3] == c]) for g, c in enumerate(names)]
+    if colour == "outcome" and ranks:
+        bins = [1 if ranks[it[0]] == 1 else 2 if ranks[it[0]] <= 10 else 3 for it in items]
+        return [(name, col, [it for it, b in zip(items, bins) if b == g + 1]) for g, (name, col) in enumerate(OUTCOMES)]
+    if colour == "rank" and ranks and other:
+        signs = [(other[it[0]] > ranks[it[0]]) - (other[it[0]] < ranks[it[0]]) for it in items]
+        return [(name, col, [it for it, s in zip(items, signs) if s == 1 - g]) for g, (name, col) in enumerate(CHANGES)]
+    return [("images", IMAGE_COLOR, [it for it in items if it[2] == "i"]),
+            ("captions", CAPTION_COLOR, [it for it in items if it[2] == "t"])]
+
+
+def _traces(view: dict, xy: list, groups: list, gallery: Gallery, lines: bool, by_modality: bool) -> list:
+    """The scatter traces of one map: optional caption-image segments, the legend groups, a legend key of
+    the two marker shapes (when colour is not modality), the modality centroids, and the ring."""
     import plotly.graph_objects as go
 
-    n = len(view["img_rows"])
-    img = [(xy[k], i, gallery.images[i].name) for k, i in enumerate(view["img_rows"])]
-    pool = gallery.pool
-    cap = [(xy[n + k], j, r.captions.metadata[j]["caption"][:120]) for k, j in enumerate(view["txt_rows"])]
-    cap_class = {j: classes[pool.images[j][0]] for _, j, _ in cap} if classes and pool else {}
-    groups = sorted(set(classes[i] for _, i, _ in img)) if classes else [None]
     traces = []
+    pool = gallery.pool
     if lines and pool is not None:
         where = {i: xy[k] for k, i in enumerate(view["img_rows"])}
-        seg_x, seg_y = [], []
-        for p, j, _ in cap:
+        seg_x, seg_y, seg_id = [], [], []
+        n = len(view["img_rows"])
+        for k, j in enumerate(view["txt_rows"]):
+            p = xy[n + k]
             for i in pool.images[j]:
                 if i in where:
                     seg_x += [p[0], where[i][0], None]
                     seg_y += [p[1], where[i][1], None]
+                    seg_id += [f"t:{j}", f"i:{i}", None]
         traces.append(go.Scatter(x=seg_x, y=seg_y, mode="lines", line=dict(color="#9ca3af", width=0.6),
-                                 hoverinfo="skip", name="image–caption", opacity=0.5))
-    for g, group in enumerate(groups):
-        color = PALETTE[g % len(PALETTE)] if group is not None else None
-        pick_i = [p for p in img if group is None or classes[p[1]] == group]
-        pick_c = [p for p in cap if group is None or cap_class.get(p[1]) == group]
-        name = group if group is not None else "images"
-        traces.append(go.Scatter(x=[p[0][0] for p in pick_i], y=[p[0][1] for p in pick_i], mode="markers",
-                                 customdata=[f"i:{p[1]}" for p in pick_i], name=name, legendgroup=name,
-                                 hovertext=[p[2] + (f" ({group})" if group else "") for p in pick_i],
-                                 hoverinfo="text",
-                                 marker=dict(size=7, symbol="circle", color=color or IMAGE_COLOR, opacity=0.8)))
-        if pick_c:
-            traces.append(go.Scatter(x=[p[0][0] for p in pick_c], y=[p[0][1] for p in pick_c], mode="markers",
-                                     customdata=[f"t:{p[1]}" for p in pick_c],
-                                     name=f"{name} captions" if group else "captions", legendgroup=name,
-                                     showlegend=group is None, hovertext=[p[2] for p in pick_c], hoverinfo="text",
-                                     marker=dict(size=7, symbol="x-thin", opacity=0.8, color=color or CAPTION_COLOR,
-                                                 line=dict(width=1.5, color=color or CAPTION_COLOR))))
+                                 hoverinfo="skip", name="image–caption pairs", opacity=0.5))
+    for name, colour, members in groups:
+        traces.append(go.Scatter(
+            x=[xy[it[1]][0] for it in members], y=[xy[it[1]][1] for it in members], mode="markers", name=name,
+            customdata=[it[0] for it in members], hovertext=[it[4] for it in members], hoverinfo="text",
+            marker=dict(size=8, color=colour, opacity=0.85, symbol=[SYMBOL[it[2]] for it in members],
+                        line=dict(width=0.5, color="white"))))
+    if not by_modality:
+        for kind, label in (("i", "● image"), ("t", "◆ caption")):
+            traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=label, hoverinfo="skip",
+                                     marker=dict(size=8, color="#6b7280", symbol=SYMBOL[kind])))
+    traces.append(go.Scatter(x=[c[0] for c in centroids(view, xy)], y=[c[1] for c in centroids(view, xy)],
+                             mode="markers", name="centroids, gap vector", hoverinfo="text",
+                             hovertext=["image centroid", "caption centroid"],
+                             marker=dict(size=17, symbol=["circle-x", "diamond-x"], color=[IMAGE_COLOR, CAPTION_COLOR],
+                                         line=dict(width=2, color="black"))))
+    traces.append(go.Scatter(x=[], y=[], mode="markers", name=RING, showlegend=False, hoverinfo="skip",
+                             marker=dict(size=20, symbol="circle-open", color="black", line=dict(width=3))))
     return traces
 
 
-def _frame_layout(view: dict, title: Optional[str]) -> dict:
+def centroids(view: dict, xy: list) -> list[tuple[float, float]]:
+    """The 2-D mean of the mapped images and of the mapped captions (the captions' is the images' without any)."""
+    n = len(view["img_rows"])
+    img, txt = xy[:n], xy[n:] or xy[:n]
+    return [(sum(p[0] for p in part) / len(part), sum(p[1] for p in part) / len(part)) for part in (img, txt)]
+
+
+def _arrow(view: dict, xy: list) -> dict:
+    (x0, y0), (x1, y1) = centroids(view, xy)
+    return dict(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True, arrowhead=3,
+                arrowsize=1.4, arrowwidth=2.5, arrowcolor="black", text="", standoff=9, startstandoff=9)
+
+
+def _frame_layout(view: dict, n_groups: int) -> dict:
     xs = [p[0] for p in view["base"] + view["adapted"]]
     ys = [p[1] for p in view["base"] + view["adapted"]]
     pad_x, pad_y = 0.05 * (max(xs) - min(xs) or 1), 0.05 * (max(ys) - min(ys) or 1)
-    return dict(title=dict(text=title, font=dict(size=13)) if title else None, height=460,
-                margin=dict(l=10, r=10, t=40, b=10), template="plotly_white", dragmode="lasso",
-                legend=dict(font=dict(size=10), itemsizing="constant"),
-                xaxis=dict(range=[min(xs) - pad_x, max(xs) + pad_x], showticklabels=False, title=None),
-                yaxis=dict(range=[min(ys) - pad_y, max(ys) + pad_y], showticklabels=False, title=None))
+    return dict(height=560 + 18 * max(0, (n_groups + 4) // 5 - 1), margin=dict(l=10, r=10, t=10, b=10),
+                template="plotly_white", dragmode="lasso", uirevision="harma-map",
+                legend=dict(font=dict(size=11), itemsizing="constant", orientation="h", x=0, y=-0.01,
+                            xanchor="left", yanchor="top", itemclick="toggle"),
+                xaxis=dict(range=[min(xs) - pad_x, max(xs) + pad_x], showticklabels=False, title=None, zeroline=False),
+                yaxis=dict(range=[min(ys) - pad_y, max(ys) + pad_y], showticklabels=False, title=None, zeroline=False),
+                annotations=[None, dict(text=projection_label(view), xref="paper", yref="paper", x=1, y=1,
+                                        xanchor="right", yanchor="top", showarrow=False,
+                                        font=dict(size=11, color="#4b5563"), bgcolor="rgba(255,255,255,0.7)")])
 
 
-def layout_figure(view: dict, which: str, gallery: Gallery, r: Retriever, classes: Optional[list[str]],
-                  lines: bool = False):
-    """One model's layout (``which`` is "base" or "adapted"), on the axes both panels share."""
+def map_figure(view: dict, which: str, gallery: Gallery, retrievers: tuple[Retriever, Retriever],
+               classes: Optional[list[str]], colour: str = "modality", lines: bool = False, ranks=None):
+    """One model's map (``which`` "base" or "adapted") on the axes both maps share, coloured by ``colour``
+    (a :data:`COLOUR_BY` key); ``ranks``: :func:`gt_ranks` of (baseline, adapted), computed when needed."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(_traces(view, view[which], gallery, r, classes, lines))
-    fig.update_layout(**_frame_layout(view, None))  # the panel's label names the model
+    r = retrievers[0 if which == "base" else 1]
+    if ranks is None:
+        ranks = _ranks(view, gallery, retrievers, colour)
+    mine, other = (ranks[0], ranks[1]) if which == "base" else (ranks[1], ranks[0])
+    if colour == "rank":  # the change is one property of the item: adapted's rank against baseline's
+        mine, other = ranks[1], ranks[0]
+    groups = _groups(_items(view, gallery, r, classes), colour, classes, mine, other)
+    by_modality = groups[0][0] == "images"
+    fig = go.Figure(_traces(view, view[which], groups, gallery, lines, by_modality))
+    layout = _frame_layout(view, len(groups))
+    layout["annotations"][0] = _arrow(view, view[which])
+    fig.update_layout(**layout, meta={"colour": colour if not by_modality else "modality"})
     return fig
 
 
-def move_figure(view: dict, gallery: Gallery, r: Retriever, classes: Optional[list[str]], lines: bool = False):
-    """Every point moving from its baseline place (slider at 0) to its adapted place (1), with play."""
-    import plotly.graph_objects as go
+def _ranks(view: dict, gallery: Gallery, retrievers: tuple[Retriever, Retriever], colour: str) -> tuple[dict, dict]:
+    if colour not in ("outcome", "rank"):
+        return {}, {}
+    return gt_ranks(view, gallery, retrievers[0]), gt_ranks(view, gallery, retrievers[1])
 
-    frames = [go.Frame(data=_traces(view, _points(view, t), gallery, r, classes, lines), name=f"{t:g}")
-              for t in STEPS]
-    fig = go.Figure(data=frames[0].data, frames=frames)
-    steps = [dict(method="animate", label="baseline" if t == 0 else "adapted" if t == 1 else f"{t:g}",
-                  args=[[f"{t:g}"], dict(mode="immediate", frame=dict(duration=300, redraw=True),
-                                         transition=dict(duration=250))]) for t in STEPS]
-    fig.update_layout(**_frame_layout(view, "Baseline → adapted: drag the slider or press play"),
-                      sliders=[dict(active=0, steps=steps, x=0.1, len=0.85, y=0, pad=dict(t=30))],
-                      updatemenus=[dict(type="buttons", showactive=False, x=0.0, y=0, xanchor="left", yanchor="top",
-                                        pad=dict(t=30), buttons=[dict(label="▶", method="animate", args=[
-                                            None, dict(frame=dict(duration=500, redraw=True), fromcurrent=True,
-                                                       transition=dict(duration=400))])])])
-    fig.update_layout(height=520)
+
+def move_figure(view: dict, gallery: Gallery, retrievers: tuple[Retriever, Retriever],
+                classes: Optional[list[str]], colour: str = "modality", lines: bool = False, ranks=None):
+    """Every point moving from its baseline place (slider at 0) to its adapted place (1), with play.
+
+    Drawn at the baseline places; ``layout.meta.move`` holds each trace's baseline and adapted
+    coordinates (and the gap arrow's), which linked_maps.js animates; the slider steps carry theirs."""
+    if ranks is None:
+        ranks = _ranks(view, gallery, retrievers, colour)
+    fig = map_figure(view, "adapted", gallery, retrievers, classes, colour, lines, ranks)
+    end = [(list(t.x), list(t.y)) for t in fig.data]
+    start_xy = _traces_at(view, "base", fig, gallery, lines)
+    moving = [k for k, t in enumerate(fig.data) if t.name != RING]
+    for k in moving:
+        fig.data[k].x, fig.data[k].y = start_xy[k]
+    arrows = [_arrow(view, view["base"]), _arrow(view, view["adapted"])]
+    fig.layout.annotations[0].update(arrows[0])
+
+    def mix(a, b, t):
+        return [None if p is None else (1 - t) * p + t * q for p, q in zip(a, b)]
+
+    def arrow_at(t):
+        return {f"annotations[0].{c}": (1 - t) * arrows[0][c] + t * arrows[1][c] for c in ("x", "y", "ax", "ay")}
+
+    steps = [dict(method="update", label="baseline" if t == 0 else "adapted" if t == 1 else f"{t:g}",
+                  args=[{"x": [mix(start_xy[k][0], end[k][0], t) for k in moving],
+                         "y": [mix(start_xy[k][1], end[k][1], t) for k in moving]}, arrow_at(t), moving])
+             for t in STEPS]
+    fig.update_layout(
+        sliders=[dict(active=0, steps=steps, x=0.12, len=0.86, y=1.0, yanchor="bottom", pad=dict(t=0, b=10),
+                      currentvalue=dict(prefix="showing: ", font=dict(size=12)))],
+        updatemenus=[dict(type="buttons", showactive=False, x=0.0, y=1.0, xanchor="left", yanchor="bottom",
+                          pad=dict(t=0, b=10), buttons=[dict(label="▶ play", method="skip", args=[None])])],
+        meta={**fig.layout.meta, "move": {"traces": moving, "base": [start_xy[k] for k in moving],
+                                          "adapted": [end[k] for k in moving], "arrow": arrows}})
+    fig.update_layout(margin=dict(t=80))
     return fig
+
+
+def _traces_at(view: dict, which: str, fig, gallery: Gallery, lines: bool) -> list[tuple[list, list]]:
+    """Each trace's coordinates with every point at its ``which`` place (points found by their ids)."""
+    n = len(view["img_rows"])
+    where = {f"i:{i}": view[which][k] for k, i in enumerate(view["img_rows"])}
+    where.update({f"t:{j}": view[which][n + k] for k, j in enumerate(view["txt_rows"])})
+    cents = centroids(view, view[which])
+    out = []
+    for t in fig.data:
+        if t.name == "centroids, gap vector":
+            out.append(([c[0] for c in cents], [c[1] for c in cents]))
+        elif t.name == "image–caption pairs" and lines:
+            twin = map_figure_lines(view, which, gallery)
+            out.append(twin)
+        elif t.customdata is not None:
+            out.append(([where[c][0] for c in t.customdata], [where[c][1] for c in t.customdata]))
+        else:
+            out.append((list(t.x), list(t.y)))
+    return out
+
+
+def map_figure_lines(view: dict, which: str, gallery: Gallery) -> tuple[list, list]:
+    """The caption-image segments' coordinates at ``which`` places (the lines trace of :func:`_traces`)."""
+    tr = _traces(view, view[which], [], gallery, True, True)[0]
+    return list(tr.x), list(tr.y)

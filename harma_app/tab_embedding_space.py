@@ -1,22 +1,27 @@
-"""The "Embedding space" tab: both models' maps in one frame (side by side and animated) and the numbers
-that say how the modality gap and the scene clustering changed."""
+"""The "Embedding space" tab: both models' maps in one frame (side by side, and one that moves every point
+from its baseline to its adapted place), coloured by modality, scene class, retrieval outcome or rank
+change, with the map's fidelity to the original space beneath, a search that rings matching points, and
+the numbers that say how the modality gap and the scene clustering changed."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Any, Optional
 
 import gradio as gr
+import numpy as np
 import torch
 
 from harma.gap import canonical_order, modality_gap
 from harma.gap_ci import gap_with_intervals
 from harma.io import arrays_key, cached_json, parse_json
+from harma.map_fidelity import map_fidelity
 from harma.retrieval import Retriever
 
-from .common import PRECOMPUTED, USER_ERRORS, AppError, fail, progress_cb
+from .common import MAX_QUERY_CHARS, PRECOMPUTED, USER_ERRORS, AppError, fail, progress_cb
 from .galleries import Gallery, displayable
-from .plots import aligned_view, layout_figure, method_note, move_figure
+from .plots import COLOUR_BY, aligned_view, gt_ranks, map_figure, method_note, move_figure
 from .state import AppState
 
 GAP_ROWS = [  # harma.gap.modality_gap keys shown next to the plots: readable name, what it measures
@@ -35,6 +40,9 @@ GAP_ROWS = [  # harma.gap.modality_gap keys shown next to the plots: readable na
 ]
 GAP_VERSION = 2  # bump when the rows or their measures change (invalidates the disk cache)
 MAX_PICKED = 48  # images shown for a box or lasso selection
+SEARCH_K = 10  # each model's top images ringed by the map search
+FIDELITY_ROWS = [("knn_modality_purity", "k-NN modality purity"), ("knn_scene_purity", "k-NN scene purity"),
+                 ("trustworthiness", "trustworthiness")]
 CI_ROWS = [  # harma.gap_ci keys, shown first, with 95% bootstrap intervals over images
     ("centroid_distance", "Centroid distance", "‖mean image − mean caption‖ (Liang et al. 2022); lower = closer"),
     ("relative_modality_gap", "Relative modality gap",
@@ -83,11 +91,57 @@ def hover_thumbnails(app: AppState, gallery: Gallery, rows: list[int]) -> dict[s
     return {k: v for k, v in shown.items() if isinstance(v, str)}
 
 
+def fidelity(view: dict, gallery: Gallery, retrievers: tuple[Retriever, Retriever],
+             classes: Optional[list[str]]) -> list[dict]:
+    """:func:`harma.map_fidelity.map_fidelity` of each model's map (baseline, adapted), on the mapped
+    sample; [] without captions."""
+    if not view["txt_rows"] or gallery.pool is None:
+        return []
+    n, img_rows, txt_rows = len(view["img_rows"]), view["img_rows"], view["txt_rows"]
+    cls_i = [classes[i] for i in img_rows] if classes else None
+    cls_t = [classes[gallery.pool.images[j][0]] for j in txt_rows] if classes else None
+    out = []
+    for r, which in zip(retrievers, ("base", "adapted")):
+        xy = np.asarray(view[which], dtype=np.float64)
+        out.append(map_fidelity(r.images.embeddings[img_rows], r.captions.embeddings[txt_rows], xy[:n], xy[n:],
+                                cls_i, cls_t))
+    return out
+
+
+def fidelity_note(fid: list[dict]) -> str:
+    """The map-fidelity table (Markdown) and a line saying whether the 2-D change has the original's sign."""
+    if not fid:
+        return "**Map fidelity** needs a gallery with captions."
+
+    def num(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    lines = ["**Map fidelity**: the same numbers on the original embeddings and on the 2-D maps above (k = 10).",
+             "", "| measure | original space: baseline | original: adapted | 2-D map: baseline | 2-D map: adapted |",
+             "|---|---|---|---|---|"]
+    verdict = []
+    for key, name in FIDELITY_ROWS:
+        if fid[0].get(key) is None:
+            continue
+        if key == "trustworthiness":
+            lines.append(f"| {name} (1 = no false 2-D neighbours) | | | {num(fid[0][key])} | {num(fid[1][key])} |")
+            continue
+        o, m = fid[1][key] - fid[0][key], fid[1][key + "_2d"] - fid[0][key + "_2d"]
+        lines.append(f"| {name} | {num(fid[0][key])} | {num(fid[1][key])} | {num(fid[0][key + '_2d'])} | "
+                     f"{num(fid[1][key + '_2d'])} |")
+        same = (o > 0) == (m > 0) or abs(o) < 0.005
+        verdict.append(f"{name} changes by {m:+.3f} on the maps and {o:+.3f} in the original space"
+                       f"{'' if same else ' (opposite signs: read this change on the numbers, not the picture)'}")
+    return "\n".join(lines) + ("\n\n" + "; ".join(verdict) + "." if verdict else "")
+
+
 def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optional[str], lines: bool = False,
-                   progress: Any = gr.Progress()) -> tuple[Any, Any, Any, list, str]:
-    """The two models' maps in one frame (side by side, and animated from baseline to adapted) and the
-    numbers table [measure, baseline, adapted, meaning]; ``lines`` joins each caption to its images."""
+                   progress: Any = gr.Progress(), colour: Optional[str] = "modality") -> tuple[Any, Any, Any, list, str]:
+    """The two models' maps in one frame (side by side, and one moving from baseline to adapted), the
+    numbers table [measure, baseline, adapted, meaning] and a note with the map's fidelity; ``colour`` is a
+    :data:`~.plots.COLOUR_BY` key (default modality), ``lines`` joins each caption to its images."""
     try:
+        colour = colour if colour in COLOUR_BY else "modality"
         gallery = app.gallery(gallery_key)
         base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress))
         if progress is not None:
@@ -97,24 +151,53 @@ def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optiona
                                                                   app.cache_dir,
                                                                   PRECOMPUTED if gallery.bundled else None))
         classes = gallery.classes
-        figs = [layout_figure(view, "base", gallery, base, classes, bool(lines)),
-                layout_figure(view, "adapted", gallery, adapted, classes, bool(lines)),
-                move_figure(view, gallery, adapted, classes, bool(lines))]
+        pair = (base, adapted)
+        ranks = (app.cached(("ranks", *key), lambda: (gt_ranks(view, gallery, base), gt_ranks(view, gallery, adapted)))
+                 if colour in ("outcome", "rank") else ({}, {}))
+        figs = [map_figure(view, "base", gallery, pair, classes, colour, bool(lines), ranks),
+                map_figure(view, "adapted", gallery, pair, classes, colour, bool(lines), ranks),
+                move_figure(view, gallery, pair, classes, colour, bool(lines), ranks)]
         thumbs = app.cached(("thumbs", *key), lambda: hover_thumbnails(app, gallery, view["img_rows"]))
-        for fig in figs:
-            fig.update_layout(meta={"thumbs": thumbs})  # linked_maps.js shows them on hover
-        rows = gap_rows(app, key, gallery, (base, adapted), classes)
+        for fig in figs:  # linked_maps.js shows the thumbnails on hover
+            fig.layout.meta = {**(fig.layout.meta or {}), "thumbs": thumbs}
+        fid = app.cached(("fidelity", *key), lambda: fidelity(view, gallery, pair, classes))
+        rows = gap_rows(app, key, gallery, pair, classes)
         n_img, n_txt = len(view["img_rows"]), len(view["txt_rows"])
-        note = (f"{n_img:,} images (circles) and {n_txt:,} distinct captions (crosses), a seeded sample of at most "
-                f"{app.config.umap_points:,} per modality, coloured by "
-                f"{'scene class' if classes else 'modality'}; {method_note(view)}. The numbers are computed on "
-                "the original embeddings, not on the 2-D maps, which distort global distances; brackets are 95% "
-                "bootstrap intervals over images (200 seeded resamples).")
+        shown = figs[0].layout.meta.get("colour", "modality")
+        note = (f"{fidelity_note(fid)}\n\n{n_img:,} images (circles) and {n_txt:,} distinct captions (diamonds), a "
+                f"seeded sample of at most {app.config.umap_points:,} per modality, coloured by "
+                f"{COLOUR_BY[shown].lower()}; the large marked symbols are each modality's centroid on the map, "
+                f"the arrow the gap vector from images to captions. Projection: {method_note(view)}. The table "
+                "below is computed on all original embeddings; brackets are 95% bootstrap intervals over images "
+                "(200 seeded resamples).")
+        if shown != colour:
+            note += f" ({COLOUR_BY[colour]} needs {'scene classes' if colour == 'scene' else 'captions'}: shown by modality.)"
         if not rows:
             note += " The numbers need a gallery with captions."
         return figs[0], figs[1], figs[2], rows, note
     except (AppError, *USER_ERRORS) as e:
         return None, None, None, [], fail(e)
+
+
+def map_search(app: AppState, model_key: Optional[str], gallery_key: Optional[str], query: Optional[str]) -> tuple[str, str]:
+    """The points a text search rings on the maps, as JSON ``{"baseline-plot": ids, "adapted-plot": ids,
+    "move-plot": ids}`` for linked_maps.js: the captions containing every word of ``query`` (case-insensitive),
+    and each model's top :data:`SEARCH_K` images for it (the move map: the adapted model's); and a line."""
+    try:
+        query = (query or "").strip()[:MAX_QUERY_CHARS]
+        if not query:
+            return json.dumps({}), ""
+        gallery = app.gallery(gallery_key)
+        base, adapted = app.retrievers(model_key, gallery_key)
+        words = query.lower().split()
+        pool = gallery.pool
+        caps = [f"t:{j}" for j, text in enumerate(pool.raw if pool else []) if all(w in text.lower() for w in words)]
+        tops = [[f"i:{h.index}" for h in r.search_text(query, min(SEARCH_K, len(r.images)))] for r in (base, adapted)]
+        ids = {"baseline-plot": caps + tops[0], "adapted-plot": caps + tops[1], "move-plot": caps + tops[1]}
+        return json.dumps(ids), (f"“{query}”: {len(caps)} caption(s) contain the words; each map also rings its "
+                                 f"model's top {SEARCH_K} images for it. Other points are dimmed.")
+    except (AppError, *USER_ERRORS) as e:
+        return json.dumps({}), fail(e)
 
 
 def show_pick(app: AppState, gallery_key: Optional[str], payload: Optional[str]) -> tuple[Any, str, list]:
@@ -159,31 +242,51 @@ def show_pick(app: AppState, gallery_key: Optional[str], payload: Optional[str])
 def layout() -> dict[str, Any]:
     """The tab's components (call inside ``gr.Tabs``); computed when the tab is opened."""
     with gr.Tab("Embedding space", id="space") as tab:
-        lines = gr.Checkbox(value=False, label="Join each caption to its image (the gap made visible)")
+        with gr.Row(equal_height=True):
+            colour = gr.Dropdown([(label, key) for key, label in COLOUR_BY.items()], value="modality",
+                                 label="Colour by", scale=1, elem_id="map-colour")
+            search = gr.Textbox(label="Search the maps", placeholder="e.g. storage tanks: rings captions with "
+                                "these words and each model's top 10 images", scale=2, elem_id="map-search",
+                                max_length=MAX_QUERY_CHARS)
+            lines = gr.Checkbox(value=False, label="Join each caption to its image (the gap made visible)", scale=1)
+        hits = gr.Textbox(visible="hidden", elem_id="map-hits")  # map_search -> linked_maps.js
+        search_note = gr.Markdown(elem_classes="harma-note")
         with gr.Row():
             base_plot = gr.Plot(label="Baseline (zero-shot)", elem_id="baseline-plot")
             adapted_plot = gr.Plot(label="Adapted", elem_id="adapted-plot")
-        move_plot = gr.Plot(label="Baseline → adapted", elem_id="move-plot")
-        gr.Markdown("Click a point to highlight it in all three maps and see its image and captions; draw a "
-                    "lasso (or pick the box tool) to collect the images of many.", elem_classes="harma-note")
+        move_plot = gr.Plot(label="Baseline → adapted: press play or drag the slider", elem_id="move-plot")
+        note = gr.Markdown(elem_classes="harma-note", label="note", elem_id="map-note")
+        gr.Markdown("Hover a point to ring the same item on every map; click it to see its image and captions; draw "
+                    "a lasso (or pick the box tool) to collect the images of many. Zooming one map zooms all.",
+                    elem_classes="harma-note")
         pick = gr.Textbox(visible="hidden", elem_id="map-pick")  # filled by linked_maps.js
         with gr.Row():
             pick_image = gr.Image(label="Picked", interactive=False, height=220, scale=1, elem_id="pick-image")
             pick_text = gr.Markdown(elem_id="pick-text")
-        pick_gallery = gr.Gallery(label="Selected images", columns=8, height=200, elem_id="pick-gallery")
+        pick_gallery = gr.Gallery(label="Selected images", columns=10, height="auto", object_fit="cover",
+                                  allow_preview=False, elem_id="pick-gallery")
         gap_table = gr.Dataframe(headers=["measure", "baseline", "adapted", "what it measures"],
                                  label="Modality gap (original embedding space)", wrap=True)
-        note = gr.Markdown(elem_classes="harma-note", label="note")
-    return dict(tab=tab, lines=lines, base_plot=base_plot, adapted_plot=adapted_plot, move_plot=move_plot,
-                pick=pick, pick_image=pick_image, pick_text=pick_text, pick_gallery=pick_gallery,
-                gap_table=gap_table, note=note)
+    return dict(tab=tab, lines=lines, colour=colour, search=search, hits=hits, search_note=search_note,
+                base_plot=base_plot, adapted_plot=adapted_plot, move_plot=move_plot, pick=pick, pick_image=pick_image,
+                pick_text=pick_text, pick_gallery=pick_gallery, gap_table=gap_table, note=note)
 
 
 def wire(app: AppState, ui: dict[str, Any], model: gr.Dropdown, gallery_key: gr.State) -> None:
-    """Opening the tab (API ``/embedding_view``) or toggling the caption-image lines."""
-    args = dict(fn=partial(embedding_view, app), inputs=[model, gallery_key, ui["lines"]],
+    """Opening the tab (API ``/embedding_view``), a colour-by choice or toggling the caption-image lines;
+    the map search (rings drawn by linked_maps.js)."""
+    def view(model_key, gallery, lines, colour, progress=gr.Progress()):
+        return embedding_view(app, model_key, gallery, lines, progress, colour)
+
+    args = dict(fn=view, inputs=[model, gallery_key, ui["lines"], ui["colour"]],
                 outputs=[ui["base_plot"], ui["adapted_plot"], ui["move_plot"], ui["gap_table"], ui["note"]])
     ui["tab"].select(**args, api_name="embedding_view")
     ui["lines"].input(**args, api_visibility="private")
+    ui["colour"].input(**args, api_visibility="private")
+    # a model switch redraws the maps (blocks._follow_the_model) coloured by modality: the picker says so
+    model.change(lambda: "modality", None, ui["colour"], queue=False, api_visibility="private")
+    ui["search"].submit(partial(map_search, app), [model, gallery_key, ui["search"]], [ui["hits"], ui["search_note"]],
+                        api_visibility="private").then(
+        None, ui["hits"], None, js="(h) => { if (window.harmaSearch) window.harmaSearch(h); }")
     ui["pick"].change(partial(show_pick, app), [gallery_key, ui["pick"]],
                      [ui["pick_image"], ui["pick_text"], ui["pick_gallery"]], api_visibility="private")

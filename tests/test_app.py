@@ -175,19 +175,19 @@ def test_embedding_view_is_cached(setup, monkeypatch, tmp_path):
     state = app_state.AppState(config)
     base_fig, adapted_fig, move_fig, rows, note = space_tab.embedding_view(state, None, "data")
     assert calls == [24 + 41]  # one layout for both models: 24 images and 41 distinct captions
-    # coloured by scene class: per class an image trace and a caption trace, the same items in both maps
-    images = [t for t in base_fig.data if t.marker.symbol == "circle"]
-    assert sum(len(t.x) for t in images) == 24 and len(images) == len(set(state.gallery("data").split.labels))
-    assert images[0].hovertext[0].split(" (")[0].endswith(".png")
+    # coloured by modality (the default): an image trace and a caption trace, the same items in both maps
+    images = base_fig.data[0]
+    assert images.name == "images" and len(images.x) == 24 and images.hovertext[0].split(" (")[0].endswith(".png")
     assert [t.name for t in base_fig.data] == [t.name for t in adapted_fig.data]
     assert base_fig.layout.xaxis.range == adapted_fig.layout.xaxis.range  # shared axes
-    # the animation starts at the baseline map and ends at the adapted one
-    assert len(move_fig.frames) == 5 and list(move_fig.frames[0].data[0].x) == list(base_fig.data[0].x)
-    assert list(move_fig.frames[-1].data[0].x) == pytest.approx(list(adapted_fig.data[0].x))
+    # the move map starts at the baseline map and carries the adapted one for the page to animate to
+    move = move_fig.layout.meta["move"]
+    assert list(move_fig.data[0].x) == list(base_fig.data[0].x) == move["base"][0][0]
+    assert move["adapted"][0][0] == pytest.approx(list(adapted_fig.data[0].x))
     assert [r[0] for r in rows] == [name for _, name, _ in space_tab.CI_ROWS + space_tab.GAP_ROWS]
     value, low, high = (float(x) for x in rows[1][2].replace("[", "").replace(",", "").replace("]", "").split())
     assert low <= value <= high  # relative modality gap of the adapted model, with its interval
-    assert "Procrustes" in note and "scene class" in note
+    assert "Procrustes" in note and "coloured by modality" in note and "Map fidelity" in note
     lined = space_tab.embedding_view(state, None, "data", lines=True)[0]
     # one segment per (distinct caption, image it describes) pair: the split's 48 captions
     assert lined.data[0].mode == "lines" and lined.data[0].x.count(None) == 48

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from harma.gap import modality_gap
 from harma.projection import (
     ALIGNED,
+    MAP_NEIGHBORS,
     PROCRUSTES,
+    SEPARATE,
     aligned_2d,
     aligned_projection,
     embedding_projection,
@@ -79,13 +81,17 @@ def test_aligned_projection_same_items_in_one_frame_and_cached(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_aligned_umap_keeps_unchanged_items_in_place():
-    """AlignedUMAP proper (numba-compiled on first use, about 20 s): a model that barely moves the
-    embeddings gets a map close to the baseline's, compared with the map's own spread."""
+@pytest.mark.parametrize("method", [SEPARATE, ALIGNED])
+def test_umap_maps_keep_unchanged_items_in_place(method):
+    """UMAP proper (numba-compiled on first use, about 20 s): a model that barely moves the embeddings gets
+    a map close to the baseline's, compared with the map's own spread; with each model's own UMAP
+    (the default) the baseline map is the baseline's UMAP alone, whatever the adapted model."""
     g = np.random.default_rng(1)
     centres = g.normal(size=(5, 32)) * 3
     base = (centres[np.arange(100) % 5] + g.normal(size=(100, 32))).astype(np.float32)
-    xy_b, xy_a, method = aligned_2d(base, base + 0.01 * g.normal(size=base.shape).astype(np.float32))
-    assert method == ALIGNED and xy_b.shape == xy_a.shape == (100, 2)
+    xy_b, xy_a, got = aligned_2d(base, base + 0.01 * g.normal(size=base.shape).astype(np.float32), method=method)
+    assert got == method and xy_b.shape == xy_a.shape == (100, 2)
     spread = np.linalg.norm(xy_b - xy_b.mean(0), axis=1).mean()
     assert np.linalg.norm(xy_a - xy_b, axis=1).mean() < 0.25 * spread
+    if method == SEPARATE:
+        assert np.allclose(xy_b, umap_2d(base, 0, MAP_NEIGHBORS))
