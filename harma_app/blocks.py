@@ -20,7 +20,10 @@ from .galleries import SECRET_FILE, SERVED
 from .state import AppConfig, AppState, ModelPair, load_models, parse_args
 
 LINKED_MAPS = Path(__file__).parent / "static" / "linked_maps.js"  # map clicks and lassos -> show_pick
-CSS = "#status {font-size: 0.95em} .harma-note {color: var(--body-text-color-subdued); font-size: 0.9em}"
+CSS = ("#status {font-size: 0.95em} .harma-note {color: var(--body-text-color-subdued); font-size: 0.9em} "
+       # gallery tiles: the whole caption (rank, score, ✓ / file name · scene class) on up to two lines
+       ".harma-tiles .caption-label {white-space: pre-line; max-width: calc(100% - 8px); line-height: 1.25; "
+       "font-size: 0.8em}")
 
 
 def build_demo(config: Optional[AppConfig] = None,
@@ -63,35 +66,62 @@ def build_demo(config: Optional[AppConfig] = None,
 
 def _follow_the_model(app: AppState, demo: gr.Blocks, top: dict, tabs: dict[str, dict]) -> None:
     """Every view follows the model picker: the adapted side's labels name the method, the open tab is
-    recomputed for the new model, and the other computed tabs are cleared (they recompute when opened)."""
+    recomputed for the new model (Text -> image and Image -> text re-run their last query), and the other
+    computed tabs are cleared with a note (they recompute when opened or queried)."""
     current = gr.State("t2i")
     for name, ui in tabs.items():
         ui["tab"].select(lambda name=name: name, None, current, api_visibility="private", queue=False)
     tab_modality_gap.follow(app, tabs["gap"], top["model"], top["gallery_key"], current)  # its own handler
-    space, metrics, compare = tabs["space"], tabs["metrics"], tabs["compare"]
-    labelled = [tabs["t2i"]["adapted_gallery"], tabs["i2t"]["adapted_caps"], space["adapted_plot"],
-                compare["adapted_gallery"], compare["adapted_caps"]]
+    t2i, i2t, space, metrics, compare = (tabs[n] for n in ("t2i", "i2t", "space", "metrics", "compare"))
+    labelled = [space["adapted_plot"], compare["adapted_gallery"], compare["adapted_caps"]]
+    t2i_out = [t2i["base_gallery"], t2i["adapted_gallery"], t2i["note"]]
+    i2t_out = [i2t["preview"], i2t["base_caps"], i2t["adapted_caps"], i2t["note"]]
     space_out = [space["base_plot"], space["adapted_plot"], space["move_plot"], space["gap_table"], space["note"]]
     metrics_out = [metrics["table"], metrics["note"]]
     compare_out = [compare["table"], compare["cls"], compare["queries"], compare["export"], compare["note"]]
     reopen = "Open this tab again to compute it for the selected model."
 
-    def follow(tab, model_key, gallery_key, lines, direction, sort, cls, progress=gr.Progress()):
+    def follow(tab, model_key, gallery_key, k, query, picked, lines, direction, sort, cls, progress=gr.Progress()):
         label = app.adapted_label(model_key)
         labels = [gr.update(label=label) for _ in labelled]
+        t2i_v, i2t_v = follow_queries(app, tab, model_key, gallery_key, k, query, picked, progress)
+        t2i_v[1] = gr.update(value=t2i_v[1], label=label)
+        i2t_v[2] = gr.update(value=i2t_v[2], label=label)
         space_v = (tab_embedding_space.embedding_view(app, model_key, gallery_key, lines, progress) if tab == "space"
                    else (None, None, None, [], reopen))
         metrics_v = (tab_metrics.metrics_table(app, model_key, gallery_key, progress) if tab == "metrics"
                      else ([], reopen))
         compare_v = (tab_compare.compare_view(app, model_key, gallery_key, direction, sort, cls, progress)
                      if tab == "compare" else (None, gr.update(), [], None, reopen))
-        return [*labels, *space_v, *metrics_v, *compare_v]
+        return [*labels, *t2i_v, *i2t_v, *space_v, *metrics_v, *compare_v]
 
-    demo.load(lambda model_key: [gr.update(label=app.adapted_label(model_key)) for _ in labelled], top["model"],
-              labelled, api_visibility="private", queue=False)
-    top["model"].change(follow, [current, top["model"], top["gallery_key"], space["lines"], compare["direction"],
-                                 compare["sort"], compare["cls"]],
-                        [*labelled, *space_out, *metrics_out, *compare_out], api_visibility="private")
+    demo.load(lambda model_key: [gr.update(label=app.adapted_label(model_key)) for _ in range(len(labelled) + 2)],
+              top["model"], [*labelled, t2i["adapted_gallery"], i2t["adapted_caps"]], api_visibility="private",
+              queue=False)
+    top["model"].change(follow, [current, top["model"], top["gallery_key"], top["k"], t2i["query"], i2t["query"],
+                                 space["lines"], compare["direction"], compare["sort"], compare["cls"]],
+                        [*labelled, *t2i_out, *i2t_out, *space_out, *metrics_out, *compare_out],
+                        api_visibility="private")
+
+
+def follow_queries(app: AppState, tab: str, model_key: Optional[str], gallery_key: Optional[str], k: Any,
+                   query: Optional[str], picked: Any, progress: Any = None) -> tuple[list, list]:
+    """After a model switch: the Text -> image outputs (baseline tiles, adapted tiles, note) and the Image ->
+    text ones (preview, baseline rows, adapted rows, note). The open tab's last query is answered again by
+    the new model; the other tab's results are cleared, with a note saying why (never the previous model's
+    tiles and scores under the new model's label)."""
+    label = app.adapted_label(model_key)
+    cleared = f"Results cleared: the model changed to **{label}**; search again to see its answers."
+    t2i_v: list = [[], [], cleared if str(query or "").strip() else ""]
+    i2t_v: list = [None, [], [], cleared if picked else ""]
+    if tab == "t2i" and str(query or "").strip():
+        base, adapted, status = tab_text_to_image.search_text(app, query, k, model_key, gallery_key, progress)
+        t2i_v = [base, adapted, f"Re-run for **{label}** after the model switch. "
+                 + status.replace(tab_text_to_image.MATCH_NOTE, "").strip()]
+    elif tab == "i2t" and picked:
+        preview, base, adapted, status = tab_image_to_text.rerun(app, picked, k, model_key, gallery_key, progress)
+        i2t_v = [preview, base, adapted, f"Re-run for **{label}** after the model switch. {status}"]
+    return t2i_v, i2t_v
 
 
 def served_folders(app: AppState) -> list[str]:

@@ -16,6 +16,7 @@ from harma.retrieval import Hit
 from .common import USER_ERRORS, AppError, clamp_k, fail, progress_cb
 from .galleries import Gallery, displayable
 from .state import AppState
+from .tab_text_to_image import tile_caption
 
 PICKER_SIZE = 48
 
@@ -93,13 +94,12 @@ def gallery_image_captions(app: AppState, i: int, k: Any, model_key: Optional[st
 
 
 def picker_items(app: AppState, gallery_key: Optional[str]) -> list[tuple[Any, str]]:
-    """The picker's tiles (image, file name): :func:`picker_indices` of the gallery; none without one."""
+    """The picker's tiles (image, file name · scene class): :func:`picker_indices` of the gallery; none without one."""
     try:
         gallery = app.gallery(gallery_key)
     except (AppError, *USER_ERRORS):
         return []
-    return [(displayable(gallery.images[i], app.cache_dir), gallery.images[i].name)
-            for i in picker_indices(gallery)]
+    return [(displayable(gallery.images[i], app.cache_dir), tile_caption(gallery, i)) for i in picker_indices(gallery)]
 
 
 def layout() -> dict[str, Any]:
@@ -110,22 +110,38 @@ def layout() -> dict[str, Any]:
                 upload = gr.File(file_types=["image"], label="Query image (upload)", type="filepath")
                 preview = gr.Image(label="Query image", interactive=False, height=200)
             picker = gr.Gallery(label="…or pick one from the gallery", columns=6, height=340, scale=2,
-                                allow_preview=False, elem_id="picker")
+                                allow_preview=False, elem_id="picker", elem_classes="harma-tiles")
         headers = ["rank", "score", "caption", "✓"]
         with gr.Row():
             base_caps = gr.Dataframe(headers=headers, label="Baseline (zero-shot)", wrap=True,
-                                     column_widths=["10%", "15%", "67%", "8%"])
+                                     column_widths=["10%", "15%", "67%", "8%"], elem_id="baseline-caps")
             adapted_caps = gr.Dataframe(headers=headers, label="Adapted", wrap=True,
-                                        column_widths=["10%", "15%", "67%", "8%"])
-    return dict(tab=tab, upload=upload, preview=preview, picker=picker, base_caps=base_caps, adapted_caps=adapted_caps)
+                                        column_widths=["10%", "15%", "67%", "8%"], elem_id="adapted-caps")
+        note = gr.Markdown(elem_classes="harma-note", elem_id="i2t-note")  # what a model switch did to the results
+        query = gr.State(None)  # the last query: ("upload", path) or ("pick", picker tile), re-run on a model switch
+    return dict(tab=tab, upload=upload, preview=preview, picker=picker, base_caps=base_caps, adapted_caps=adapted_caps,
+                note=note, query=query)
+
+
+def rerun(app: AppState, query: Any, k: Any, model_key: Optional[str], gallery_key: Optional[str],
+          progress: Any = None) -> tuple[Optional[str], list, list, str]:
+    """The last query of the tab (:func:`layout`'s ``query`` state) answered again, e.g. by another model."""
+    kind, value = query if isinstance(query, (tuple, list)) and len(query) == 2 else (None, None)
+    if kind == "upload":
+        return search_image(app, value, k, model_key, gallery_key, progress)
+    if kind == "pick":
+        return pick_image(app, value, k, model_key, gallery_key, progress)
+    return None, [], [], ""
 
 
 def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, fast: dict) -> None:
     """Upload (API ``/search_image``) and a click on a picker tile."""
     outputs = [ui["preview"], ui["base_caps"], ui["adapted_caps"], status]
     ui["upload"].upload(partial(search_image, app), [ui["upload"]] + common, outputs, api_name="search_image", **fast)
+    ui["upload"].upload(lambda path: (("upload", path) if path else None, ""), ui["upload"], [ui["query"], ui["note"]],
+                        api_visibility="private", queue=False)
 
     def on_pick(k_, model_, gallery_, evt: gr.SelectData, progress=gr.Progress()):
-        return pick_image(app, evt.index, k_, model_, gallery_, progress)
+        return *pick_image(app, evt.index, k_, model_, gallery_, progress), ("pick", evt.index), ""
 
-    ui["picker"].select(on_pick, common, outputs, api_visibility="private", **fast)
+    ui["picker"].select(on_pick, common, outputs + [ui["query"], ui["note"]], api_visibility="private", **fast)

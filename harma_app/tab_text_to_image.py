@@ -18,6 +18,9 @@ from .state import AppState
 MATCH_NOTE = ("✓ marks an image whose ground-truth captions contain the query as a whole-word phrase, after both are "
               "normalised with `harma.data.clean_caption` (lower case, no punctuation); exact matches count.")
 
+EXAMPLES_NOTE = ("Each example query matches ground-truth captions of the bundled demo gallery "
+                 "(picked by `python -m harma_app.precompute --examples`).")
+
 
 def load_examples() -> list[str]:
     try:
@@ -26,9 +29,16 @@ def load_examples() -> list[str]:
         return ["many planes parked at an airport"]
 
 
+def tile_caption(gallery: Gallery, i: int) -> str:
+    """What a tile says about gallery image ``i``: its file name, and its scene class when the gallery has them."""
+    classes = gallery.classes
+    return gallery.images[i].name + (f" · {classes[i]}" if classes else "")
+
+
 def _tiles(app: AppState, gallery: Gallery, hits: list[Hit], matches: set[int]) -> list[tuple[Any, str]]:
     return [(displayable(gallery.images[h.index], app.cache_dir),
-             f"#{h.rank} · {h.score:.3f}{' ✓' if h.index in matches else ''}") for h in hits]
+             f"#{h.rank} · {h.score:.3f}{' ✓' if h.index in matches else ''}\n{tile_caption(gallery, h.index)}")
+            for h in hits]
 
 
 def search_text(app: AppState, query: Optional[str], k: Any, model_key: Optional[str], gallery_key: Optional[str],
@@ -67,13 +77,17 @@ def layout() -> dict[str, Any]:
             query = gr.Textbox(label="Query", placeholder="many planes parked at an airport",
                                max_length=MAX_QUERY_CHARS, scale=4, elem_id="query")
             search = gr.Button("Search", variant="primary", scale=1, elem_id="search")
-        examples = gr.Examples([[q] for q in load_examples()], inputs=[query], label="Example queries")
-        gr.Markdown(MATCH_NOTE, elem_classes="harma-note")
         with gr.Row():
-            base_gallery = gr.Gallery(label="Baseline (zero-shot)", columns=4, elem_id="baseline-gallery")
-            adapted_gallery = gr.Gallery(label="Adapted", columns=4, elem_id="adapted-gallery")
+            examples = gr.Examples([[q] for q in load_examples()], inputs=[query], label="Example queries")
+            gr.Markdown(MATCH_NOTE + " " + EXAMPLES_NOTE, elem_classes="harma-note", elem_id="match-note")
+        note = gr.Markdown(elem_classes="harma-note", elem_id="t2i-note")  # what a model switch did to the results
+        with gr.Row():
+            base_gallery = gr.Gallery(label="Baseline (zero-shot)", columns=4, elem_id="baseline-gallery",
+                                      elem_classes="harma-tiles")
+            adapted_gallery = gr.Gallery(label="Adapted", columns=4, elem_id="adapted-gallery",
+                                         elem_classes="harma-tiles")
     return dict(tab=tab, query=query, search=search, examples=examples, base_gallery=base_gallery,
-                adapted_gallery=adapted_gallery)
+                adapted_gallery=adapted_gallery, note=note)
 
 
 def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, fast: dict) -> None:
@@ -83,3 +97,5 @@ def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, f
     ui["search"].click(**t2i, api_name="search_text")
     ui["query"].submit(**t2i, api_visibility="private")
     ui["examples"].load_input_event.then(**t2i, api_visibility="private")  # clicking an example runs it
+    for trigger in (ui["search"].click, ui["query"].submit, ui["examples"].load_input_event.then):
+        trigger(lambda: "", None, ui["note"], api_visibility="private", queue=False)  # a new search: no switch note
