@@ -24,7 +24,10 @@ from typing import Any, Optional, Union
 
 from PIL import Image
 
-from harma.data import DatasetError, RetrievalSplit, image_classes, load_split, open_image
+from harma.data import DatasetError, RetrievalSplit, load_split, open_image, scene_names
+from harma.data.json_format import json_splits
+from harma.data.table_format import csv_splits, jsonl_splits
+from harma.data.txt_format import txt_splits
 from harma.errors import IndexFormatError, one_line
 from harma.retrieval import CaptionPool, EmbeddingIndex
 
@@ -55,10 +58,11 @@ class Gallery:
 
     @functools.cached_property
     def classes(self) -> Optional[list[str]]:
-        """The scene class of every image (:func:`harma.data.image_classes`), or None when the file
-        names and annotations carry none (e.g. uploads)."""
+        """The scene class of every image by name (:func:`harma.data.scene_names`: labels, file-name
+        prefixes, or UCM's numbered blocks named), or None when the file names and annotations carry none
+        (e.g. uploads)."""
         try:
-            return image_classes(self.split)[0]
+            return scene_names(self.split)
         except DatasetError:
             return None
 
@@ -72,12 +76,48 @@ class Gallery:
         return f"**{self.name}**: {self.split.num_images:,} images{caps}"
 
 
+ALL_SPLITS = "all"  # --split all: every split of the dataset folder in one gallery
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def all_splits(path: Path, follow_links: bool = False) -> RetrievalSplit:
+    """Every split of the dataset folder (train, val, test, then any other in name order) as one: their
+    images and captions one after the other (an image listed by two splits is refused)."""
+    found = sorted({name for splits in (json_splits, txt_splits, csv_splits, jsonl_splits) for name in splits(path)},
+                   key=lambda n: (SPLIT_ORDER.index(n) if n in SPLIT_ORDER else len(SPLIT_ORDER), n))
+    if not found:
+        raise AppError(f"`{path.name}` has no annotated splits to show together (`--split all`); {HOW_TO_DATA}")
+    parts = [load_split(path, name, allow_missing=True, follow_links=follow_links) for name in found]
+    images, captions, t2i, labels = [], [], [], []
+    for part in parts:
+        t2i += [len(images) + i for i in part.text_to_image]
+        images += part.images
+        captions += part.captions
+        labels = labels + list(part.labels) if labels is not None and part.labels is not None else None
+    seen: dict[Path, str] = {}
+    for part in parts:
+        for p in part.images:
+            if p in seen:
+                raise AppError(f"{p.name} is in both the {seen[p]} and the {part.name.rsplit('/', 1)[-1]} split of "
+                               f"`{path.name}`; show one split (`--split NAME`)")
+            seen[p] = part.name.rsplit("/", 1)[-1]
+    return RetrievalSplit(f"{path.name}/{'+'.join(found)}", path, images, captions, t2i, labels)
+
+
 def dataset_gallery(root: str, split: Optional[str] = None, follow_links: bool = False) -> Gallery:
     """Load a split (missing images, and images that resolve outside ``root`` unless ``follow_links``, are
-    dropped with a warning); default: the first of test, val, train."""
+    dropped with a warning); default: the first of test, val, train; ``"all"`` (:data:`ALL_SPLITS`): every
+    split together (:func:`all_splits`)."""
     path = Path(root).expanduser()
     if not path.is_dir():
         raise AppError(f"dataset folder `{path}` does not exist or is not a folder. {HOW_TO_DATA}")
+    if split == ALL_SPLITS:
+        try:
+            s = all_splits(path, follow_links)
+        except DatasetError as e:
+            raise AppError(one_line(e)) from None
+        pool = CaptionPool.from_captions(s.captions, s.text_to_image) if s.num_captions else None
+        return Gallery(s.name, s, pool)
     errors = []
     for name in [split] if split else ["test", "val", "train"]:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from functools import partial
 from typing import Any, Optional
 
@@ -30,6 +31,8 @@ SORTS = ("largest gain first", "largest loss first", "worst adapted rank first",
 ALL = "all classes"
 HEADERS = {"t2i": ["caption", "image", "class", "baseline rank", "adapted rank", "gain"],
            "i2t": ["image", "class", "captions", "baseline rank", "adapted rank", "gain"]}
+# every column inside the table's width (the long text column wraps): rank and gain stay in view
+WIDTHS = {"t2i": ["38%", "13%", "13%", "12%", "12%", "12%"], "i2t": ["13%", "13%", "38%", "12%", "12%", "12%"]}
 NOTE = ("Rank = where the query's ground truth lands (1 = first), expected over random orders of tied "
         "scores; for an image, its best-ranked caption. Gain = baseline rank − adapted rank (positive: the "
         "adapters moved the right answer up). Select a row to see both models' results for it.")
@@ -62,6 +65,11 @@ def query_ranks(app: AppState, model_key: Optional[str], gallery_key: Optional[s
     return app.cached(("compare", app.model_key(model_key), gallery_key, direction), compute)
 
 
+def natural_key(text: str) -> list:
+    """Sort key reading runs of digits as numbers: "ids 101-200" after "ids 1-100", before "ids 1001-1100"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def arrange(records: list[dict[str, Any]], sort: str, cls: Optional[str]) -> list[dict[str, Any]]:
     """``records`` of one class (or all) in the order ``sort`` names; ties keep file order."""
     out = [r for r in records if not cls or cls == ALL or r["class"] == cls]
@@ -88,7 +96,7 @@ def compare_view(app: AppState, model_key: Optional[str], gallery_key: Optional[
     try:
         direction = DIRECTIONS.get(direction_label, "t2i")
         records = query_ranks(app, model_key, gallery_key, direction, progress)
-        classes = sorted({r["class"] for r in records if r["class"]})
+        classes = sorted({r["class"] for r in records if r["class"]}, key=natural_key)
         if cls and cls != ALL and cls not in classes:
             raise AppError(f"no scene class {cls!r} in this gallery; choose {ALL!r} or one of: "
                            + (", ".join(classes) if classes else "(none: its images carry no class)"))
@@ -141,11 +149,13 @@ def layout() -> dict[str, Any]:
             export = gr.File(label="CSV", scale=1, elem_id="compare-csv")
         note = gr.Markdown(elem_classes="harma-note", label="note")
         table = gr.Dataframe(headers=HEADERS["t2i"], wrap=True, interactive=False, max_height=420,
-                             elem_id="compare-table", label="ranks", show_label=False)
+                             elem_id="compare-table", label="ranks", show_label=False, column_widths=WIDTHS["t2i"])
         queries = gr.State([])
         with gr.Row():
-            base_gallery = gr.Gallery(label="Baseline (zero-shot)", columns=4, height=260, elem_id="compare-baseline")
-            adapted_gallery = gr.Gallery(label="Adapted", columns=4, height=260, elem_id="compare-adapted")
+            base_gallery = gr.Gallery(label="Baseline (zero-shot)", columns=4, height=260, elem_id="compare-baseline",
+                                      elem_classes="harma-tiles")
+            adapted_gallery = gr.Gallery(label="Adapted", columns=4, height=260, elem_id="compare-adapted",
+                                         elem_classes="harma-tiles")
         with gr.Row():
             preview = gr.Image(label="Query image", interactive=False, height=200, scale=1)
             base_caps = gr.Dataframe(headers=["rank", "score", "caption", "✓"], label="Baseline (zero-shot)", scale=2)
@@ -162,6 +172,8 @@ def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, f
     outputs = [ui["table"], ui["cls"], ui["queries"], ui["export"], ui["note"]]
     view = partial(compare_view, app)
     ui["tab"].select(view, inputs, outputs, api_name="compare")
+    ui["direction"].change(lambda d: gr.update(column_widths=WIDTHS[DIRECTIONS.get(d, "t2i")]), ui["direction"],
+                           ui["table"], api_visibility="private", queue=False)
     for control in (ui["direction"], ui["sort"], ui["cls"]):
         control.input(view, inputs, outputs, api_visibility="private")
 
