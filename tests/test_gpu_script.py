@@ -1,0 +1,84 @@
+"""``benchmarks/gpu.sh`` / ``python -m benchmarks.gpu``: the one-command GPU run, checked on the CPU with
+``--dry-run`` (tiny model, 2 steps, 2 synthetic images, UCM runs only planned)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu import Budget, main, ucm_order
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_stage_with_finite_numbers(tmp_path):
+    out, copies = tmp_path / "gpu.json", tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry-run", "--out", str(out),
+                           "--results-dir", str(tmp_path / "results"), "--copy-to", str(copies)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and report["command"].startswith("python -m benchmarks.gpu --dry-run")
+    assert {"torch", "cuda", "device", "started_utc", "wall_s"} <= set(report)
+    assert set(report["train"]) == {"harma/fp32", "mrs/fp32", "full/fp32"}
+    for r in report["train"].values():
+        assert _finite(r["samples_per_s"]) and _finite(r["step_s"]) and r["batch"] == 2, r
+        assert math.isfinite(r["loss"])
+    # full fine-tuning trains every weight; the adapters a small share of them
+    t = report["train"]
+    assert t["full/fp32"]["trainable_params"] > 20 * t["harma/fp32"]["trainable_params"] > 0
+    assert len(report["embed"]) == 2 and any(k.startswith("rs-minilm-harma") for k in report["embed"])
+    for r in report["embed"].values():
+        assert _finite(r["images_per_s"]) and _finite(r["files_per_s"]) and r["files"] == 2, r
+    # an empty results folder: every run of seeds 0-2 is planned, the two that narrow the gap first
+    assert report["ucm"]["planned"][:2] == ["harma-s2", "full-s2"] and not report["ucm"]["done"]
+    assert "| train harma/fp32 |" in proc.stdout
+    log = out.with_suffix(".log").read_text()
+    assert "wrote" in log and "harma/fp32" in log
+    assert json.loads((copies / "gpu.json").read_text()) == report and (copies / "gpu.log").is_file()
+
+
+def test_ucm_order_puts_the_gap_runs_first_and_skips_recorded_ones(tmp_path):
+    runs = tmp_path / "ucm" / "runs"
+    runs.mkdir(parents=True)
+    every = ucm_order(tmp_path)
+    assert every[:2] == [("harma", 2), ("full", 2)]
+    assert ("zeroshot", 0) in every and ("zeroshot", 1) not in every  # one-seed rows keep one seed
+    (runs / "harma-s2.json").write_text("{}")
+    (runs / "harma-s0.json").write_text("{}")
+    rest = ucm_order(tmp_path)
+    assert rest[0] == ("full", 2) and ("harma", 0) not in rest and len(rest) == len(every) - 2
+
+
+def test_budget_counts_down():
+    b = Budget(100)
+    assert 99 < b.left() <= 100 and b.allows(50) and not b.allows(101)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--device", "cpu"], "use --dry-run on a CPU"),
+    (["--dry-run", "--steps", "0"], "--steps 0: must be at least 1"),
+    (["--dry-run", "--budget-s", "nan"], "--budget-s nan: must be a positive number"),
+])
+def test_bad_settings_are_one_error_line(argv, words, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and words in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_shell_scripts_parse():
+    for name in ("gpu.sh", "gpu_prepare.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / name)], check=True)
