@@ -82,3 +82,40 @@ def test_bad_settings_are_one_error_line(argv, words, capsys, tmp_path):
 def test_shell_scripts_parse():
     for name in ("gpu.sh", "gpu_prepare.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / name)], check=True)
+
+
+def test_ucm_stage_runs_what_the_budget_allows_and_keeps_each_record(tmp_path, monkeypatch):
+    import benchmarks.gpu as gpu
+
+    (tmp_path / "ucm").mkdir()
+    (tmp_path / "ucm" / "train_caps.txt").write_text("x\n")
+    made, clock = [], [0.0]
+
+    def fake_run(cmd, timeout):  # what training.benchmark writes for one run, in 100 s
+        clock[0] += 100
+        method, seed = cmd[cmd.index("--methods") + 1], cmd[cmd.index("--seeds") + 1]
+        made.append(f"{method}-s{seed}")
+        path = tmp_path / "res" / "ucm" / "runs" / f"{made[-1]}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"test": {"mR": 40.0 + len(made)}, "val": {"mR": 30.0}}))
+        return 0
+
+    monkeypatch.setattr(gpu, "_run_group", fake_run)
+    monkeypatch.setattr(gpu, "minilm_weights", lambda: "real")
+    args = gpu.build_parser().parse_args(["--ucm", str(tmp_path / "ucm"), "--results-dir", str(tmp_path / "res"),
+                                          "--ucm-run-s", "100"])
+    monkeypatch.setattr(gpu.time, "monotonic", lambda: clock[0])
+    budget = Budget(250)  # room for two runs of 100 s
+    out = gpu.ucm_stage(args, budget)
+    assert made == ["harma-s2", "full-s2"] and list(out["done"]) == made
+    assert out["done"]["full-s2"]["test_mR"] == 42.0 and out["done"]["harma-s2"]["record"]["val"]["mR"] == 30.0
+    assert out["skipped"] and "left for another call" in out["note"]
+
+
+def test_ucm_stage_says_what_it_lacks(tmp_path, monkeypatch):
+    import benchmarks.gpu as gpu
+
+    monkeypatch.setattr(gpu, "minilm_weights", lambda: "random")
+    args = gpu.build_parser().parse_args(["--ucm", str(tmp_path / "none"), "--results-dir", str(tmp_path)])
+    out = gpu.ucm_stage(args, Budget(500))
+    assert out["note"].startswith("skipped: needs the UCM dataset") and "MiniLM" in out["note"] and not out["done"]
