@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from benchmarks import sections
+from benchmarks import fidelity, sections
 from training.cli import CliError, pick_device
 
 SECTIONS: dict[str, Callable[..., list[dict]]] = {
@@ -33,6 +33,8 @@ SECTIONS: dict[str, Callable[..., list[dict]]] = {
     "umap": sections.umap_time,
     "app": sections.app_start,
     "demo": sections.demo_start,
+    "fidelity": fidelity.fidelity,
+    "gapfig": fidelity.gap_figures_time,
 }
 
 

@@ -15,8 +15,9 @@ For one model's image and caption embeddings of a split (:func:`gap_figures`):
   nearest neighbours among all images and captions (not itself) that are captions, averaged per class.
   Near 0: images cluster with images (a gap); the captions' share of all points is what mixing would give.
 
-Everything comes from one image-caption similarity matrix per model: a shift needs no new product,
-because ``t . normalize(x - lam delta) = (t . x - lam t . delta) / |x - lam delta|``.
+Everything comes from one similarity matrix per model, of the images and the split's distinct caption rows
+(a split repeats many captions; each repeat still counts as a caption of its own), and a shift needs no new
+product, because ``t . normalize(x - lam delta) = (t . x - lam t . delta) / |x - lam delta|``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-LAMBDAS = tuple(round(-1.0 + 0.25 * i, 2) for i in range(13))  # -1 .. 2 in steps of 0.25
+LAMBDAS = (-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # denser between "as trained" (0) and "centroids met" (1)
 BINS = 40
 TOP_DIMS = 10
 
@@ -52,16 +53,18 @@ def _check(images: torch.Tensor, captions: torch.Tensor, text_to_image: Sequence
     return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), t2i
 
 
-def cosine_histograms(sim: torch.Tensor, text_to_image: torch.Tensor, bins: int = BINS) -> dict:
-    """Densities of matched (a caption and its image) and unmatched (every other pair) cosines of
-    ``sim`` (N_img, N_txt) on ``bins`` equal bins over their range, and the two means."""
-    matched = sim[text_to_image, torch.arange(sim.shape[1])]
+def cosine_histograms(sim: torch.Tensor, copies: torch.Tensor, matched: torch.Tensor, bins: int = BINS) -> dict:
+    """Densities of matched (each caption with its image, ``matched``) and unmatched (every other pair)
+    cosines on ``bins`` equal bins over their range, and the two means; ``sim`` (N, D) scores the images
+    against the distinct caption rows, row ``d`` standing for ``copies[d]`` captions."""
     lo, hi = float(sim.min()), float(sim.max())
     hi = hi if hi > lo else lo + 1e-6
     width = (hi - lo) / bins
-    every = torch.histc(sim, bins=bins, min=lo, max=hi).double()
+    where = ((sim - lo) / width).long().clamp_(0, bins - 1)  # the last bin holds hi, as torch.histc
+    every = torch.bincount(where.flatten(), weights=copies.expand_as(sim).flatten(), minlength=bins)
     own = torch.histc(matched, bins=bins, min=lo, max=hi).double()
-    n_other = sim.numel() - matched.numel()
+    n_pairs, n_matched = float(copies.sum()) * sim.shape[0], matched.numel()
+    total = float((sim.double() @ copies).sum())
 
     def density(counts: torch.Tensor) -> list[float]:
         return (counts / max(float(counts.sum()) * width, 1e-300)).tolist()
@@ -69,7 +72,8 @@ def cosine_histograms(sim: torch.Tensor, text_to_image: torch.Tensor, bins: int 
     return {"edges": [lo + width * i for i in range(bins + 1)], "matched": density(own),
             "unmatched": density((every - own).clamp_min(0)),
             "matched_mean": float(matched.double().mean()),
-            "unmatched_mean": (float(sim.double().sum() - matched.double().sum()) / n_other) if n_other else None}
+            "unmatched_mean": (total - float(matched.double().sum())) / (n_pairs - n_matched)
+            if n_pairs > n_matched else None}
 
 
 def gap_dimensions(img: torch.Tensor, txt: torch.Tensor, top: int = TOP_DIMS) -> dict:
@@ -86,34 +90,41 @@ def gap_dimensions(img: torch.Tensor, txt: torch.Tensor, top: int = TOP_DIMS) ->
             "cumulative": cumulative.tolist(), "squared_distance": total, **dims_for}
 
 
-def top1_hits(sim: torch.Tensor, text_to_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def top1_hits(sim: torch.Tensor, text_to_image: torch.Tensor, inverse: torch.Tensor,
+              copies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and per caption query, the probability that the top-1 result is a ground truth, equal
-    scores ordered at random (as :func:`harma.metrics.retrieval_metrics` with ``ties="expected"``, k = 1)."""
-    n, m = sim.shape
-    cols = torch.arange(m)
-    gt = sim[text_to_image, cols]  # (M,) each caption with its image
-    col_max = sim.amax(0)
-    t2i_hit = torch.zeros(m, dtype=torch.float64)
-    top = (gt >= col_max).nonzero().flatten()  # captions whose image scores the most (maybe tied)
-    if top.numel():
-        t2i_hit[top] = 1.0 / (sim[:, top] == col_max[top]).sum(0).double()
-    row_max = sim.amax(1)
-    own_best = torch.full((n,), -float("inf")).scatter_reduce(0, text_to_image, gt, reduce="amax")
+    scores ordered at random (as :func:`harma.metrics.retrieval_metrics` with ``ties="expected"``, k = 1).
+
+    ``sim`` (N, D) scores the images against the D distinct caption rows; caption ``t`` of the split is
+    row ``inverse[t]``, and row ``d`` stands for ``copies[d]`` captions of the split (all of them candidates
+    of an image query, so repeated captions tie)."""
+    n = sim.shape[0]
+    gt = sim[text_to_image, inverse]  # (M,) each caption with its image
+    col_max = sim.amax(0)  # (D,)
+    hit = gt >= col_max[inverse]  # captions whose image scores the most (maybe tied with other images)
+    tied_images = torch.ones(sim.shape[1], dtype=torch.float64)
+    cols = inverse[hit].unique()
+    if cols.numel():
+        tied_images[cols] = (sim[:, cols] == col_max[cols]).sum(0).double()
+    t2i_hit = hit.double() / tied_images[inverse]
+    row_max = sim.amax(1)  # (N,)
+    own = torch.zeros(n, dtype=torch.float64).scatter_add_(0, text_to_image, (gt == row_max[text_to_image]).double())
     i2t_hit = torch.zeros(n, dtype=torch.float64)
-    top = (own_best >= row_max).nonzero().flatten()
+    top = (own > 0).nonzero().flatten()  # images whose best caption is one of theirs (maybe tied)
     if top.numel():
-        at_max = sim[top] == row_max[top, None]  # (H, M)
-        own = text_to_image[None, :] == top[:, None]
-        i2t_hit[top] = (at_max & own).sum(1).double() / at_max.sum(1).double()
+        at_max = (sim[top] == row_max[top, None]).double() @ copies  # captions of the split at the top score
+        i2t_hit[top] = own[top] / at_max
     return i2t_hit, t2i_hit
 
 
-def shift_curve(img: torch.Tensor, txt: torch.Tensor, sim: torch.Tensor, text_to_image: torch.Tensor,
+def shift_curve(img: torch.Tensor, txt: torch.Tensor, distinct: torch.Tensor, sim: torch.Tensor,
+                inverse: torch.Tensor, copies: torch.Tensor, text_to_image: torch.Tensor,
                 lambdas: Sequence[float] = LAMBDAS) -> dict:
     """R@1 (percent, ties at their expected rank) both ways as every image moves to
-    ``normalize(x - lam * delta)``, ``delta`` the centroid difference; ``sim`` is ``img @ txt.T``."""
+    ``normalize(x - lam * delta)``, ``delta`` the centroid difference of ``img`` and every caption ``txt``;
+    ``sim`` = ``img @ distinct.T`` (repeated caption rows scored once, see :func:`top1_hits`)."""
     delta = img.double().mean(0) - txt.double().mean(0)
-    t_delta = (txt.double() @ delta).float()[None, :]  # (1, M)
+    t_delta = (distinct.double() @ delta).float()[None, :]  # (1, D)
     x_delta = (img.double() @ delta).float()  # (N,)
     dd = float(delta @ delta)
     out = {"lambdas": [float(v) for v in lambdas], "i2t_R@1": [], "t2i_R@1": []}
@@ -121,22 +132,32 @@ def shift_curve(img: torch.Tensor, txt: torch.Tensor, sim: torch.Tensor, text_to
     for lam in lambdas:
         norm = (1 - 2 * lam * x_delta + lam * lam * dd).clamp_min(1e-12).sqrt()  # |x - lam delta|, (N,)
         torch.sub(sim, t_delta, alpha=lam, out=shifted).div_(norm[:, None])
-        i2t, t2i = top1_hits(shifted, text_to_image)
+        i2t, t2i = top1_hits(shifted, text_to_image, inverse, copies)
         out["i2t_R@1"].append(100.0 * float(i2t.mean()))
         out["t2i_R@1"].append(100.0 * float(t2i.mean()))
     return out
 
 
-def caption_share_by_class(img: torch.Tensor, sim: torch.Tensor, classes: Optional[Sequence[str]],
-                           k: int = 10) -> dict:
+def caption_share_by_class(img: torch.Tensor, sim: torch.Tensor, copies: torch.Tensor,
+                           classes: Optional[Sequence[str]], k: int = 10) -> dict:
     """Per scene class (and ``"all"``): the mean share of an image's k cosine nearest neighbours among all
-    images and captions (not itself) that are captions; ``chance``: the captions' share of the points."""
-    n, m = sim.shape
+    images and captions (not itself) that are captions; ``chance``: the captions' share of the points.
+    ``sim`` (N, D) scores the distinct caption rows, row ``d`` standing for ``copies[d]`` captions."""
+    n, m = sim.shape[0], int(copies.sum())
     kk = min(k, n + m - 1)
     within = img @ img.T
     within.fill_diagonal_(-float("inf"))
-    nearest = torch.cat([within, sim], 1).topk(kk, dim=1).indices  # (N, kk), columns >= n are captions
-    share = (nearest >= n).float().mean(1).double()
+    near_img = within.topk(min(kk, n - 1), dim=1).values  # the k nearest of each kind hold the k nearest
+    near_cap = sim.topk(min(kk, sim.shape[1]), dim=1)
+    values = torch.cat([near_img, near_cap.values], 1)
+    weight = torch.cat([torch.ones_like(near_img, dtype=torch.float64), copies[near_cap.indices]], 1)
+    is_caption = torch.cat([torch.zeros_like(near_img, dtype=torch.bool),
+                            torch.ones_like(near_cap.values, dtype=torch.bool)], 1)
+    order = values.argsort(dim=1, descending=True, stable=True)  # ties: images first (arbitrary, as topk)
+    weight, is_caption = weight.gather(1, order), is_caption.gather(1, order)
+    before = weight.cumsum(1) - weight
+    taken = (kk - before).clamp(min=0).minimum(weight)  # how many of each candidate's copies are among the k
+    share = (taken * is_caption).sum(1) / kk
     out = {"k": kk, "chance": m / (n + m - 1), "all": float(share.mean()), "classes": [], "shares": [],
            "counts": []}
     if classes is not None:
@@ -167,7 +188,10 @@ def gap_figures(images: torch.Tensor, captions: torch.Tensor, text_to_image: Seq
         :func:`cosine_histograms`, :func:`gap_dimensions`, :func:`shift_curve` and :func:`caption_share_by_class`.
     """
     img, txt, t2i = _check(images, captions, text_to_image)
-    sim = img @ txt.T  # (N, M), computed once
-    return {"histogram": cosine_histograms(sim, t2i, bins), "dimensions": gap_dimensions(img, txt, top),
-            "shift": shift_curve(img, txt, sim, t2i, lambdas),
-            "neighbours": caption_share_by_class(img, sim, classes, k)}
+    distinct, inverse = torch.unique(txt, dim=0, return_inverse=True)  # a split repeats many captions
+    copies = torch.bincount(inverse, minlength=distinct.shape[0]).double()
+    sim = img @ distinct.T  # (N, D), computed once
+    matched = sim[t2i, inverse]
+    return {"histogram": cosine_histograms(sim, copies, matched, bins), "dimensions": gap_dimensions(img, txt, top),
+            "shift": shift_curve(img, txt, distinct, sim, inverse, copies, t2i, lambdas),
+            "neighbours": caption_share_by_class(img, sim, copies, classes, k)}

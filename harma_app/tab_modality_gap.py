@@ -19,7 +19,8 @@ from .galleries import Gallery
 from .state import AppState
 from .tab_metrics import check_scoreable
 
-FIGURES_VERSION = 1  # bump when harma.gap_figures' numbers change (invalidates the disk cache)
+FIGURES_VERSION = 2  # bump when harma.gap_figures' numbers change (invalidates the disk cache)
+FIGURES_DIR = "gap-figures"  # under the cache folder: the numbers of both models, by a hash of their inputs
 BASE_COLOR, ADAPTED_COLOR = "#6b7280", "#2563eb"  # baseline grey, adapted blue, in every figure
 MATCHED_COLOR, UNMATCHED_COLOR = "#16a34a", "#9ca3af"
 REOPEN = "Open this tab again to compute it for the selected model."
@@ -57,7 +58,7 @@ def figures_data(app: AppState, key: tuple, gallery: Gallery, retrievers: tuple[
     def from_disk() -> dict:
         settings = {"v": FIGURES_VERSION, "t2i": list(split.text_to_image), "classes": classes}
         name = arrays_key([t.contiguous().numpy() for t in imgs + caps], settings)
-        return cached_json(app.cache_dir / "gap-figures" / f"{name}.json", compute)
+        return cached_json(app.cache_dir / FIGURES_DIR / f"{name}.json", compute)
 
     return app.cached(("gap_figures", *key), from_disk)
 
@@ -71,21 +72,23 @@ def histogram_figure(data: dict, adapted_name: str):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(1, 2, shared_yaxes=True, subplot_titles=("Baseline (zero-shot)", adapted_name))
-    for col, side in enumerate(("baseline", "adapted"), 1):
-        h = data[side]["histogram"]
+    hist = [data[s]["histogram"] for s in ("baseline", "adapted")]
+    titles = [f"{name}: mean matched {h['matched_mean']:.3f}, unmatched {h['unmatched_mean']:.3f}"
+              for name, h in zip(("Baseline (zero-shot)", adapted_name), hist)]
+    fig = make_subplots(1, 2, shared_yaxes=True, subplot_titles=titles)
+    for col, h in enumerate(hist, 1):
         centres = [(a + b) / 2 for a, b in zip(h["edges"][:-1], h["edges"][1:])]
         width = h["edges"][1] - h["edges"][0]
         for what, color in (("unmatched", UNMATCHED_COLOR), ("matched", MATCHED_COLOR)):
             fig.add_trace(go.Bar(x=centres, y=h[what], width=width, marker_color=color, opacity=0.6,
-                                 name=f"{what} pairs (mean {h[f'{what}_mean']:.3f})", legendgroup=f"{side}-{what}",
+                                 name=f"{what} pairs", legendgroup=what, showlegend=col == 1,
                                  hovertemplate="cosine %{x:.3f}: density %{y:.2f}<extra></extra>"), 1, col)
     fig.update_layout(barmode="overlay")
+    fig.update_annotations(font_size=12)  # the subplot titles
     fig.update_xaxes(title_text="image–caption cosine")
     fig.update_yaxes(title_text="density", col=1)
-    hist = [data[s]["histogram"] for s in ("baseline", "adapted")]
     gap = [h["matched_mean"] - h["unmatched_mean"] for h in hist]
-    _layout(fig, f"Matched minus unmatched mean cosine: {gap[0]:.3f} (baseline) → {gap[1]:.3f} (adapted)")
+    _layout(fig, f"Matched minus unmatched mean cosine: {gap[0]:.3f} (baseline) → {gap[1]:.3f} (adapted)", 360)
     return fig
 
 
@@ -98,7 +101,7 @@ def dimensions_figure(data: dict, adapted_name: str):
         d = data[side]["dimensions"]
         ranks = list(range(1, len(d["top_dims"]) + 1))
         fig.add_trace(go.Bar(x=ranks, y=[100 * s for s in d["top_shares"]], name=name, marker_color=color,
-                             text=[f"d{i}" for i in d["top_dims"]], textposition="outside",
+                             text=[f"d{i}" for i in d["top_dims"]], textposition="outside", cliponaxis=False,
                              customdata=d["top_terms"],
                              hovertemplate="dimension %{text}: %{y:.1f}% (term %{customdata:.4f})<extra></extra>"))
     b, a = data["baseline"]["dimensions"], data["adapted"]["dimensions"]

@@ -36,6 +36,31 @@ def test_histograms_split_matched_from_unmatched_cosines():
     assert h["matched"][-1] * width == pytest.approx(2 / 3)  # the two ones in the last
 
 
+def test_repeated_captions_count_as_often_as_the_split_has_them():
+    """A split repeats captions ("a piece of farmland"): the figures score each distinct row once but count
+    it as often as it occurs, so they equal the numbers of the full image x caption matrix."""
+    g = torch.Generator().manual_seed(4)
+    img = F.normalize(torch.randn(15, 5, generator=g), dim=-1)
+    t2i = [i % 15 for i in range(40)]
+    txt = F.normalize(img[t2i] + torch.randn(40, 5, generator=g), dim=-1)
+    txt[20:30] = txt[3]  # one caption ten more times, for ten other images
+    out = gap_figures(img, txt, t2i, k=6, bins=8)
+    sim = img @ txt.T
+    own = torch.zeros_like(sim, dtype=torch.bool)
+    own[t2i, torch.arange(40)] = True
+    h = out["histogram"]
+    lo, hi = h["edges"][0], h["edges"][-1]
+    expected = torch.histc(sim[~own], bins=8, min=lo, max=hi).double()
+    width = h["edges"][1] - h["edges"][0]
+    assert torch.allclose(torch.tensor(h["unmatched"], dtype=torch.float64), expected / (expected.sum() * width), atol=1e-9)
+    assert h["unmatched_mean"] == pytest.approx(float(sim[~own].double().mean()))
+    within = img @ img.T
+    within.fill_diagonal_(-float("inf"))
+    nearest = torch.cat([within, sim], 1).topk(6, dim=1).indices
+    assert out["neighbours"]["all"] == pytest.approx(float((nearest >= 15).double().mean()))
+    assert out["neighbours"]["chance"] == pytest.approx(40 / 54)
+
+
 def test_gap_dimensions_name_the_dimensions_that_carry_the_gap():
     img = _unit([1, 0, 0.1, 0], [1, 0, -0.1, 0])
     txt = _unit([0, 1, 0.1, 0.2], [0, 1, -0.1, 0.2])
