@@ -142,7 +142,8 @@ def neighbours_figure(data: dict, adapted_name: str):
         values = [100 * v for v in n["shares"]] + [100 * n["all"]]
         fig.add_trace(go.Bar(y=names, x=values, orientation="h", name=name, marker_color=color,
                              hovertemplate="%{y}: %{x:.1f}% captions<extra></extra>"))
-    fig.add_vline(x=100 * b["chance"], line=dict(color="#111827", dash="dot"))
+    fig.add_vline(x=100 * b["chance"], line=dict(color="#111827", dash="dot"), annotation_text="perfect mixing",
+                  annotation_position="top left")
     fig.update_layout(barmode="group", yaxis=dict(autorange="reversed"))
     fig.update_xaxes(title_text=f"% of an image's {b['k']} nearest neighbours that are captions", range=[0, 100])
     _layout(fig, f"Captions among image neighbours: {100 * b['all']:.1f}% → {100 * a['all']:.1f}% "
