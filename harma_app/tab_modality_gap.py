@@ -194,12 +194,18 @@ def wire(app: AppState, ui: dict[str, Any], model: gr.Dropdown, gallery_key: gr.
     ui["tab"].select(partial(modality_gap_view, app), [model, gallery_key], outputs(ui), api_name="modality_gap")
 
 
+def on_model_switch(app: AppState, tab: str, model_key: Optional[str], gallery_key: Optional[str],
+                    progress: Any = None) -> tuple[Any, Any, Any, Any, str]:
+    """After a model switch: the tab recomputed for the new model when it is the open one (``tab`` == "gap"),
+    else cleared with a note (it recomputes when opened): never the previous model's figures."""
+    if tab == "gap":
+        return modality_gap_view(app, model_key, gallery_key, progress)
+    return None, None, None, None, REOPEN
+
+
 def follow(app: AppState, ui: dict[str, Any], model: gr.Dropdown, gallery_key: gr.State, current: gr.State) -> None:
-    """A model switch recomputes the tab when it is the open one (``current`` names the open tab, "gap"
-    here), else clears it with a note (it recomputes when opened)."""
+    """Registers :func:`on_model_switch` on the model picker; ``current`` names the open tab."""
     def on_switch(tab: str, model_key: Optional[str], key: Optional[str], progress=gr.Progress()):
-        if tab == "gap":
-            return modality_gap_view(app, model_key, key, progress)
-        return None, None, None, None, REOPEN
+        return on_model_switch(app, tab, model_key, key, progress)
 
     model.change(on_switch, [current, model, gallery_key], outputs(ui), api_visibility="private")

@@ -15,7 +15,9 @@ import harma_app as app
 from harma.errors import HarmaError
 from harma.gap_figures import gap_figures
 from harma.metrics import retrieval_metrics
+from harma_app.tab_modality_gap import REOPEN, on_model_switch
 from tests.test_app import tiny_setup
+from tests.test_app_follow import two_models  # noqa: F401  (a fixture: the tiny app with a second model)
 
 
 def _unit(*rows):
@@ -137,3 +139,15 @@ def test_modality_gap_tab_answers_through_the_api(tmp_path_factory):
     assert [len(d) for d in data] == [4, 2, 4, 2]  # (un)matched x 2 models; 2 models; 2 directions x 2; 2
     assert {t["name"] for t in data[3]} == {"Baseline", "Adapted (HarMA)"}
     assert again < 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_tab_follows_the_model_picker(two_models):  # noqa: F811
+    """A switch while the tab is open recomputes it for the new model; on another tab it is cleared with a
+    note (never the previous model's figures under the new model's name)."""
+    state, first, second = two_models
+    assert on_model_switch(state, "metrics", second, "data") == (None, None, None, None, REOPEN)
+    figs = [on_model_switch(state, "gap", key, "data")[:4] for key in (first, second)]
+    hist = [[list(t.y) for t in f[0].data if t.xaxis == "x2"] for f in figs]  # the adapted panel
+    assert hist[0] != hist[1]
+    assert [t.y for t in figs[0][0].data if t.xaxis == "x"] == [t.y for t in figs[1][0].data if t.xaxis == "x"]
