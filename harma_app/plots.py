@@ -16,9 +16,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
-from harma.projection import ALIGNED, MAP_NEIGHBORS, SEPARATE, aligned_projection
+from harma.map_fidelity import map_fidelity
+from harma.projection import ALIGNED, MAP_NEIGHBORS, PROJECTION_VERSION, SEPARATE, aligned_projection
 from harma.retrieval import Retriever, content_fingerprint, model_identity
 
 from .galleries import Gallery
@@ -48,8 +50,9 @@ def layout_key(retrievers: tuple[Retriever, Retriever], gallery: Gallery, max_po
     """What a map depends on, independent of the machine: both models' identities (weights by sha256),
     the gallery's image bytes and captions, and the sampling settings. Names a precomputed map."""
     models = [r.identity or model_identity(r.model) for r in retrievers]
-    h = hashlib.sha256(json.dumps({"v": 2, "models": models, "points": max_points, "seed": seed}, sort_keys=True,
-                                  default=str).encode())
+    h = hashlib.sha256(json.dumps({"v": 2, "models": models, "points": max_points, "seed": seed,
+                                   "projection": [PROJECTION_VERSION, MAP_NEIGHBORS]},  # a new projection: not shipped
+                                  sort_keys=True, default=str).encode())
     h.update(content_fingerprint(gallery.images).encode())
     for caption in (gallery.pool.texts if gallery.pool else []):
         h.update(caption.encode() + b"\x00")
@@ -59,24 +62,48 @@ def layout_key(retrievers: tuple[Retriever, Retriever], gallery: Gallery, max_po
 def aligned_view(retrievers: tuple[Retriever, Retriever], gallery: Gallery, max_points: int, cache_dir: Path,
                  precomputed: Optional[Path] = None, seed: int = 0) -> dict:
     """Both models' layouts of the same seeded sample of images and distinct captions, in one frame: a
-    map shipped in ``precomputed`` for exactly these models and this gallery, else computed (and cached)."""
-    if precomputed is not None and precomputed.is_dir():
-        path = precomputed / f"aligned-{layout_key(retrievers, gallery, max_points, seed)}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-
+    map shipped in ``precomputed`` for exactly these models and this gallery, else computed (and cached);
+    with ``"fidelity"``, :func:`fidelity` of both layouts (shipped with the map, or computed here)."""
     def parts(r: Retriever):
         return r.images.embeddings, (r.captions.embeddings if r.captions is not None else None)
 
-    return aligned_projection(parts(retrievers[0]), parts(retrievers[1]), max_points=max_points,
-                              cache_dir=cache_dir, seed=seed)
+    view = None
+    if precomputed is not None and precomputed.is_dir():
+        path = precomputed / f"aligned-{layout_key(retrievers, gallery, max_points, seed)}.json"
+        if path.is_file():
+            view = json.loads(path.read_text())
+    if view is None:
+        view = aligned_projection(parts(retrievers[0]), parts(retrievers[1]), max_points=max_points,
+                                  cache_dir=cache_dir, seed=seed)
+    if "fidelity" not in view:  # shipped with the map by python -m harma_app.precompute
+        view = {**view, "fidelity": fidelity(view, gallery, retrievers, gallery.classes)}
+    return view
+
+
+def fidelity(view: dict, gallery: Gallery, retrievers: tuple[Retriever, Retriever],
+             classes: Optional[list[str]]) -> list[dict]:
+    """:func:`harma.map_fidelity.map_fidelity` of each model's map (baseline, adapted), on the mapped
+    sample; [] without captions."""
+    if len(view["txt_rows"]) < 2 or len(view["img_rows"]) < 2 or gallery.pool is None:
+        return []
+    n, img_rows, txt_rows = len(view["img_rows"]), view["img_rows"], view["txt_rows"]
+    cls_i = [classes[i] for i in img_rows] if classes else None
+    cls_t = [classes[gallery.pool.images[j][0]] for j in txt_rows] if classes else None
+    out = []
+    for r, which in zip(retrievers, ("base", "adapted")):
+        xy = np.asarray(view[which], dtype=np.float64)
+        out.append(map_fidelity(r.images.embeddings[img_rows], r.captions.embeddings[txt_rows], xy[:n], xy[n:],
+                                cls_i, cls_t))
+    return out
 
 
 def method_note(view: dict) -> str:
     if view["method"] == SEPARATE:
-        return (f"each model's own UMAP (cosine, {MAP_NEIGHBORS} neighbours, random_state=0), the adapted map rotated, "
+        return (f"each model's own UMAP (cosine, {MAP_NEIGHBORS} neighbours, random_state=0; the adapted one started "
+                "from the baseline layout), then rotated, "
                 "scaled and shifted onto the baseline's (orthogonal Procrustes on the shared items); the baseline "
-                "map depends on the baseline model only")
+                "map depends on the baseline model only. Read the groups, not single points: refitting the same "
+                "embeddings moves points too (on the demo gallery by about a quarter of the move between the models)")
     if view["method"] == ALIGNED:
         return ("one layout for both models: umap-learn's AlignedUMAP (cosine, random_state=0), each point tied to "
                 "the same item in the other model's layout")
@@ -86,8 +113,8 @@ def method_note(view: dict) -> str:
 
 def projection_label(view: dict) -> str:
     """The short name of the projection, written on every map."""
-    return {SEPARATE: f"UMAP per model ({MAP_NEIGHBORS} nb.), adapted Procrustes-aligned to baseline",
-            ALIGNED: "AlignedUMAP (both models fitted together)"}.get(view["method"], "PCA per model, Procrustes-aligned")
+    return {SEPARATE: "projection: UMAP per model + Procrustes", ALIGNED: "projection: AlignedUMAP"}.get(
+        view["method"], "projection: PCA per model + Procrustes")
 
 
 def _items(view: dict, gallery: Gallery, r: Retriever, classes: Optional[list[str]]) -> list[tuple]:
@@ -170,7 +197,7 @@ def _traces(view: dict, xy: list, groups: list, gallery: Gallery, lines: bool, b
             marker=dict(size=8, color=colour, opacity=0.85, symbol=[SYMBOL[it[2]] for it in members],
                         line=dict(width=0.5, color="white"))))
     if not by_modality:
-        for kind, label in (("i", "● image"), ("t", "◆ caption")):
+        for kind, label in (("i", "shape: image"), ("t", "shape: caption")):
             traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=label, hoverinfo="skip",
                                      marker=dict(size=8, color="#6b7280", symbol=SYMBOL[kind])))
     traces.append(go.Scatter(x=[c[0] for c in centroids(view, xy)], y=[c[1] for c in centroids(view, xy)],

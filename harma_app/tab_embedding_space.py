@@ -10,13 +10,11 @@ from functools import partial
 from typing import Any, Optional
 
 import gradio as gr
-import numpy as np
 import torch
 
 from harma.gap import canonical_order, modality_gap
 from harma.gap_ci import gap_with_intervals
 from harma.io import arrays_key, cached_json, parse_json
-from harma.map_fidelity import map_fidelity
 from harma.retrieval import Retriever
 
 from .common import MAX_QUERY_CHARS, PRECOMPUTED, USER_ERRORS, AppError, fail, progress_cb
@@ -91,23 +89,6 @@ def hover_thumbnails(app: AppState, gallery: Gallery, rows: list[int]) -> dict[s
     return {k: v for k, v in shown.items() if isinstance(v, str)}
 
 
-def fidelity(view: dict, gallery: Gallery, retrievers: tuple[Retriever, Retriever],
-             classes: Optional[list[str]]) -> list[dict]:
-    """:func:`harma.map_fidelity.map_fidelity` of each model's map (baseline, adapted), on the mapped
-    sample; [] without captions."""
-    if not view["txt_rows"] or gallery.pool is None:
-        return []
-    n, img_rows, txt_rows = len(view["img_rows"]), view["img_rows"], view["txt_rows"]
-    cls_i = [classes[i] for i in img_rows] if classes else None
-    cls_t = [classes[gallery.pool.images[j][0]] for j in txt_rows] if classes else None
-    out = []
-    for r, which in zip(retrievers, ("base", "adapted")):
-        xy = np.asarray(view[which], dtype=np.float64)
-        out.append(map_fidelity(r.images.embeddings[img_rows], r.captions.embeddings[txt_rows], xy[:n], xy[n:],
-                                cls_i, cls_t))
-    return out
-
-
 def fidelity_note(fid: list[dict]) -> str:
     """The map-fidelity table (Markdown) and a line saying whether the 2-D change has the original's sign."""
     if not fid:
@@ -160,7 +141,7 @@ def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optiona
         thumbs = app.cached(("thumbs", *key), lambda: hover_thumbnails(app, gallery, view["img_rows"]))
         for fig in figs:  # linked_maps.js shows the thumbnails on hover
             fig.layout.meta = {**(fig.layout.meta or {}), "thumbs": thumbs}
-        fid = app.cached(("fidelity", *key), lambda: fidelity(view, gallery, pair, classes))
+        fid = view.get("fidelity") or []
         rows = gap_rows(app, key, gallery, pair, classes)
         n_img, n_txt = len(view["img_rows"]), len(view["txt_rows"])
         shown = figs[0].layout.meta.get("colour", "modality")

@@ -43,7 +43,7 @@ def _view(state, colour="modality", lines=False):
 
 def _fake_umap(monkeypatch, fits: list):
     """umap-learn stand-in: ``umap_2d`` is a seeded linear map (recorded), AlignedUMAP fits both sets together."""
-    def umap_2d(x, seed=0, n_neighbors=15, min_dist=0.1):
+    def umap_2d(x, seed=0, n_neighbors=15, min_dist=0.1, init=None):
         fits.append(np.asarray(x).copy())
         return np.asarray(x, dtype=np.float64) @ np.random.default_rng(seed).normal(size=(np.asarray(x).shape[1], 2))
 
@@ -74,7 +74,7 @@ def test_baseline_map_depends_on_the_baseline_model_only(monkeypatch, tmp_path):
     # the adapted layout is its own layout, rotated/scaled/shifted onto the baseline's (least squares)
     own = fits[2] @ np.random.default_rng(0).normal(size=(8, 2))
     assert np.allclose(two["adapted"], projection.procrustes_onto(own, np.asarray(two["base"])), atol=1e-6)
-    assert projection.MAP_NEIGHBORS == 15  # chosen by map fidelity on the bundled gallery (module docstring)
+    assert projection.MAP_NEIGHBORS == 30  # chosen by map fidelity on the bundled gallery (module docstring)
 
 
 def test_fidelity_table_under_the_maps_is_map_fidelity_of_the_drawn_layouts(state, pca):
@@ -125,7 +125,7 @@ def test_colour_by_scene_outcome_and_rank_change(state, pca):
     assert [t.name for t in groups] == sorted(set(gallery.classes))
     assert len({t.marker.color for t in groups}) == len(groups)  # distinguishable: one colour per class
     assert all(c in plots.PALETTE for c in (t.marker.color for t in groups)) and len(set(plots.PALETTE)) >= 40
-    assert {"● image", "◆ caption"} <= {t.name for t in scene.data}  # the marker shapes, named
+    assert {"shape: image", "shape: caption"} <= {t.name for t in scene.data}  # the marker shapes, named
     assert sum(len(t.x) for t in groups) == 24 + len(gallery.pool)
 
     base_fig, adapted_fig, _, _, _ = _view(state, "outcome")

@@ -82,16 +82,21 @@ def test_aligned_projection_same_items_in_one_frame_and_cached(tmp_path, monkeyp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [SEPARATE, ALIGNED])
-def test_umap_maps_keep_unchanged_items_in_place(method):
-    """UMAP proper (numba-compiled on first use, about 20 s): a model that barely moves the embeddings gets
-    a map close to the baseline's, compared with the map's own spread; with each model's own UMAP
-    (the default) the baseline map is the baseline's UMAP alone, whatever the adapted model."""
+def test_umap_maps_of_a_barely_changed_model(method):
+    """UMAP proper (numba-compiled on first use, about 20 s). AlignedUMAP keeps items in place when the
+    model barely moves the embeddings; each model's own UMAP (the default) keeps the baseline map the
+    baseline's UMAP alone, whatever the adapted model, and the adapted map in the baseline's frame (a
+    second fit, even started from the baseline layout, may move whole clusters: why the app reports map
+    fidelity, not single points' moves)."""
     g = np.random.default_rng(1)
     centres = g.normal(size=(5, 32)) * 3
     base = (centres[np.arange(100) % 5] + g.normal(size=(100, 32))).astype(np.float32)
-    xy_b, xy_a, got = aligned_2d(base, base + 0.01 * g.normal(size=base.shape).astype(np.float32), method=method)
+    xy_b, xy_a, got = aligned_2d(base, base + 0.01 * g.normal(size=base.shape).astype(np.float32), method=method,
+                                 n_neighbors=15 if method == ALIGNED else MAP_NEIGHBORS)
     assert got == method and xy_b.shape == xy_a.shape == (100, 2)
     spread = np.linalg.norm(xy_b - xy_b.mean(0), axis=1).mean()
-    assert np.linalg.norm(xy_a - xy_b, axis=1).mean() < 0.25 * spread
-    if method == SEPARATE:
-        assert np.allclose(xy_b, umap_2d(base, 0, MAP_NEIGHBORS))
+    if method == ALIGNED:
+        assert np.linalg.norm(xy_a - xy_b, axis=1).mean() < 0.25 * spread
+        return
+    assert np.allclose(xy_b, umap_2d(base, 0, MAP_NEIGHBORS))
+    assert np.allclose(xy_a.mean(0), xy_b.mean(0), atol=1e-4)  # Procrustes: the same frame
