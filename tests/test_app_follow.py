@@ -137,11 +137,15 @@ def test_every_example_query_gets_a_check_mark_on_the_demo_gallery():
         assert 1 <= len(matched) < split.num_images, f"{q!r} matches {len(matched)} images"
 
 
-def test_precompute_ships_every_available_model_by_default(two_models, monkeypatch):
+def test_precompute_ships_every_available_model_by_default(two_models, monkeypatch, tmp_path):
     state, first, second = two_models
     shipped = []
-    monkeypatch.setattr(pre, "ship_model", lambda st, key: shipped.append(key) or [], raising=False)
-    monkeypatch.setattr(pre, "finish", lambda written: [], raising=False)
+    monkeypatch.setattr(pre, "PRECOMPUTED", tmp_path / "demo" / "precomputed")  # never the checkout's own folder
+    monkeypatch.setattr(pre, "SHIPPED", tmp_path / "demo" / "precomputed" / "embeddings")
+    (tmp_path / "demo" / "precomputed" / "embeddings").mkdir(parents=True)
+    monkeypatch.setattr(state, "retrievers", lambda key, gallery, progress=None: shipped.append(key) or ())
+    monkeypatch.setattr(pre, "aligned_view", lambda *a, **k: {})
+    monkeypatch.setattr(pre, "layout_key", lambda retrievers, gallery, points: str(len(shipped)))
     pre.precompute(state)
     usable = [k for k, s in state.sources.items() if s.problem is None]
     assert shipped == usable and first in usable and second in usable
