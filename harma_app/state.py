@@ -115,7 +115,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[AppConfig, argparse.Na
     p.add_argument("--index", nargs="+", default=base.index.split(",") if base.index else None,
                    help="image index folder(s) from python -m training.build_index (adapted and/or --baseline); "
                    "the gallery is the indexed images (env HARMA_INDEX, comma-separated)")
-    p.add_argument("--split", default=base.split, help="split to show (default: test, val or train, first present)")
+    p.add_argument("--split", default=base.split,
+                   help="split to show (default: test, val or train, first present); all: every split together")
     p.add_argument("--checkpoint", default=base.checkpoint, help="adapter directory (env HARMA_CHECKPOINT)")
     p.add_argument("--model", default=base.model,
                    help="model to select at start: a preset or checkpoint folder name, or a model key (env HARMA_MODEL)")
