@@ -230,6 +230,7 @@ def layout() -> dict[str, Any]:
                                 "these words and each model's top 10 images", scale=2, elem_id="map-search",
                                 max_length=MAX_QUERY_CHARS)
             lines = gr.Checkbox(value=False, label="Join each caption to its image (the gap made visible)", scale=1)
+        colour_state = gr.State("modality")  # the choice, outside the API's inputs (/embedding_view: model, lines)
         hits = gr.Textbox(visible="hidden", elem_id="map-hits")  # map_search -> linked_maps.js
         search_note = gr.Markdown(elem_classes="harma-note")
         with gr.Row():
@@ -248,7 +249,7 @@ def layout() -> dict[str, Any]:
                                   allow_preview=False, elem_id="pick-gallery")
         gap_table = gr.Dataframe(headers=["measure", "baseline", "adapted", "what it measures"],
                                  label="Modality gap (original embedding space)", wrap=True)
-    return dict(tab=tab, lines=lines, colour=colour, search=search, hits=hits, search_note=search_note,
+    return dict(tab=tab, lines=lines, colour=colour, colour_state=colour_state, search=search, hits=hits, search_note=search_note,
                 base_plot=base_plot, adapted_plot=adapted_plot, move_plot=move_plot, pick=pick, pick_image=pick_image,
                 pick_text=pick_text, pick_gallery=pick_gallery, gap_table=gap_table, note=note)
 
@@ -259,13 +260,18 @@ def wire(app: AppState, ui: dict[str, Any], model: gr.Dropdown, gallery_key: gr.
     def view(model_key, gallery, lines, colour, progress=gr.Progress()):
         return embedding_view(app, model_key, gallery, lines, progress, colour)
 
-    args = dict(fn=view, inputs=[model, gallery_key, ui["lines"], ui["colour"]],
-                outputs=[ui["base_plot"], ui["adapted_plot"], ui["move_plot"], ui["gap_table"], ui["note"]])
+    def recolour(model_key, gallery, lines, colour, progress=gr.Progress()):
+        return (*embedding_view(app, model_key, gallery, lines, progress, colour), colour)
+
+    outputs = [ui["base_plot"], ui["adapted_plot"], ui["move_plot"], ui["gap_table"], ui["note"]]
+    args = dict(fn=view, inputs=[model, gallery_key, ui["lines"], ui["colour_state"]], outputs=outputs)
     ui["tab"].select(**args, api_name="embedding_view")
     ui["lines"].input(**args, api_visibility="private")
-    ui["colour"].input(**args, api_visibility="private")
+    ui["colour"].input(recolour, [model, gallery_key, ui["lines"], ui["colour"]], [*outputs, ui["colour_state"]],
+                       api_visibility="private")
     # a model switch redraws the maps (blocks._follow_the_model) coloured by modality: the picker says so
-    model.change(lambda: "modality", None, ui["colour"], queue=False, api_visibility="private")
+    model.change(lambda: ("modality", "modality"), None, [ui["colour"], ui["colour_state"]], queue=False,
+                 api_visibility="private")
     ui["search"].submit(partial(map_search, app), [model, gallery_key, ui["search"]], [ui["hits"], ui["search_note"]],
                         api_visibility="private").then(
         None, ui["hits"], None, js="(h) => { if (window.harmaSearch) window.harmaSearch(h); }")

@@ -7,11 +7,13 @@ with the PCA + Procrustes layout (no umap-learn import or numba compile)."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 import harma.projection as projection
 import harma_app as app
 from benchmarks.browser import CHROMIUM, launch
+from benchmarks.sections import _api
 from tests.test_app import tiny_setup
 from tests.test_app_api import free_port
 
@@ -104,7 +106,14 @@ def test_maps_move_link_and_name_the_modalities(url, tmp_path):
             page.locator("#map-search textarea, #map-search input").first.press("Enter")
             page.wait_for_function(f"{BASE}.data.some(t => Array.isArray(t.selectedpoints) && t.selectedpoints.length)",
                                    timeout=20_000)
+            # another colour: the legend names the scene classes; the API keeps its inputs (model, lines)
+            page.locator("#map-colour input").click()
+            page.get_by_role("option", name="Scene class").click()
+            page.wait_for_function(f"{BASE}.layout.meta.colour === 'scene'", timeout=20_000)
+            assert "shape: caption" in page.locator("#baseline-plot .legendtext").all_text_contents()
             page.screenshot(path=str(tmp_path / "embedding.png"), full_page=True)
             assert not errors, errors
         finally:
             browser.close()
+    with httpx.Client(timeout=60) as http:
+        assert len(_api(http, url.rstrip("/"), "embedding_view", [None, False])) == 5
