@@ -117,7 +117,8 @@ def fidelity_note(fid: list[dict]) -> str:
 
 
 def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optional[str], lines: bool = False,
-                   progress: Any = gr.Progress(), colour: Optional[str] = "modality") -> tuple[Any, Any, Any, list, str]:
+                   progress: Any = gr.Progress(),
+                   colour: Optional[str] = "modality") -> tuple[Any, Any, Any, list, str]:
     """The two models' maps in one frame (side by side, and one moving from baseline to adapted), the
     numbers table [measure, baseline, adapted, meaning] and a note with the map's fidelity; ``colour`` is a
     :data:`~.plots.COLOUR_BY` key (default modality), ``lines`` joins each caption to its images."""
@@ -152,7 +153,8 @@ def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optiona
                 "below is computed on all original embeddings; brackets are 95% bootstrap intervals over images "
                 "(200 seeded resamples).")
         if shown != colour:
-            note += f" ({COLOUR_BY[colour]} needs {'scene classes' if colour == 'scene' else 'captions'}: shown by modality.)"
+            needs = "scene classes" if colour == "scene" else "captions"
+            note += f" ({COLOUR_BY[colour]} needs {needs}: shown by modality.)"
         if not rows:
             note += " The numbers need a gallery with captions."
         return figs[0], figs[1], figs[2], rows, note
@@ -160,7 +162,8 @@ def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optiona
         return None, None, None, [], fail(e)
 
 
-def map_search(app: AppState, model_key: Optional[str], gallery_key: Optional[str], query: Optional[str]) -> tuple[str, str]:
+def map_search(app: AppState, model_key: Optional[str], gallery_key: Optional[str],
+               query: Optional[str]) -> tuple[str, str]:
     """The points a text search rings on the maps, as JSON ``{"baseline-plot": ids, "adapted-plot": ids,
     "move-plot": ids}`` for linked_maps.js: the captions containing every word of ``query`` (case-insensitive),
     and each model's top :data:`SEARCH_K` images for it (the move map: the adapted model's); and a line."""
@@ -249,7 +252,8 @@ def layout() -> dict[str, Any]:
                                   allow_preview=False, elem_id="pick-gallery")
         gap_table = gr.Dataframe(headers=["measure", "baseline", "adapted", "what it measures"],
                                  label="Modality gap (original embedding space)", wrap=True)
-    return dict(tab=tab, lines=lines, colour=colour, colour_state=colour_state, search=search, hits=hits, search_note=search_note,
+    return dict(tab=tab, lines=lines, colour=colour, colour_state=colour_state, search=search, hits=hits,
+                search_note=search_note,
                 base_plot=base_plot, adapted_plot=adapted_plot, move_plot=move_plot, pick=pick, pick_image=pick_image,
                 pick_text=pick_text, pick_gallery=pick_gallery, gap_table=gap_table, note=note)
 

@@ -75,7 +75,8 @@ def test_maps_move_link_and_name_the_modalities(url, tmp_path):
             k = page.evaluate(f"{MOVE}.data.findIndex(t => t.name === 'images')")
             i, *move = page.evaluate(f"""(() => {{ const m = {MOVE}.layout.meta.move; const j = m.traces.indexOf({k});
                 const [b, a] = [m.base[j], m.adapted[j]]; let i = 0, best = -1;
-                b[0].forEach((x, n) => {{ const d = Math.hypot(a[0][n] - x, a[1][n] - b[1][n]); if (d > best) {{ best = d; i = n; }} }});
+                b[0].forEach((x, n) => {{ const d = Math.hypot(a[0][n] - x, a[1][n] - b[1][n]);
+                                          if (d > best) {{ best = d; i = n; }} }});
                 return [i, b[0][i], b[1][i], a[0][i], a[1][i]]; }})()""")
             px = page.evaluate(f"(() => {{ const l = {MOVE}._fullLayout; return [l.xaxis._m, l.yaxis._m]; }})()")
             before = _point(page, MOVE, k, i)

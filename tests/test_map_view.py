@@ -86,7 +86,8 @@ def test_fidelity_table_under_the_maps_is_map_fidelity_of_the_drawn_layouts(stat
     n, classes, pool = len(view["img_rows"]), gallery.classes, gallery.pool
     ref = [map_fidelity(r.images.embeddings[view["img_rows"]], r.captions.embeddings[view["txt_rows"]],
                         np.asarray(view[w])[:n], np.asarray(view[w])[n:], [classes[i] for i in view["img_rows"]],
-                        [classes[pool.images[j][0]] for j in view["txt_rows"]]) for r, w in ((b, "base"), (a, "adapted"))]
+                        [classes[pool.images[j][0]] for j in view["txt_rows"]])
+           for r, w in ((b, "base"), (a, "adapted"))]
     row = next(line for line in note.splitlines() if line.startswith("| k-NN modality purity"))
     cells = [float(c) for c in row.strip("|").split("|")[1:]]
     assert cells == pytest.approx([ref[0]["knn_modality_purity"], ref[1]["knn_modality_purity"],
@@ -113,7 +114,8 @@ def test_colour_by_modality_is_the_default_with_centroids_and_the_gap_arrow(stat
     assert len(base_fig.data[0].x) == 24 and all(c.startswith("i:") for c in base_fig.data[0].customdata)
     assert all(c.startswith("t:") for c in base_fig.data[1].customdata)
     cent = base_fig.data[names.index("centroids, gap vector")]
-    assert cent.x[0] == pytest.approx(np.mean(base_fig.data[0].x)) and cent.y[1] == pytest.approx(np.mean(base_fig.data[1].y))
+    assert cent.x[0] == pytest.approx(np.mean(base_fig.data[0].x))
+    assert cent.y[1] == pytest.approx(np.mean(base_fig.data[1].y))
     arrow = base_fig.layout.annotations[0]  # from the image centroid to the caption centroid
     assert (arrow.ax, arrow.ay, arrow.x, arrow.y) == pytest.approx((cent.x[0], cent.y[0], cent.x[1], cent.y[1]))
     assert base_fig.layout.legend.orientation == "h" and base_fig.layout.height >= 540  # legend under, not beside
