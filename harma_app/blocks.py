@@ -73,12 +73,15 @@ def _follow_the_model(app: AppState, demo: gr.Blocks, top: dict, tabs: dict[str,
         ui["tab"].select(lambda name=name: name, None, current, api_visibility="private", queue=False)
     tab_modality_gap.follow(app, tabs["gap"], top["model"], top["gallery_key"], current)  # its own handler
     t2i, i2t, space, metrics, compare = (tabs[n] for n in ("t2i", "i2t", "space", "metrics", "compare"))
-    labelled = [space["adapted_plot"], compare["adapted_gallery"], compare["adapted_caps"]]
+    labelled = [space["adapted_plot"]]
+    adapted_sides = [t2i["adapted_gallery"], i2t["adapted_caps"], compare["adapted_gallery"], compare["adapted_caps"]]
     t2i_out = [t2i["base_gallery"], t2i["adapted_gallery"], t2i["note"]]
     i2t_out = [i2t["preview"], i2t["base_caps"], i2t["adapted_caps"], i2t["note"]]
     space_out = [space["base_plot"], space["adapted_plot"], space["move_plot"], space["gap_table"], space["note"]]
     metrics_out = [metrics["table"], metrics["note"]]
-    compare_out = [compare["table"], compare["cls"], compare["queries"], compare["export"], compare["note"]]
+    compare_out = [compare["table"], compare["cls"], compare["queries"], compare["export"], compare["note"],
+                   compare["base_gallery"], compare["adapted_gallery"], compare["preview"], compare["base_caps"],
+                   compare["adapted_caps"]]  # a selected row's results: cleared (its row is gone)
     reopen = "Open this tab again to compute it for the selected model."
 
     def follow(tab, model_key, gallery_key, k, query, picked, lines, direction, sort, cls, progress=gr.Progress()):
@@ -93,11 +96,11 @@ def _follow_the_model(app: AppState, demo: gr.Blocks, top: dict, tabs: dict[str,
                      else ([], reopen))
         compare_v = (tab_compare.compare_view(app, model_key, gallery_key, direction, sort, cls, progress)
                      if tab == "compare" else (None, gr.update(), [], None, reopen))
+        compare_v = [*compare_v, [], gr.update(value=[], label=label), None, [], gr.update(value=[], label=label)]
         return [*labels, *t2i_v, *i2t_v, *space_v, *metrics_v, *compare_v]
 
-    demo.load(lambda model_key: [gr.update(label=app.adapted_label(model_key)) for _ in range(len(labelled) + 2)],
-              top["model"], [*labelled, t2i["adapted_gallery"], i2t["adapted_caps"]], api_visibility="private",
-              queue=False)
+    demo.load(lambda model_key: [gr.update(label=app.adapted_label(model_key)) for _ in labelled + adapted_sides],
+              top["model"], [*labelled, *adapted_sides], api_visibility="private", queue=False)
     top["model"].change(follow, [current, top["model"], top["gallery_key"], top["k"], t2i["query"], i2t["query"],
                                  space["lines"], compare["direction"], compare["sort"], compare["cls"]],
                         [*labelled, *t2i_out, *i2t_out, *space_out, *metrics_out, *compare_out],
