@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from typing import Any, Iterator
 
 import pytest
 from gradio_client import Client, handle_file
@@ -23,16 +25,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start(config: app.AppConfig) -> tuple[Any, str]:
+    """The app for ``config`` served on a free local port with ``python app.py``'s launch options, for HTTP,
+    API and browser tests: (its Blocks, to close afterwards; its URL)."""
+    demo = app.build_demo(config)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            **app.launch_options(demo))
+    return demo, url
+
+
+@contextlib.contextmanager
+def serve(config: app.AppConfig) -> Iterator[str]:
+    """:func:`start` for a ``with`` block: yields the URL and closes the app afterwards."""
+    demo, url = start(config)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     setup = tiny_setup(tmp_path_factory.getbasetemp() / "harma-app")
-    demo = app.build_demo(setup["config"])
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                            **app.launch_options(demo))
-    try:
+    with serve(setup["config"]) as url:
         yield setup, Client(url, verbose=False)
-    finally:
-        demo.close()
 
 
 def test_search_text_returns_both_galleries(served):
@@ -96,21 +112,16 @@ def test_symlinked_images_folder_works_with_follow_links_and_the_cache_is_not_se
     (linked / "images").symlink_to(store / "images", target_is_directory=True)
     config = app.AppConfig(data=str(linked), split="train", checkpoint=str(setup["adapters"]),
                            cache_dir=str(linked.parent / "linked-cache"), follow_links=True)
-    demo = app.build_demo(config)
-    opts = app.launch_options(demo)
+    opts = app.launch_options(app.build_demo(config))
     assert str((store / "images").resolve()) not in opts["allowed_paths"]  # shown through display copies
     assert not any(p.endswith("linked-cache") for p in opts["allowed_paths"])
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                            **opts)
-    try:
+    with serve(config) as url:
         base, adapted, status = Client(url, verbose=False).predict("a red square on a grey field", 4,
                                                                     api_name="/search_text")
         assert "⚠️" not in status and len(base) == len(adapted) == 4 and all(x["image"] for x in base)
         cached = next((linked.parent / "linked-cache" / "index").rglob("*.safetensors"))
         r = httpx.get(f"{url.rstrip('/')}/gradio_api/file={cached}")
         assert r.status_code in (403, 404), r.status_code
-    finally:
-        demo.close()
 
 
 def test_compare_table_and_its_csv_are_served(served):

@@ -18,12 +18,12 @@ from benchmarks.browser import CHROMIUM, launch
 from harma_app.common import ASSETS
 from harma_app.tab_text_to_image import load_examples
 from tests.test_app import tiny_setup
-from tests.test_app_api import free_port
+from tests.test_app_api import serve
 
 QUERY = "many planes parked at an airport"
 K = 4
 
-pytestmark = [
+BROWSER_MARKS = [  # every browser-test module's marks
     pytest.mark.browser,
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium "
@@ -31,6 +31,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,8 @@ def url(tmp_path_factory):
         config = app.AppConfig.from_env()
     else:
         config = tiny_setup(tmp_path_factory.getbasetemp() / "harma-app")["config"]
-    demo = app.build_demo(config)
-    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                  quiet=True, **app.launch_options(demo))
-    try:
+    with serve(config) as local_url:
         yield local_url
-    finally:
-        demo.close()
 
 
 def test_query_galleries_embedding_tab_screenshot(url, tmp_path):

@@ -11,21 +11,13 @@ import httpx
 import pytest
 
 import harma.projection as projection
-import harma_app as app
-from benchmarks.browser import CHROMIUM, launch
+from benchmarks.browser import launch
 from benchmarks.sections import _api
 from tests.test_app import tiny_setup
-from tests.test_app_api import free_port
+from tests.test_app_browser import BROWSER_MARKS
+from tests.test_app_api import serve
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium "
-                       "(apt-get install -y chromium)"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
-    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
-]
+pytestmark = [*BROWSER_MARKS, pytest.mark.filterwarnings("ignore::UserWarning")]
 GD = "document.querySelector('{} .js-plotly-plot')"
 BASE, ADAPTED, MOVE = GD.format("#baseline-plot"), GD.format("#adapted-plot"), GD.format("#move-plot")
 
@@ -36,13 +28,10 @@ def url(tmp_path_factory):
     real = projection.aligned_2d
     mp.setattr(projection, "aligned_2d", lambda b, a, seed=0, **k: real(b, a, seed, use_umap=False))
     config = tiny_setup(tmp_path_factory.getbasetemp() / "harma-app")["config"]
-    demo = app.build_demo(config)
-    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                  quiet=True, **app.launch_options(demo))
     try:
-        yield local_url
+        with serve(config) as local_url:
+            yield local_url
     finally:
-        demo.close()
         mp.undo()
 
 

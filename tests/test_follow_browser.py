@@ -15,9 +15,10 @@ import time
 import pytest
 
 import harma_app as app
-from benchmarks.browser import CHROMIUM, launch
+from benchmarks.browser import launch
 from harma_app.common import DEMO, ROOT
-from tests.test_app_api import free_port
+from tests.test_app_api import serve
+from tests.test_app_browser import BROWSER_MARKS
 
 QUERY = "a baseball diamond"
 BUDGET_S = 2.0  # the budget for a tab's first answer on a fresh clone (idle 2-core machine)
@@ -25,27 +26,17 @@ SLACK_S = 2.0  # a shared CI machine is slower: fail only well past the budget, 
 OTHER = "ucm-mrs (mrs on RS-ViT-S16-MiniLM)"
 
 pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium "
-                       "(apt-get install -y chromium)"),
+    *BROWSER_MARKS,
     pytest.mark.skipif(not (ROOT / "checkpoints" / "ucm-mrs").is_dir() or not (DEMO / "test.csv").is_file(),
                        reason="needs the shipped checkpoints and the demo gallery"),
-    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
-    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     config = app.AppConfig(data=str(DEMO), split="test", cache_dir=str(tmp_path_factory.mktemp("fresh-cache")))
-    demo = app.build_demo(config)
-    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                  quiet=True, **app.launch_options(demo))
-    try:
+    with serve(config) as local_url:
         yield local_url
-    finally:
-        demo.close()
 
 
 def _tiles(page, gallery: str) -> list[str]:

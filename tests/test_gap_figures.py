@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
@@ -11,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from gradio_client import Client
 
-import harma_app as app
 from harma.errors import HarmaError
 from harma.gap_figures import gap_figures
 from harma.metrics import retrieval_metrics
 from harma_app.tab_modality_gap import REOPEN, on_model_switch
 from tests.test_app import tiny_setup
+from tests.test_app_api import serve
 from tests.test_app_follow import two_models  # noqa: F401  (a fixture: the tiny app with a second model)
 
 
@@ -119,21 +118,13 @@ def test_bad_input_is_a_message():
 def test_modality_gap_tab_answers_through_the_api(tmp_path_factory):
     """``/modality_gap`` on the tiny app: four figures of both models (histograms, gap dimensions, the shift
     curve, neighbours per class) and a note; a second call comes from the cache."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     setup = tiny_setup(tmp_path_factory.getbasetemp() / "harma-app")  # shared with the other app tests
-    demo = app.build_demo(setup["config"])
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                            **app.launch_options(demo))
-    try:
+    with serve(setup["config"]) as url:
         client = Client(url, verbose=False)
         *figs, note = client.predict(api_name="/modality_gap")
         t0 = time.perf_counter()
         client.predict(api_name="/modality_gap")
         again = time.perf_counter() - t0
-    finally:
-        demo.close()
     assert "⚠️" not in note and "48 captions" in note
     data = [json.loads(f["plot"])["data"] for f in figs]
     assert [len(d) for d in data] == [4, 2, 4, 2]  # (un)matched x 2 models; 2 models; 2 directions x 2; 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,10 +24,10 @@ from harma.errors import IndexFormatError
 from harma.retrieval import EmbeddingIndex
 from harma_app import galleries
 from harma_app import state as app_state
-from harma_app import tab_compare
 from harma_app import tab_embedding_space as space_tab
 from harma_app import tab_text_to_image as t2i
 from tests.test_app import tiny_setup
+from tests.test_app_api import start
 
 pytestmark = [  # pandas deprecations raised inside gradio's own queue code; gr.Warning outside a request
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -38,25 +37,12 @@ pytestmark = [  # pandas deprecations raised inside gradio's own queue code; gr.
 QUERY = "a red square on a grey field"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_status(url: str, path) -> int:
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/gradio_api/file={path}", timeout=20) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
-
-
-def launch(config: app.AppConfig):
-    demo = app.build_demo(config)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                            **app.launch_options(demo))
-    return demo, url
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +84,8 @@ def probe(tmp_path_factory):
     index.save(top / "index", extra={"kind": "images", "root": str(root), "model": {}})
 
     common = dict(checkpoint=str(setup["adapters"]))
-    csv_demo, csv_url = launch(app.AppConfig(data=str(data), split="train", cache_dir=str(top / "cache-csv"), **common))
-    co_demo, co_url = launch(app.AppConfig(data=str(checkout), index=str(top / "index"),
+    csv_demo, csv_url = start(app.AppConfig(data=str(data), split="train", cache_dir=str(top / "cache-csv"), **common))
+    co_demo, co_url = start(app.AppConfig(data=str(checkout), index=str(top / "index"),
                                            cache_dir=str(top / "cache-checkout"), **common))
     try:
         yield dict(top=top, outside=outside, data=data, checkout=checkout, index=top / "index",
