@@ -4,7 +4,9 @@ encoding them is most of a fresh Space's first answer) and the Embedding space m
 (``aligned-<key>.json``; fitting AlignedUMAP takes about half a minute on 2 CPU cores, plus umap's
 compile). Both are named by what they depend on (the models' weights by sha256, the gallery's image
 bytes and captions, the map's sampling), so the app uses them only for exactly those models and that
-gallery and computes anything else. Each model adds about 0.9 MB, and the whole demo folder must stay
+gallery and computes anything else. It also ships the Embedding
+space tab's numbers table (``gap/<key>.json``: its bootstrap intervals and the sklearn import take
+about a second on a first open). Each model adds about 0.9 MB, and the whole demo folder must stay
 under :data:`~harma_app.common.DEMO_MAX_BYTES` (8 MiB). Run it again after changing the checkpoints, the
 gallery or the maps:
 
@@ -29,6 +31,7 @@ from harma.retrieval import CaptionPool
 from .common import ASSETS, DEMO, DEMO_MAX_BYTES, PRECOMPUTED, SHIPPED, USER_ERRORS, AppError
 from .plots import aligned_view, layout_key
 from .state import AppConfig, AppState
+from .tab_embedding_space import ship_gap_rows
 from .tab_text_to_image import load_examples
 
 
@@ -41,12 +44,13 @@ def ship_model(state: AppState, key: str) -> list[Path]:
     view = aligned_view(retrievers, gallery, state.config.umap_points, state.cache_dir)
     path = PRECOMPUTED / f"aligned-{layout_key(retrievers, gallery, state.config.umap_points)}.json"
     atomic_write_bytes(path, json.dumps(view, separators=(",", ":")).encode())
-    return [*written, path]
+    gap = ship_gap_rows(gallery, retrievers, gallery.classes, PRECOMPUTED)  # the Embedding tab's numbers table
+    return [*written, path, *([gap] if gap else [])]
 
 
 def finish(written: list[Path]) -> list[str]:
     """Remove what was shipped before and not now; refuse a demo folder over its budget."""
-    for old in [*SHIPPED.iterdir(), *PRECOMPUTED.glob("aligned-*.json")]:
+    for old in [*SHIPPED.iterdir(), *PRECOMPUTED.glob("aligned-*.json"), *PRECOMPUTED.glob("gap/*.json")]:
         if old not in written:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     size = folder_bytes(PRECOMPUTED.parent)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import gradio as gr
 import torch
@@ -51,14 +52,13 @@ CI_ROWS = [  # harma.gap_ci keys, shown first, with 95% bootstrap intervals over
 ]
 
 
-def gap_rows(app: AppState, key: tuple, gallery: Gallery, retrievers: tuple[Retriever, Retriever],
-             classes: Optional[list[str]]) -> list:
-    """[measure, baseline, adapted, meaning] on every embedding of the split: the bootstrap-interval
-    numbers, then the other modality-gap numbers. Empty without captions. Kept in memory under ``key``
-    and on disk under a hash of the exact embeddings, pairs and classes (a few seconds on 2 cores for
-    UCM train, every start otherwise)."""
+def gap_file(gallery: Gallery, retrievers: tuple[Retriever, Retriever],
+             classes: Optional[list[str]]) -> Optional[tuple[str, Callable[[], list]]]:
+    """(file name, compute) of the numbers table [measure, baseline, adapted, meaning] on every embedding of
+    the split: the bootstrap-interval numbers, then the other modality-gap numbers; the name is a hash of
+    the exact embeddings, pairs and classes. None without captions."""
     if gallery.pool is None or gallery.split.num_images < 2 or gallery.split.num_captions < 2:
-        return []
+        return None
     split = gallery.split  # rows in an order set by paths and texts: the sampled numbers ignore file order
     img_order, txt_order, t2i = canonical_order([str(p) for p in split.images], split.captions, split.text_to_image)
     rows = torch.tensor(gallery.pool.caption_to_text)[txt_order]
@@ -73,12 +73,35 @@ def gap_rows(app: AppState, key: tuple, gallery: Gallery, retrievers: tuple[Retr
                 + [[name, round(gap[0][k], 4), round(gap[1][k], 4), meaning] for k, name, meaning in GAP_ROWS
                    if k in gap[0]])
 
+    settings = {"v": GAP_VERSION, "t2i": list(t2i), "classes": classes}
+    return f"{arrays_key([t.contiguous().numpy() for t in imgs + caps], settings)}.json", compute
+
+
+def gap_rows(app: AppState, key: tuple, gallery: Gallery, retrievers: tuple[Retriever, Retriever],
+             classes: Optional[list[str]]) -> list:
+    """The numbers table (:func:`gap_file`), empty without captions. Kept in memory under ``key`` and on
+    disk: shipped with the bundled gallery for the shipped models (``python -m harma_app.precompute``),
+    else in the cache folder (a few seconds on 2 cores for UCM train, and the sklearn import, otherwise)."""
     def from_disk() -> list:
-        settings = {"v": GAP_VERSION, "t2i": list(t2i), "classes": classes}
-        name = arrays_key([t.contiguous().numpy() for t in imgs + caps], settings)
-        return cached_json(app.cache_dir / "gap" / f"{name}.json", compute)
+        found = gap_file(gallery, retrievers, classes)
+        if found is None:
+            return []
+        name, compute = found
+        shipped = PRECOMPUTED / "gap" / name
+        return cached_json(shipped if gallery.bundled and shipped.is_file() else app.cache_dir / "gap" / name, compute)
 
     return app.cached(("gap", *key), from_disk)
+
+
+def ship_gap_rows(gallery: Gallery, retrievers: tuple[Retriever, Retriever], classes: Optional[list[str]],
+                  folder: Path) -> Optional[Path]:
+    """Write the numbers table under ``folder/gap/`` (for precompute); its path, None without captions."""
+    found = gap_file(gallery, retrievers, classes)
+    if found is None:
+        return None
+    name, compute = found
+    cached_json(folder / "gap" / name, compute)
+    return folder / "gap" / name
 
 
 def hover_thumbnails(app: AppState, gallery: Gallery, rows: list[int]) -> dict[str, str]:

@@ -146,7 +146,8 @@ def test_precompute_ships_what_a_fresh_start_then_reads(state, tmp_path, monkeyp
     real = harma.projection.aligned_2d
     monkeypatch.setattr(harma.projection, "aligned_2d", lambda b, a, seed=0, **k: real(b, a, seed, use_umap=False))
     written = pre.precompute(state, [state.default_model])
-    assert len(written) == 5 and sorted(p.name for p in shipped.iterdir())[0].startswith("aligned-")
+    assert len(written) == 6 and sorted(p.name for p in shipped.iterdir())[0].startswith("aligned-")
+    assert len(list((shipped / "gap").glob("*.json"))) == 1  # the numbers table, shipped too
     assert not (shipped / "embeddings" / "stale").exists() and not (shipped / "aligned-stale.json").exists()
 
     fresh = app_state.AppState(dataclasses.replace(state.config, cache_dir=str(tmp_path / "cache")))
@@ -155,9 +156,11 @@ def test_precompute_ships_what_a_fresh_start_then_reads(state, tmp_path, monkeyp
     monkeypatch.setattr(fresh.gallery("data"), "bundled", True)
     monkeypatch.setattr(harma.retrieval.retriever, "encode_images", lambda *a, **k: pytest.fail("encoded"))
     monkeypatch.setattr(harma.projection, "aligned_2d", lambda *a, **k: pytest.fail("fitted"))
+    monkeypatch.setattr(space_tab, "modality_gap", lambda *a, **k: pytest.fail("gap numbers computed"))
     base, adapted = fresh.retrievers(None, "data")
     assert base.from_cache == adapted.from_cache == {"images": True, "captions": True}
-    assert space_tab.embedding_view(fresh, None, "data")[0] is not None
+    view = space_tab.embedding_view(fresh, None, "data")
+    assert view[0] is not None and len(view[3]) > 4  # the maps, and the numbers table from the shipped file
     monkeypatch.setattr(pre, "DEMO_MAX_BYTES", 1000)  # the shipped files no longer fit the demo folder's budget
     with pytest.raises(pre.AppError, match=r"MiB, over its 0 MiB budget: ship fewer models"):
         pre.precompute(state, [state.default_model])

@@ -145,6 +145,7 @@ def test_precompute_ships_every_available_model_by_default(two_models, monkeypat
     (tmp_path / "demo" / "precomputed" / "embeddings").mkdir(parents=True)
     monkeypatch.setattr(state, "retrievers", lambda key, gallery, progress=None: shipped.append(key) or ())
     monkeypatch.setattr(pre, "aligned_view", lambda *a, **k: {})
+    monkeypatch.setattr(pre, "ship_gap_rows", lambda *a, **k: None)
     monkeypatch.setattr(pre, "layout_key", lambda retrievers, gallery, points: str(len(shipped)))
     pre.precompute(state)
     usable = [k for k, s in state.sources.items() if s.problem is None]
