@@ -15,7 +15,7 @@ from harma.errors import ConfigError, DatasetError, one_line
 from harma.sources import ModelSource
 
 from . import (controls, tab_compare, tab_embedding_space, tab_image_to_text, tab_metrics, tab_modality_gap,
-               tab_text_to_image)
+               tab_scene, tab_text_to_image)
 from .galleries import SECRET_FILE, SERVED
 from .state import AppConfig, AppState, ModelPair, load_models, parse_args
 
@@ -47,6 +47,7 @@ def build_demo(config: Optional[AppConfig] = None,
             metrics = tab_metrics.layout()
             compare = tab_compare.layout()
             gap = tab_modality_gap.layout()
+            scene = tab_scene.layout()
 
         common = [top["k"], top["model"], top["gallery_key"]]
         # queries are served concurrently (one pool for all query events); the model calls inside
@@ -58,6 +59,7 @@ def build_demo(config: Optional[AppConfig] = None,
         tab_metrics.wire(app, metrics, top["model"], top["gallery_key"])
         tab_modality_gap.wire(app, gap, top["model"], top["gallery_key"])
         tab_compare.wire(app, compare, common, top["status"], fast)
+        tab_scene.wire(app, scene, common, fast)
         controls.wire(app, demo, top, i2t["picker"])
         _follow_the_model(app, demo, top, dict(t2i=t2i, i2t=i2t, space=space, metrics=metrics, compare=compare,
                                                gap=gap))
