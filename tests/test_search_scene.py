@@ -17,11 +17,13 @@ from training.search_scene import main
 QUERY = "a bridge over a river"
 
 
-def write_tif(path, width=96, height=96, crs="EPSG:32633", px=1.0, seed=0, nodata=None):
-    """A random 3-band uint8 GeoTIFF, ``px`` metres a pixel, with a bright square planted in it."""
+def write_tif(path, width=96, height=96, crs="EPSG:32633", px=1.0, seed=0, nodata=None, fill=None):
+    """A random 3-band uint8 GeoTIFF, ``px`` metres a pixel, with a bright square planted in it (or all ``fill``)."""
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 255, (3, height, width), dtype=np.uint8)
     data[:, 8:24, 40:56] = 250
+    if fill is not None:
+        data[:] = fill
     profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8",
                    transform=from_origin(500000.0, 4500000.0, px, px))
     if crs is not None:
@@ -85,7 +87,7 @@ def _one_error(capsys) -> str:
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("text", "scene.tif"), ("no_crs", "CRS"), ("one_pixel", "1 x 1"), ("small", "chip"), ("missing", "no such file"),
+    ("text", "scene.tif"), ("no_crs", "CRS"), ("all_nodata", "no-data"), ("one_pixel", "1 x 1"), ("small", "chip"), ("missing", "no such file"),
 ])
 def test_bad_scenes_give_one_error_line(setup, tmp_path, capsys, case, needle):  # noqa: F811
     path = tmp_path / "scene.tif"
@@ -93,6 +95,8 @@ def test_bad_scenes_give_one_error_line(setup, tmp_path, capsys, case, needle): 
         path.write_text("not a raster")
     elif case == "no_crs":
         write_tif(path, crs=None)
+    elif case == "all_nodata":
+        write_tif(path, nodata=0, fill=0)
     elif case == "one_pixel":
         write_tif(path, width=1, height=1)
     elif case == "small":

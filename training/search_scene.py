@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 from harma.checkpoint import read_adapter_config
+from harma.retrieval.identity import cache_key
 from harma.scene import Scene, SceneIndex, chip_grid, to_geojson, top_k
+from harma.scene.index import EMBEDDINGS_FILE
 from training.cli import (
     CliError,
     load_baseline,
@@ -94,15 +96,25 @@ def run(args: argparse.Namespace) -> list[dict]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else None)
     if not Path(args.scene).is_file():
-        raise CliError(f"--scene {args.scene}: no such file")
+        raise CliError(f"--scene {args.scene}: no such file (or not a file)")
     scene = Scene.open(args.scene, bands=bands)
     grid = chip_grid(scene, chip_m=args.chip_m, stride_m=args.stride_m, min_valid=args.min_valid)
+    if not grid.chips:
+        raise CliError(f"--scene {args.scene}: every {args.chip_m:g} m chip is mostly no-data (under --min-valid "
+                       f"{args.min_valid:g} valid pixels): nothing to search")
     if world > 1:
         init_distributed(args.device)
     try:
         return search(args, directory, kind, device, scene, grid, rank, world)
     finally:
         cleanup()
+
+
+def cached(model, scene: Scene, grid, cache_dir: str, checkpoint: Optional[Path]) -> bool:
+    """Whether ``cache_dir`` already holds this scene's, grid's and model's joined chip embeddings (a shard
+    build would compute them again: the joined file replaces the chunks)."""
+    parts = SceneIndex.cache_parts(model, scene, grid, checkpoint)
+    return (Path(cache_dir) / cache_key(parts) / EMBEDDINGS_FILE).is_file()
 
 
 def search(args: argparse.Namespace, directory: Path, kind: str, device, scene: Scene, grid, rank: int,
@@ -128,14 +140,14 @@ def search(args: argparse.Namespace, directory: Path, kind: str, device, scene: 
               disable=rank != 0) as bar:
         build = dict(cache_dir=args.cache_dir, batch_size=args.batch_size, checkpoint=checkpoint,
                      progress=lambda done, _t: bar.update(done - bar.n))
-        if world > 1:
+        if world > 1 and not cached(model, scene, grid, args.cache_dir, checkpoint):
             SceneIndex.build(model, preprocess, scene, grid, shard=(rank, world), **build)
             barrier()
         index = SceneIndex.build(model, preprocess, scene, grid, **build) if rank == 0 else None
     barrier()
     if index is None:
         return []
-    how = "loaded from the cache" if index.cached else "embedded"
+    how = "loaded from the cache" if index.cached and world == 1 else "embedded"
     print(f"{len(index):,} chips {how} ({args.cache_dir}) in {time.perf_counter() - start:.1f}s")
     scores = index.scores_for_text(tokenizer, args.query)
     ids = top_k(scores, min(args.top_k, len(index)))
