@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
+
+import numpy as np
 
 from harma.errors import DatasetError
 from harma.scene.raster import Scene, Window
@@ -39,11 +42,11 @@ class Chip:
     def corners(self, scene: Scene) -> list[tuple[float, float]]:
         """The window's four corners in the scene's CRS: top-left, top-right, bottom-right, bottom-left."""
         c0, r0, c1, r1 = self.col_off, self.row_off, self.col_off + self.width, self.row_off + self.height
-        return [scene.transform * p for p in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
+        return [scene.transform @ p for p in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
 
     def centre_lonlat(self, scene: Scene) -> tuple[float, float]:
         """(lon, lat) in EPSG:4326 of the chip's centre."""
-        x, y = scene.transform * (self.col_off + self.width / 2, self.row_off + self.height / 2)
+        x, y = scene.transform @ (self.col_off + self.width / 2, self.row_off + self.height / 2)
         lons, lats = scene.to_lonlat([x], [y])
         return lons[0], lats[0]
 
@@ -75,13 +78,24 @@ def _offsets(size: int, chip: int, stride: int) -> list[int]:
 
 
 def _bounds(scene: Scene, col: int, row: int, w: int, h: int) -> tuple[float, float, float, float]:
-    xs, ys = zip(*(scene.transform * p for p in ((col, row), (col + w, row), (col + w, row + h), (col, row + h))))
+    xs, ys = zip(*(scene.transform @ p for p in ((col, row), (col + w, row), (col + w, row + h), (col, row + h))))
     return (min(xs), min(ys), max(xs), max(ys))
 
 
+def _valid_share(mask: np.ndarray, scene: Scene, col: int, row: int, w: int, h: int) -> float:
+    """Share of valid cells of ``mask`` (the scene's sampled validity) under the window."""
+    sx, sy = mask.shape[1] / scene.width, mask.shape[0] / scene.height
+    c0, r0 = int(math.floor(col * sx)), int(math.floor(row * sy))
+    c1, r1 = max(c0 + 1, int(math.ceil((col + w) * sx))), max(r0 + 1, int(math.ceil((row + h) * sy)))
+    return float(mask[r0:r1, c0:c1].mean())
+
+
 def chip_grid(scene: Scene, chip_m: float = DEFAULT_CHIP_M, stride_m: Optional[float] = None,
-              min_valid: float = 0.5) -> ChipGrid:
+              min_valid: float = 0.5, mask_side: int = 2048) -> ChipGrid:
     """The chips of ``scene``: ``chip_m`` metres a side, every ``stride_m`` metres (default ``chip_m / 2``).
+
+    Chips are skipped by their share of valid pixels in one sampled validity mask of the scene (at most
+    ``mask_side`` a side: exact for scenes up to that size).
 
     Raises:
         DatasetError: for a size or stride that is not a positive number, ``min_valid`` outside [0, 1],
@@ -102,9 +116,10 @@ def chip_grid(scene: Scene, chip_m: float = DEFAULT_CHIP_M, stride_m: Optional[f
             f"{scene.height * py:.0f} m) is smaller than one {chip_m:g} m chip ({cw} x {ch} px); use a smaller "
             "chip size")
     grid = ChipGrid(float(chip_m), float(stride_m), (cw, ch), (sw, sh), float(min_valid))
+    mask = scene.valid_mask(mask_side) if min_valid > 0 else None
     for row in _offsets(scene.height, ch, sh):
         for col in _offsets(scene.width, cw, sw):
-            if min_valid > 0 and scene.valid_fraction((col, row, cw, ch)) < min_valid:
+            if mask is not None and _valid_share(mask, scene, col, row, cw, ch) < min_valid:
                 continue
             grid.chips.append(Chip(len(grid.chips), col, row, cw, ch, _bounds(scene, col, row, cw, ch)))
     return grid

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from functools import cached_property
@@ -32,6 +33,8 @@ from harma.errors import DatasetError
 from harma.io import file_sha256
 
 Window = tuple[int, int, int, int]  # (col_off, row_off, width, height) in pixels
+GDAL_CACHE_MB = 256  # GDAL's block cache unless $GDAL_CACHEMAX says otherwise
+_cache_set = False
 EARTH_RADIUS_M = 6371008.8  # mean radius (IUGG): ground distances between neighbouring pixels
 
 
@@ -39,8 +42,17 @@ def _rasterio():
     """rasterio, imported when a scene is first opened (the rest of the library does not need GDAL)."""
     try:
         import rasterio
+        import rasterio.env
     except ImportError:
         raise DatasetError("scene search needs the rasterio package: pip install 'rasterio>=1.3'") from None
+    global _cache_set
+    if not _cache_set and "GDAL_CACHEMAX" not in os.environ:
+        # GDAL's block cache defaults to 5% of RAM (GBs on a big machine): capped once per process, so that
+        # reading a huge scene holds a bounded amount of decoded blocks; $GDAL_CACHEMAX overrides it
+        cap = GDAL_CACHE_MB * (1 << 20)
+        if (rasterio.env.get_gdal_config("GDAL_CACHEMAX") or 0) > cap:
+            rasterio.env.set_gdal_config("GDAL_CACHEMAX", cap)
+        _cache_set = True
     return rasterio
 
 
@@ -112,8 +124,10 @@ class Scene:
     def _indexes(self) -> list[int]:
         return [1, 1, 1] if self.count == 1 else [b + 1 for b in self.bands]
 
-    def _read(self, window: Window, out_size: Optional[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        """(3, h, w) raw values and an (h, w) bool validity mask of ``window`` resampled to ``out_size``."""
+    def _read(self, window: Window, out_size: Optional[tuple[int, int]],
+              sample: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(3, h, w) raw values and an (h, w) bool validity mask of ``window`` resampled to ``out_size``
+        (area average; nearest pixel with ``sample``)."""
         from rasterio.enums import Resampling
         from rasterio.windows import Window as RioWindow
 
@@ -122,14 +136,20 @@ class Scene:
             raise DatasetError(f"{self.path}: window {window} is outside the {self.width} x {self.height} raster")
         ow, oh = out_size if out_size is not None else (w, h)
         itemsize = np.dtype(self.dtype).itemsize
-        # GDAL decodes the window's blocks, then resamples: both sizes are held to the limits
-        check_size(f"{self.path} (window {w} x {h})", w, h, 3, itemsize)
+        # GDAL decodes the window block by block through its bounded block cache and holds only the
+        # result: the result and one block are held to the limits, not the window (an overview of a
+        # huge scene is a window of the whole scene)
         check_size(f"{self.path} (read at {ow} x {oh})", ow, oh, 3, itemsize)
-        resampling = Resampling.nearest if (ow, oh) == (w, h) else Resampling.average
+        if sample:
+            resampling = Resampling.nearest
+        else:
+            resampling = Resampling.nearest if (ow, oh) == (w, h) else Resampling.average
         rw = RioWindow(col, row, w, h)
         try:
             with DECODE_BUDGET.reserve(decode_cost(ow, oh, 3, itemsize)):
                 ds = self._ds()
+                bh, bw = ds.block_shapes[0]
+                check_size(f"{self.path} (one block of {bw} x {bh})", bw, bh, ds.count, itemsize)
                 data = ds.read(self._indexes, window=rw, out_shape=(3, oh, ow), resampling=resampling)
                 if self.has_mask:
                     valid = ds.dataset_mask(window=rw, out_shape=(oh, ow), resampling=Resampling.nearest) > 0
@@ -175,8 +195,13 @@ class Scene:
         """Share of the window's pixels that are not no-data (from a read of at most ``sample`` px a side)."""
         w, h = int(window[2]), int(window[3])
         s = min(1.0, sample / max(w, h))
-        _, valid = self._read(window, (max(1, round(w * s)), max(1, round(h * s))))
+        _, valid = self._read(window, (max(1, round(w * s)), max(1, round(h * s))), sample=True)
         return float(valid.mean())
+
+    def valid_mask(self, max_side: int = 2048) -> np.ndarray:
+        """(h, w) bool: which pixels of the scene, sampled (nearest) at most ``max_side`` a side, are not
+        no-data; one decimated pass over the scene."""
+        return self._read((0, 0, self.width, self.height), self._overview_size(max_side), sample=True)[1]
 
     def _overview_size(self, max_side: int) -> tuple[int, int]:
         s = min(1.0, max_side / max(self.width, self.height))
@@ -204,7 +229,7 @@ class Scene:
         """(x, y) size of one pixel on the ground in metres, at the scene's centre (great-circle distance
         to the neighbouring pixels; right in any CRS, Mercator's scale and degrees included)."""
         c, r = self.width / 2, self.height / 2
-        xs, ys = zip(*(self.transform * p for p in ((c, r), (c + 1, r), (c, r + 1))))
+        xs, ys = zip(*(self.transform @ p for p in ((c, r), (c + 1, r), (c, r + 1))))
         lons, lats = self.to_lonlat(xs, ys)
         return (_haversine_m(lons[0], lats[0], lons[1], lats[1]), _haversine_m(lons[0], lats[0], lons[2], lats[2]))
 
