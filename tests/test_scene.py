@@ -178,6 +178,9 @@ def test_bad_input_gets_one_clear_dataset_error(tmp_path):
         chip_grid(small, chip_m=70.0)
     with pytest.raises(DatasetError, match="chip size"):
         chip_grid(small, chip_m=0)
+    black = Scene.open(write_scene(tmp_path / "black.tif", np.zeros((3, 40, 40), np.uint8)))
+    with pytest.raises(DatasetError, match="no 10 m chip of the scene has 50% valid pixels"):
+        chip_grid(black, chip_m=10.0)
 
 
 def test_chip_embeddings_are_cached_and_resume_after_a_kill(tmp_path, tiny, monkeypatch, one_thread):
@@ -216,6 +219,9 @@ def test_chip_embeddings_are_cached_and_resume_after_a_kill(tmp_path, tiny, monk
     calls.clear()
     joined = SceneIndex.build(model, preprocess, scene, grid, cache_dir=tmp_path / "dist")
     assert calls == [] and torch.allclose(joined.embeddings, fresh.embeddings, atol=1e-6)
+    (tmp_path / "a-file").write_text("")  # a cache folder that cannot be made: computed in memory all the same
+    unwritable = SceneIndex.build(model, preprocess, scene, grid, cache_dir=tmp_path / "a-file")
+    assert torch.allclose(unwritable.embeddings, fresh.embeddings, atol=1e-6)
     scores = idx.scores_for_text(tokenizer, "a red field")
     assert scores.shape == (len(grid),) and scores.abs().max() <= 1.0 + 1e-5
     with pytest.raises(QueryError, match="empty query"):

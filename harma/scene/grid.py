@@ -122,4 +122,7 @@ def chip_grid(scene: Scene, chip_m: float = DEFAULT_CHIP_M, stride_m: Optional[f
             if mask is not None and _valid_share(mask, scene, col, row, cw, ch) < min_valid:
                 continue
             grid.chips.append(Chip(len(grid.chips), col, row, cw, ch, _bounds(scene, col, row, cw, ch)))
+    if not grid.chips:
+        raise DatasetError(f"{scene.path}: no {chip_m:g} m chip of the scene has {min_valid:.0%} valid pixels "
+                           "(the rest is no-data); lower min_valid or check the raster's no-data value")
     return grid

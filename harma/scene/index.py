@@ -11,6 +11,7 @@ With ``shard=(rank, world_size)`` a process computes only its share of the chunk
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -27,6 +28,7 @@ from harma.retrieval.identity import cache_key, model_identity
 from harma.scene.grid import ChipGrid
 from harma.scene.raster import Scene
 
+log = logging.getLogger(__name__)
 CHUNK = 256  # chips per cache file while building
 EMBEDDINGS_FILE = "embeddings.safetensors"
 SCENE_INDEX_VERSION = 1
@@ -47,6 +49,16 @@ def _save(path: Path, emb: torch.Tensor) -> None:
     from safetensors.torch import save
 
     atomic_write_bytes(path, save({"embeddings": emb.contiguous()}))
+
+
+def _try_save(path: Path, emb: torch.Tensor) -> bool:
+    """Save to the cache; False (with a warning) when the folder cannot be written."""
+    try:
+        _save(path, emb)
+        return True
+    except OSError as e:
+        log.warning("%s: chip embeddings are not cached (%s)", path.parent, e)
+        return False
 
 
 def top_k(scores: Union[torch.Tensor, np.ndarray, Sequence[float]], k: int) -> list[int]:
@@ -108,7 +120,14 @@ class SceneIndex:
                         return cls(emb, model, preprocess, scene, grid, cached=True)
                 except IndexFormatError:
                     pass  # rebuilt below
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                if shard is not None:
+                    raise IndexFormatError(f"{folder}: cannot write the shared chip cache ({e.strerror or e})") \
+                        from None
+                log.warning("%s: chip embeddings are not cached, the folder cannot be written (%s)", folder, e)
+                folder = None
         elif shard is not None:
             raise ValueError("shard= needs a cache_dir the processes share")
         n_chunks = (len(grid) + CHUNK - 1) // CHUNK
@@ -129,19 +148,21 @@ class SceneIndex:
             if parts[c] is None:
                 all_cached = False
                 parts[c] = cls._embed(model, preprocess, scene, chips, side, batch_size, progress, done, len(grid))
-                if path is not None:
-                    _save(path, parts[c])
+                if path is not None and not _try_save(path, parts[c]) and shard is None:
+                    folder = None  # a full disk or a read-only folder: keep going in memory
             done += len(chips)
             if progress is not None:
                 progress(done, len(grid))
         if shard is not None:
             return None
         emb = torch.cat(parts) if parts else torch.empty(0, 0)
-        if folder is not None:
-            _save(folder / EMBEDDINGS_FILE, emb)
-            atomic_write_json(folder / "key.json", cls.cache_parts(model, scene, grid, checkpoint))
-            for c in range(n_chunks):
-                (folder / f"chunk-{c:05d}.safetensors").unlink(missing_ok=True)
+        if folder is not None and _try_save(folder / EMBEDDINGS_FILE, emb):
+            try:
+                atomic_write_json(folder / "key.json", cls.cache_parts(model, scene, grid, checkpoint))
+                for c in range(n_chunks):
+                    (folder / f"chunk-{c:05d}.safetensors").unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("%s: cannot tidy the chip cache (%s)", folder, e)
         return cls(emb, model, preprocess, scene, grid, cached=all_cached and n_chunks > 0)
 
     @staticmethod
