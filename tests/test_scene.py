@@ -243,6 +243,11 @@ def test_top_k_score_map_and_heatmap(tmp_path):
     assert half.shape == (20, 40) and np.isnan(half[:, 20:]).all() and (half[:, :20] == 1.0).all()
     image = heatmap_image(scene, smap, max_side=64)
     assert image.size == (64, 32) and image.mode == "RGB"
+    base, blended = np.asarray(scene.overview(40)), np.asarray(heatmap_image(scene, half, max_side=40))
+    assert np.array_equal(blended[:, 20:], base[:, 20:]) and not np.array_equal(blended[:, :20], base[:, :20])
+    floats = noise(20, 20).astype(np.float32)
+    floats[:, :, :10] = np.nan  # float rasters: NaN is no-data
+    assert Scene.open(write_scene(tmp_path / "f.tif", floats)).valid_fraction((0, 0, 20, 20)) == 0.5
 
 
 @pytest.mark.skipif(not (SHARED_DATASETS / "scenes").is_dir(), reason="no shared scenes on this machine")

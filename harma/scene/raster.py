@@ -155,6 +155,8 @@ class Scene:
                     valid = ds.dataset_mask(window=rw, out_shape=(oh, ow), resampling=Resampling.nearest) > 0
                 else:
                     valid = (data != 0).any(axis=0)
+                if data.dtype.kind == "f":  # NaN or infinite samples are no-data whatever the mask says
+                    valid &= np.isfinite(data).all(axis=0)
         except _rasterio().errors.RasterioError as e:
             raise DatasetError(f"{self.path}: cannot read window {window} ({str(e).splitlines()[0][:200]})") from None
         return data, valid
