@@ -32,6 +32,7 @@ from .common import ASSETS, DEMO, DEMO_MAX_BYTES, PRECOMPUTED, SHIPPED, USER_ERR
 from .plots import aligned_view, layout_key
 from .state import AppConfig, AppState
 from .tab_embedding_space import ship_gap_rows
+from .tab_scene import ship_scene
 from .tab_text_to_image import load_examples
 
 
@@ -120,7 +121,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("\n".join(queries))
             return 0
         config = AppConfig(data=str(DEMO), split="test")
-        print("\n".join(precompute(AppState(config), args.model)))
+        state = AppState(config)
+        print("\n".join(precompute(state, args.model)))
+        print("\n".join(map(str, ship_scene(state, PRECOMPUTED / "scene"))))  # Scene search: the default model only
     except (AppError, *USER_ERRORS) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

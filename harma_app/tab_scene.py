@@ -1,14 +1,9 @@
 """The "Scene search" tab: where in a large georeferenced scene (the bundled demo orthophoto, or an uploaded
 GeoTIFF) both models look for a query: their heatmaps side by side, their top-k chips, a click on a heatmap
-to search by that chip, and the hits as GeoJSON.
-
-Chips are squares sized in metres on the ground (:func:`harma.scene.chip_grid`); their embeddings are
-computed once per scene, model and grid and kept on disk (:class:`harma.scene.SceneIndex`, under the
-cache folder's ``scene/``; the demo scene's for the default model are shipped in
-``assets/demo/precomputed/scene/``). Everything a page shows is a file the app wrote under its cache
-folder: heatmaps and chips in ``thumbs/``, GeoJSON in ``exports/`` (docs/security.md). An uploaded scene is
-kept under ``scene/uploads/``, which is not served.
-"""
+to search by that chip, and the hits as GeoJSON. Chip embeddings: :class:`harma.scene.SceneIndex`, cached
+under the cache folder's ``scene/`` (the demo scene's for the default model shipped in
+``assets/demo/precomputed/scene/``). A page is shown only files the app wrote: heatmaps and chips in
+``thumbs/``, GeoJSON in ``exports/``; an uploaded scene is kept in ``scene/uploads/``, never served."""
 
 from __future__ import annotations
 
@@ -27,8 +22,8 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from harma.errors import HarmaError
-from harma.io import atomic_write_bytes
+from harma.io import atomic_write_bytes, file_sha256
+from harma.retrieval.identity import cache_key
 from harma.scene import Scene, SceneIndex, chip_grid, heatmap_image, score_map, to_geojson, top_k
 
 from .common import DEMO, MAX_QUERY_CHARS, PRECOMPUTED, USER_ERRORS, AppError, clamp_k, fail, progress_cb
@@ -48,6 +43,7 @@ NOTE = ("Chips are squares of the given side on the ground, overlapping by half;
         "input. A heatmap is every chip's cosine score, averaged where chips overlap (brighter = closer to the "
         "query). **Click a heatmap** to search by the chip under the pointer. The GeoJSON holds both models' "
         "top chips (EPSG:4326, with rank, score, model and query).")
+BAND_ORDERS = {"R, G, B": None, "B, G, R (e.g. Landsat)": (2, 1, 0)}  # None: HARMA_BANDS, else bands 1-3
 _UPLOAD = re.compile(r"upload:([0-9a-f]{32})")
 
 
@@ -71,24 +67,31 @@ def scene_path(app: AppState, key: Optional[str]) -> Path:
                            "upload a GeoTIFF instead")
         return path
     m = _UPLOAD.fullmatch(key)
-    path = app.cache_dir / "scene" / "uploads" / f"{m.group(1) if m else '-'}.tif"
-    if not m or not path.is_file():
+    found = sorted((app.cache_dir / "scene" / "uploads" / m.group(1)).glob("*.tif")) if m else []
+    if not found:
         raise AppError("this uploaded scene is gone; upload it again")
-    return path
+    return found[0]
 
 
-def open_scene(app: AppState, key: Optional[str]) -> Scene:
+def open_scene(app: AppState, key: Optional[str], band_order: Optional[str] = None) -> Scene:
+    """Scene ``key`` read with the band order ``band_order`` (a key of :data:`BAND_ORDERS`)."""
     path = scene_path(app, key)
-    return app.cached(("scene", str(path)), lambda: Scene.open(path))
+    bands = BAND_ORDERS.get(band_order or "", None)
+    return app.cached(("scene", str(path), bands), lambda: Scene.open(path, bands=bands))
 
 
 def _grid(app: AppState, scene: Scene, chip_m: float):
-    grid = app.cached(("scene-grid", str(scene.path), chip_m), lambda: chip_grid(scene, chip_m=chip_m))
-    if len(grid.chips) > MAX_SCENE_CHIPS:
-        raise AppError(f"{scene.path.name} gives {len(grid.chips):,} chips of {chip_m:g} m; the app embeds at most "
-                       f"{MAX_SCENE_CHIPS:,} per scene: choose larger chips, or index it with "
-                       "`python -m training.search_scene --scene FILE`")
-    return grid
+    """The scene's chips of ``chip_m`` metres; refused (before any is made) when there could be more than
+    :data:`MAX_SCENE_CHIPS` of them."""
+    px, py = scene.pixel_size_m
+    cw, ch = max(2, round(chip_m / px)), max(2, round(chip_m / py))  # as harma.scene.chip_grid sizes them
+    sw, sh = max(1, round(chip_m / 2 / px)), max(1, round(chip_m / 2 / py))
+    most = (max(0, scene.width - cw) // sw + 2) * (max(0, scene.height - ch) // sh + 2)
+    if most > MAX_SCENE_CHIPS:
+        raise AppError(f"{scene.path.name} ({scene.width:,} x {scene.height:,} px of {px:.2f} m) gives up to "
+                       f"{most:,} chips of {chip_m:g} m; the app embeds at most {MAX_SCENE_CHIPS:,} per scene: "
+                       "choose larger chips, or search it with `python -m training.search_scene --scene FILE`")
+    return app.cached(("scene-grid", str(scene.path), scene.bands, chip_m), lambda: chip_grid(scene, chip_m=chip_m))
 
 
 def _ship_into_cache(app: AppState) -> None:
@@ -103,33 +106,53 @@ def _ship_into_cache(app: AppState) -> None:
             shutil.copyfile(src, out)
 
 
-def scene_indexes(app: AppState, scene: Scene, grid, model_key: Optional[str], chip_m: float,
-                  progress: Any = None) -> tuple[Any, Any]:
-    """(baseline, adapted) :class:`SceneIndex` of the scene's chips, from memory, the disk cache or computed."""
+def _build(app: AppState, pair, scene: Scene, grid, cache_dir: Path, progress: Any = None) -> list:
+    """[baseline, adapted] :class:`SceneIndex` of ``pair`` (a :class:`~.state.ModelPair`) over the grid."""
+    out = []
+    for s, (side, (model, preprocess, _), ckpt) in enumerate((("baseline", pair.baseline, None),
+                                                              ("adapted", pair.adapted, pair.source.adapters))):
+        def cb(done: int, total: int, s: int = s, side: str = side) -> None:
+            if progress is not None:
+                progress((s + done / max(total, 1)) / 2, f"embedding {total:,} chips with the {side} model (cached)")
+        out.append(SceneIndex.build(model, preprocess, scene, grid, cache_dir=cache_dir, checkpoint=ckpt,
+                                    batch_size=app.config.batch_size, progress=cb))
+    return out
+
+
+def ship_scene(app: AppState, folder: Path = SHIPPED_SCENE, chip_m: float = CHIP_M) -> list[Path]:
+    """Ship the default model's (and its baseline's) chip embeddings of the demo scene at the default chip
+    size under ``folder`` (about 100 KB), removing anything else there; returns the folders written. For
+    ``python -m harma_app.precompute``; nothing without a demo scene."""
+    if demo_scene_path() is None:
+        return []
+    scene = open_scene(app, DEMO_KEY)
+    grid = _grid(app, scene, chip_m)
+    pair = app.models(app.default_model)
+    _build(app, pair, scene, grid, folder)
+    written = [folder / cache_key(SceneIndex.cache_parts(model, scene, grid, ckpt))
+               for (model, _, _), ckpt in ((pair.baseline, None), (pair.adapted, pair.source.adapters))]
+    for old in folder.iterdir():
+        if old not in written:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return written
+
+
+def scene_indexes(app: AppState, scene: Scene, grid, model_key: Optional[str], progress: Any = None) -> tuple:
+    """(baseline, adapted) :class:`SceneIndex` of the scene's chips, from memory, the disk cache (where the
+    shipped ones are copied first) or computed."""
     key = app.model_key(model_key)
 
     def build():
         _ship_into_cache(app)
-        pair = app.models(key)
-        out = []
-        for s, (side, bundle, ckpt) in enumerate((("baseline", pair.baseline, None),
-                                                  ("adapted", pair.adapted, pair.source.adapters))):
-            def cb(done: int, total: int, s: int = s, side: str = side) -> None:
-                if progress is not None:
-                    progress((s + done / max(total, 1)) / 2,
-                             f"embedding {total:,} chips with the {side} model (cached afterwards)")
-            model, preprocess, _ = bundle
-            out.append(SceneIndex.build(model, preprocess, scene, grid, cache_dir=app.cache_dir / "scene",
-                                        batch_size=app.config.batch_size, progress=cb, checkpoint=ckpt))
-        return out[0], out[1]
+        return tuple(_build(app, app.models(key), scene, grid, app.cache_dir / "scene", progress))
 
-    return app.cached(("scene-index", str(scene.path), key, chip_m), build)
+    return app.cached(("scene-index", str(scene.path), scene.bands, key, grid.chip_m), build)
 
 
 def _heatmap(app: AppState, scene: Scene, grid, scores, tag: str) -> str:
     """The heatmap of ``scores`` over the scene's overview, written once under ``thumbs/``."""
     digest = hashlib.sha256(scores.detach().cpu().numpy().tobytes()).hexdigest()
-    out = app.cache_dir / "thumbs" / f"scene-{_keyed(app, scene.sha256, grid.chip_m, tag, digest)}.jpg"
+    out = app.cache_dir / "thumbs" / f"scene-{_keyed(app, scene.sha256, scene.bands, grid.chip_m, tag, digest)}.jpg"
     if not out.is_file():
         img = heatmap_image(scene, score_map(scene, grid, scores), max_side=VIEW_SIDE)
         _write_image(img, out)
@@ -137,7 +160,7 @@ def _heatmap(app: AppState, scene: Scene, grid, scores, tag: str) -> str:
 
 
 def _overview(app: AppState, scene: Scene) -> str:
-    out = app.cache_dir / "thumbs" / f"scene-{_keyed(app, scene.sha256, 'overview', VIEW_SIDE)}.jpg"
+    out = app.cache_dir / "thumbs" / f"scene-{_keyed(app, scene.sha256, scene.bands, VIEW_SIDE)}.jpg"
     if not out.is_file():
         _write_image(scene.overview(max_side=VIEW_SIDE), out)
     return str(out)
@@ -151,7 +174,7 @@ def _write_image(img, out: Path) -> None:
 
 
 def _chip_tile(app: AppState, scene: Scene, chip) -> str:
-    out = app.cache_dir / "thumbs" / f"scene-{_keyed(app, scene.sha256, 'chip', chip.col_off, chip.row_off, chip.width, chip.height)}.jpg"
+    out = app.cache_dir / "thumbs" / f"scene-{_keyed(app, scene.sha256, scene.bands, chip.window)}.jpg"
     if not out.is_file():
         side = min(CHIP_SIDE, max(chip.width, chip.height))
         _write_image(scene.read_rgb((chip.col_off, chip.row_off, chip.width, chip.height), out_size=(side, side)), out)
@@ -170,7 +193,7 @@ def _tiles(app: AppState, scene: Scene, grid, ids: list[int], scores) -> list[tu
 def _answer(app: AppState, scene: Scene, grid, model_key: Optional[str], k: int, query: str,
             score_fn, progress: Any) -> tuple:
     """Both models' heatmaps, top-k tiles and one GeoJSON file for scores from ``score_fn(side, index)``."""
-    base, adapted = scene_indexes(app, scene, grid, model_key, grid.chip_m, progress)
+    base, adapted = scene_indexes(app, scene, grid, model_key, progress)
     label = app.adapted_label(model_key)
     source = app.sources[app.model_key(model_key)].label
     images, galleries, features, times = [], [], [], []
@@ -184,7 +207,8 @@ def _answer(app: AppState, scene: Scene, grid, model_key: Optional[str], k: int,
         galleries.append(_tiles(app, scene, grid, ids, scores))
         features += to_geojson(scene, grid, ids, scores, name, query)["features"]
     collection = {"type": "FeatureCollection", "features": features}
-    out = app.cache_dir / "exports" / f"scene-hits-{_keyed(app, scene.sha256, grid.chip_m, query, model_key)}.geojson"
+    name = _keyed(app, scene.sha256, scene.bands, grid.chip_m, k, query, model_key)
+    out = app.cache_dir / "exports" / f"scene-hits-{name}.geojson"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, json.dumps(collection, indent=1).encode())
     status = (f"Top {k} of {len(grid.chips):,} chips of {grid.chip_m:g} m in {scene.path.name} for “{query}” — "
@@ -194,9 +218,9 @@ def _answer(app: AppState, scene: Scene, grid, model_key: Optional[str], k: int,
 
 def _chip_m(value: Any) -> float:
     try:
-        chip_m = float(value)
+        chip_m = CHIP_M if value is None or value == "" else float(value)
     except (TypeError, ValueError):
-        return CHIP_M
+        chip_m = math.nan
     if not math.isfinite(chip_m) or chip_m <= 0:
         raise AppError(f"chip size {value!r}: give a side in metres above 0 (e.g. {CHIP_M:g})")
     return chip_m
@@ -207,14 +231,14 @@ def _failed(e: BaseException) -> tuple:
 
 
 def search_scene(app: AppState, scene_key: Optional[str], query: Optional[str], k: Any, model_key: Optional[str],
-                 chip_m: Any = CHIP_M, progress: Any = gr.Progress()) -> tuple:
+                 chip_m: Any = CHIP_M, band_order: Optional[str] = None, progress: Any = gr.Progress()) -> tuple:
     """Text -> chips of a scene: (baseline heatmap, adapted heatmap, baseline tiles, adapted tiles, GeoJSON
     file, status)."""
     try:
         query = str(query or "").strip()[:MAX_QUERY_CHARS]
         if not query:
             raise AppError("type a query first (e.g. one of the examples)")
-        scene = open_scene(app, scene_key)
+        scene = open_scene(app, scene_key, band_order)
         grid = _grid(app, scene, _chip_m(chip_m))
         pair = app.models(model_key)
         tokenizers = {"baseline": pair.baseline[2], "adapted": pair.adapted[2]}
@@ -236,10 +260,10 @@ def chip_at(scene: Scene, grid, x: float, y: float, view_side: int = VIEW_SIDE) 
 
 
 def search_by_click(app: AppState, scene_key: Optional[str], xy: Any, k: Any, model_key: Optional[str],
-                    chip_m: Any = CHIP_M, progress: Any = gr.Progress()) -> tuple:
+                    chip_m: Any = CHIP_M, band_order: Optional[str] = None, progress: Any = gr.Progress()) -> tuple:
     """Chip -> chips: the chip under point ``xy`` (x, y) of a heatmap, searched with its own embedding."""
     try:
-        scene = open_scene(app, scene_key)
+        scene = open_scene(app, scene_key, band_order)
         grid = _grid(app, scene, _chip_m(chip_m))
         x, y = (float(v) for v in xy)
         i = chip_at(scene, grid, x, y)
@@ -251,7 +275,8 @@ def search_by_click(app: AppState, scene_key: Optional[str], xy: Any, k: Any, mo
         return _failed(e if isinstance(e, (AppError, *USER_ERRORS)) else AppError(f"no point to search by: {e}"))
 
 
-def use_scene(app: AppState, upload: Any, current: Optional[str]) -> tuple[str, Optional[str], Optional[str], str]:
+def use_scene(app: AppState, upload: Any, current: Optional[str],
+              band_order: Optional[str] = None) -> tuple[str, Optional[str], Optional[str], str]:
     """An uploaded GeoTIFF becomes the scene (kept under the cache folder's ``scene/uploads/``); returns (scene
     key, its view twice, status). A file that cannot be used leaves the current scene and says why."""
     try:
@@ -263,42 +288,32 @@ def use_scene(app: AppState, upload: Any, current: Optional[str]) -> tuple[str, 
             raise AppError(f"{src.name} is {size / 2**20:.1f} MB; upload a scene of at most "
                            f"{MAX_SCENE_BYTES // 2**20} MB, or search a larger one with "
                            "`python -m training.search_scene --scene FILE`")
-        h = hashlib.sha256()
-        with src.open("rb") as f:
-            for block in iter(lambda: f.read(2**20), b""):
-                h.update(block)
-        digest = _keyed(app, "upload", h.hexdigest())
-        folder = app.cache_dir / "scene" / "uploads"
-        out = folder / f"{digest}.tif"
+        Scene.open(src)  # not a raster, no CRS, too small: refused before it is kept
+        digest = _keyed(app, "upload", file_sha256(src))
+        folder = app.cache_dir / "scene" / "uploads" / digest
+        out = folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", src.stem)[-60:].lstrip(".") + ".tif")
         if not out.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{digest}.{os.getpid()}.{threading.get_ident()}"
             shutil.copyfile(src, tmp)
-            try:
-                Scene.open(tmp)  # not a raster, no CRS, too small: refused before it is kept
-            except HarmaError:
-                tmp.unlink()
-                raise
             os.replace(tmp, out)
-        key = f"upload:{digest}"
-        scene = open_scene(app, key)
-        view = _overview(app, scene)
-        return key, view, view, (f"Scene: {src.name}, {scene.width:,} x {scene.height:,} px, {scene.crs}, "
-                                 f"{scene.pixel_size_m[0]:.2f} m per pixel. Type a query.")
+        return show_scene(app, f"upload:{digest}", band_order)
     except (AppError, *USER_ERRORS) as e:
-        msg = fail(e).replace(str(getattr(upload, "name", upload) or ""), "the upload")
-        return current or DEMO_KEY, gr.update(), gr.update(), msg
+        return current or DEMO_KEY, gr.update(), gr.update(), fail(e)
 
 
-def use_demo(app: AppState) -> tuple[str, Optional[str], Optional[str], str]:
+def show_scene(app: AppState, key: Optional[str], band_order: Optional[str] = None) -> tuple:
+    """Scene ``key`` (``demo``: the bundled one) as the heatmaps' place holds it before a query: (key, its
+    view twice, a line about it)."""
     try:
-        scene = open_scene(app, DEMO_KEY)
+        scene = open_scene(app, key, band_order)
         view = _overview(app, scene)
-        return DEMO_KEY, view, view, (f"Scene: the bundled demo, {scene.path.name} ({scene.width:,} x "
-                                      f"{scene.height:,} px, {scene.pixel_size_m[0]:.2f} m per pixel; "
-                                      "assets/demo/CREDITS.md).")
+        what = "the bundled demo, " if key == DEMO_KEY else ""
+        return key, view, view, (f"Scene: {what}{scene.path.name} ({scene.width:,} x {scene.height:,} px, "
+                                 f"{scene.crs}, {scene.pixel_size_m[0]:.2f} m per pixel"
+                                 f"{'; assets/demo/CREDITS.md' if key == DEMO_KEY else ''}). Type a query.")
     except (AppError, *USER_ERRORS) as e:
-        return DEMO_KEY, None, None, fail(e)
+        return key, None, None, fail(e)
 
 
 def layout() -> dict[str, Any]:
@@ -312,7 +327,10 @@ def layout() -> dict[str, Any]:
                                        elem_id="scene-query")
                     search = gr.Button("Search the scene", variant="primary", scale=1, elem_id="scene-search")
                 examples = gr.Examples([[q] for q in EXAMPLES], inputs=[query], label="Example queries")
-                chip_m = gr.Slider(30, 200, value=CHIP_M, step=5, label="Chip side (m on the ground)")
+                with gr.Row():
+                    chip_m = gr.Slider(30, 500, value=CHIP_M, step=5, label="Chip side (m on the ground)", scale=2)
+                    band_order = gr.Radio(list(BAND_ORDERS), value=next(iter(BAND_ORDERS)), label="Band order",
+                                          scale=1, elem_id="scene-bands")
             with gr.Column(scale=2):
                 upload = gr.File(file_types=[".tif", ".tiff"], type="filepath", height=120, elem_id="scene-upload",
                                  label=f"Your own GeoTIFF (at most {MAX_SCENE_BYTES // 2**20} MB)")
@@ -323,12 +341,13 @@ def layout() -> dict[str, Any]:
             base_map = gr.Image(label="Baseline (zero-shot)", interactive=False, elem_id="scene-baseline-map")
             adapted_map = gr.Image(label="Adapted", interactive=False, elem_id="scene-adapted-map")
         with gr.Row():
-            base_gallery = gr.Gallery(label="Baseline: top chips", columns=4, elem_id="scene-baseline-gallery",
-                                      elem_classes="harma-tiles")
-            adapted_gallery = gr.Gallery(label="Adapted: top chips", columns=4, elem_id="scene-adapted-gallery",
-                                         elem_classes="harma-tiles")
-        geojson = gr.File(label="Hits as GeoJSON (both models)", interactive=False, elem_id="scene-geojson")
+            base_gallery = gr.Gallery(label="Baseline: top chips", columns=4, height="auto",
+                                      elem_id="scene-baseline-gallery", elem_classes="harma-tiles")
+            adapted_gallery = gr.Gallery(label="Adapted: top chips", columns=4, height="auto",
+                                         elem_id="scene-adapted-gallery", elem_classes="harma-tiles")
+        geojson = gr.File(label="Hits as GeoJSON (both models)", interactive=False, height=80, elem_id="scene-geojson")
     return dict(tab=tab, scene_key=scene_key, query=query, search=search, examples=examples, chip_m=chip_m,
+                band_order=band_order,
                 upload=upload, use_demo=use_demo_btn, note=note, base_map=base_map, adapted_map=adapted_map,
                 base_gallery=base_gallery, adapted_gallery=adapted_gallery, geojson=geojson)
 
@@ -338,30 +357,41 @@ def wire(app: AppState, ui: dict[str, Any], common: list, fast: dict) -> None:
     the demo scene's view when the tab opens."""
     k, model = common[0], common[1]
     outputs = [ui["base_map"], ui["adapted_map"], ui["base_gallery"], ui["adapted_gallery"], ui["geojson"], ui["note"]]
-    text = dict(fn=partial(search_scene, app), inputs=[ui["scene_key"], ui["query"], k, model, ui["chip_m"]],
+    settings = [ui["chip_m"], ui["band_order"]]
+    text = dict(fn=partial(search_scene, app), inputs=[ui["scene_key"], ui["query"], k, model, *settings],
                 outputs=outputs, **fast)
     ui["search"].click(**text, api_name="search_scene")
     ui["query"].submit(**text, api_visibility="private")
     ui["examples"].load_input_event.then(**text, api_visibility="private")
 
-    def on_click(scene_key, k_, model_, chip_m_, evt: gr.SelectData, progress=gr.Progress()):
-        return search_by_click(app, scene_key, evt.index, k_, model_, chip_m_, progress)
+    def on_click(scene_key, k_, model_, chip_m_, bands_, evt: gr.SelectData, progress=gr.Progress()):
+        return search_by_click(app, scene_key, evt.index, k_, model_, chip_m_, bands_, progress)
 
     for image in (ui["base_map"], ui["adapted_map"]):
-        image.select(on_click, [ui["scene_key"], k, model, ui["chip_m"]], outputs, api_visibility="private", **fast)
+        image.select(on_click, [ui["scene_key"], k, model, *settings], outputs, api_visibility="private", **fast)
     views = [ui["scene_key"], ui["base_map"], ui["adapted_map"], ui["note"]]
-    ui["upload"].upload(partial(use_scene, app), [ui["upload"], ui["scene_key"]], views, api_visibility="private")
-    ui["use_demo"].click(partial(use_demo, app), None, views, api_visibility="private")
+    cleared = [ui["base_gallery"], ui["adapted_gallery"], ui["geojson"]]
 
-    def on_model(model_):  # never the previous model's results under the new model's label
+    def view(key, bands_, model_, why=""):  # a scene's view; results of another scene, model or band order go
         label = app.adapted_label(model_)
-        return (gr.update(label=label), gr.update(value=[], label=f"{label}: top chips"), [], None,
-                f"The model changed to **{label}**: search again to see its heatmaps.")
+        key, base_view, adapted_view, note = show_scene(app, key, bands_)
+        return (key, base_view, gr.update(value=adapted_view, label=label), f"{why} {note}".strip(), [],
+                gr.update(value=[], label=f"{label}: top chips"), None)
 
-    model.change(on_model, model, [ui["adapted_map"], ui["adapted_gallery"], ui["base_gallery"], ui["geojson"],
-                                   ui["note"]], api_visibility="private", queue=False)
+    def on_upload(upload, key, bands_, model_):
+        new = use_scene(app, upload, key, bands_)
+        return view(new[0], bands_, model_) if new[0] != key else (*new, gr.update(), gr.update(), gr.update())
 
-    def on_open(key, shown):  # the first time: the demo scene's view (later: what was there stays)
-        return use_demo(app) if key == DEMO_KEY and not shown else (key, gr.update(), gr.update(), gr.update())
+    ui["upload"].upload(on_upload, [ui["upload"], ui["scene_key"], ui["band_order"], model], views + cleared,
+                        api_visibility="private")
+    ui["use_demo"].click(lambda b, m: view(DEMO_KEY, b, m), [ui["band_order"], model], views + cleared,
+                         api_visibility="private")
+    ui["band_order"].change(view, [ui["scene_key"], ui["band_order"], model], views + cleared, api_visibility="private")
+    model.change(lambda key, b, m: view(key, b, m, f"The model changed to **{app.adapted_label(m)}**: search again."),
+                 [ui["scene_key"], ui["band_order"], model], views + cleared, api_visibility="private")
 
-    ui["tab"].select(on_open, [ui["scene_key"], ui["base_map"]], views, api_visibility="private")
+    def on_open(key, bands_, model_, shown):  # the first time: the demo scene's view (later: what was there stays)
+        return view(key, bands_, model_) if not shown else (key, *[gr.update()] * 6)
+
+    ui["tab"].select(on_open, [ui["scene_key"], ui["band_order"], model, ui["base_map"]], views + cleared,
+                     api_visibility="private")

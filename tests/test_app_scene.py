@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harma.io import file_sha256
 from harma_app import state as app_state
 from harma_app import tab_scene
 from tests.test_app import tiny_setup
@@ -123,6 +124,25 @@ def test_bad_input_gets_one_message_and_the_app_keeps_serving(app, scene_key, tm
     assert len(base) == len(adapted) == 2 and status.startswith("Top 2")  # still serving
 
 
+def test_a_16_bit_bgr_scene_shows_in_true_colour_with_its_band_order(app, tmp_path):
+    """A uint16 scene stored B, G, R (as the Landsat one) with a red field: red with the B, G, R order, blue
+    as stored; the stretch maps 16-bit values to 8 bits."""
+    from rasterio.transform import from_origin
+
+    data = np.full((3, 64, 64), 1000, dtype=np.uint16)
+    data[2, :, :32] = 30000  # band 3 = red, on the left half
+    path = tmp_path / "bgr.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint16", crs="EPSG:32621",
+                       transform=from_origin(300000.0, 7200000.0, 30.0, 30.0)) as ds:
+        ds.write(data)
+    key, *_ = tab_scene.use_scene(app, str(path), "demo")
+    for order, colour in (("B, G, R (e.g. Landsat)", 0), ("R, G, B", 2)):
+        _, view, _, note = tab_scene.show_scene(app, key, order)
+        assert note.startswith("Scene: bgr.tif (64 x 64 px, EPSG:32621"), note
+        pixel = Image.open(view).convert("RGB").getpixel((8, 32))
+        assert pixel[colour] > 200 and max(v for c, v in enumerate(pixel) if c != colour) < 60, (order, pixel)
+
+
 def test_build_demo_bundles_a_scene_with_its_credit(tmp_path, capsys):
     out = tmp_path / "demo"
     out.mkdir()
@@ -145,3 +165,6 @@ def test_the_demo_scene_is_bundled_with_its_credit():
     assert path is not None and path.name == "manila_pasig_bridge_oam.tif"
     credits = (tab_scene.DEMO / "CREDITS.md").read_text()
     assert "CC BY 4.0" in credits and "5b90f92da0d7280005fab355_4310" in credits and "2407.11743" in credits
+    shipped = [json.loads(k.read_text()) for k in tab_scene.SHIPPED_SCENE.glob("*/key.json")]
+    assert sorted(k["model"]["method"] for k in shipped) == ["harma", "zeroshot"]  # the default model and its baseline
+    assert {k["scene_sha256"] for k in shipped} == {file_sha256(path)}
