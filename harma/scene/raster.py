@@ -95,6 +95,9 @@ class Scene:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 with rasterio.open(path) as ds:
+                    if ds.count < 1:  # e.g. a container of subdatasets (HDF, NetCDF)
+                        raise DatasetError(f"{path}: the raster has no bands (a container of subdatasets? open "
+                                           "one of them)")
                     meta = {"width": ds.width, "height": ds.height, "count": ds.count, "dtype": ds.dtypes[0],
                             "crs": ds.crs, "transform": ds.transform,
                             "has_mask": any(rasterio.enums.MaskFlags.all_valid not in f for f in ds.mask_flag_enums)}
