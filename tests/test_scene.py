@@ -55,7 +55,7 @@ def test_chip_bounds_are_the_affine_transform_exactly_and_cover_the_scene(tmp_pa
     scene = Scene.open(write_scene(tmp_path / "s.tif", noise(150, 200)))
     assert (scene.width, scene.height, scene.crs) == (200, 150, UTM)
     px, py = scene.pixel_size_m
-    assert px == pytest.approx(1.0, rel=0.01) and py == pytest.approx(1.0, rel=0.01)  # 1 m pixels on the ground
+    assert px == pytest.approx(1.0, rel=0.002) and py == pytest.approx(1.0, rel=0.002)  # 1 m pixels on the ground
     grid = chip_grid(scene, chip_m=40.0)
     assert grid.stride_m == 20.0 and grid.chip_px == (round(40 / px), round(40 / py))
     for chip in grid.chips:

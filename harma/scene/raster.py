@@ -35,7 +35,7 @@ from harma.io import file_sha256
 Window = tuple[int, int, int, int]  # (col_off, row_off, width, height) in pixels
 GDAL_CACHE_MB = 256  # GDAL's block cache unless $GDAL_CACHEMAX says otherwise
 _cache_set = False
-EARTH_RADIUS_M = 6371008.8  # mean radius (IUGG): ground distances between neighbouring pixels
+WGS84_A, WGS84_E2 = 6378137.0, 0.00669437999014  # semi-major axis (m), first eccentricity squared
 
 
 def _rasterio():
@@ -56,11 +56,14 @@ def _rasterio():
     return rasterio
 
 
-def _haversine_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp, dl = p2 - p1, math.radians(lon2 - lon1)
-    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
+def _ground_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
+    """Distance in metres between two nearby points on the WGS 84 ellipsoid (local meridional and
+    prime-vertical radii at their mean latitude: exact to well under 0.1% for neighbouring pixels)."""
+    phi = math.radians((lat1 + lat2) / 2)
+    w = 1 - WGS84_E2 * math.sin(phi) ** 2
+    meridional, prime_vertical = WGS84_A * (1 - WGS84_E2) / w ** 1.5, WGS84_A / math.sqrt(w)
+    dlon = (lon2 - lon1 + 180) % 360 - 180
+    return math.hypot(math.radians(lat2 - lat1) * meridional, math.radians(dlon) * prime_vertical * math.cos(phi))
 
 
 class Scene:
@@ -231,12 +234,12 @@ class Scene:
 
     @cached_property
     def pixel_size_m(self) -> tuple[float, float]:
-        """(x, y) size of one pixel on the ground in metres, at the scene's centre (great-circle distance
-        to the neighbouring pixels; right in any CRS, Mercator's scale and degrees included)."""
+        """(x, y) size of one pixel on the ground in metres, at the scene's centre (the distance on the
+        WGS 84 ellipsoid to the neighbouring pixels; right in any CRS, Mercator's scale and degrees included)."""
         c, r = self.width / 2, self.height / 2
         xs, ys = zip(*(self.transform @ p for p in ((c, r), (c + 1, r), (c, r + 1))))
         lons, lats = self.to_lonlat(xs, ys)
-        return (_haversine_m(lons[0], lats[0], lons[1], lats[1]), _haversine_m(lons[0], lats[0], lons[2], lats[2]))
+        return (_ground_m(lons[0], lats[0], lons[1], lats[1]), _ground_m(lons[0], lats[0], lons[2], lats[2]))
 
     def __repr__(self) -> str:
         return f"Scene({str(self.path)!r}, {self.width} x {self.height}, {self.crs})"
