@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from benchmarks import fidelity, sections
+from benchmarks import fidelity, scene, sections
 from training.cli import CliError, pick_device
 
 SECTIONS: dict[str, Callable[..., list[dict]]] = {
@@ -35,6 +35,7 @@ SECTIONS: dict[str, Callable[..., list[dict]]] = {
     "demo": sections.demo_start,
     "fidelity": fidelity.fidelity,
     "gapfig": fidelity.gap_figures_time,
+    "scene": scene.scene,
 }
 
 

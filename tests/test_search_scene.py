@@ -10,6 +10,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+from benchmarks.scene import FIXTURE, SHARED_SCENES, hit_at, same_windows
 from harma.scene import Scene, SceneIndex, chip_grid, top_k
 from tests.test_evaluate_cli import setup  # noqa: F401  (module fixture: tiny checkpoint + base weights)
 from training.search_scene import main
@@ -114,3 +115,20 @@ def test_bad_flags_give_one_error_line(setup, tmp_path, capsys, extra, needle): 
     path = write_tif(tmp_path / "scene.tif", width=40, height=40)
     assert main(_args(setup, path, tmp_path, *extra)) == 2
     assert needle in _one_error(capsys)
+
+
+def test_benchmark_chip_labels_fit_the_manila_grid():
+    """benchmarks/fixtures/manila_chips.json names chips of the 70 m / 35 m grid of the scene it was made on."""
+    labels = json.loads(FIXTURE.read_text())
+    path = SHARED_SCENES / labels["scene"]
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    scene = Scene.open(path)
+    assert scene.sha256 == labels["sha256"]
+    grid = chip_grid(scene, chip_m=labels["grid"]["chip_m"], stride_m=labels["grid"]["stride_m"])
+    assert len(grid) == labels["num_chips"] and same_windows(grid, labels["windows"])
+    assert not same_windows(grid, [[c + 20, r, w, h] for c, r, w, h in labels["windows"]])
+    for q, ids in labels["queries"].items():
+        assert ids and all(0 <= i < len(grid) for i in ids + labels["partial"][q])
+        assert not set(ids) & set(labels["partial"][q]), q
+    assert hit_at(np.arange(10.0), {9}, 5) == (1, 0.2) and hit_at(np.arange(10.0), {0}, 5) == (0, 0.0)
