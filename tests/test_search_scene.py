@@ -89,6 +89,7 @@ def _one_error(capsys) -> str:
 
 @pytest.mark.parametrize("case, needle", [
     ("text", "scene.tif"), ("no_crs", "CRS"), ("all_nodata", "no-data"), ("one_pixel", "1 x 1"), ("small", "chip"), ("missing", "no such file"),
+    ("coarse", "--chip-m 32: a chip would be about 3 px"),
 ])
 def test_bad_scenes_give_one_error_line(setup, tmp_path, capsys, case, needle):  # noqa: F811
     path = tmp_path / "scene.tif"
@@ -100,6 +101,8 @@ def test_bad_scenes_give_one_error_line(setup, tmp_path, capsys, case, needle): 
         write_tif(path, nodata=0, fill=0)
     elif case == "one_pixel":
         write_tif(path, width=1, height=1)
+    elif case == "coarse":
+        write_tif(path, px=10.0)  # 10 m pixels: a 32 m chip is 3 px
     elif case == "small":
         write_tif(path, width=20, height=20)  # 20 m < one 32 m chip
     assert main(_args(setup, path, tmp_path)) == 2

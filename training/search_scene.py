@@ -37,6 +37,7 @@ from training.cli import (
 from training.distributed import barrier, cleanup, init_distributed
 
 DEFAULT_CACHE = Path(".cache") / "scene"
+MIN_CHIP_PX = 16  # chips with fewer pixels a side than this show nothing a model can recognise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +90,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise CliError("--query is empty: say what to look for, e.g. --query 'a bridge over a river'")
 
 
+def check_chip_size(scene: Scene, chip_m: float) -> None:
+    """Refuse chips of fewer than :data:`MIN_CHIP_PX` pixels a side (a 70 m chip on a 30 m Landsat scene is
+    2 px: millions of chips that show nothing), naming the smallest ``--chip-m`` that works."""
+    px = max(scene.pixel_size_m)
+    if chip_m / px < MIN_CHIP_PX:
+        raise CliError(f"--chip-m {chip_m:g}: a chip would be about {chip_m / px:.0f} px a side on this scene "
+                       f"({px:.3g} m pixels); use --chip-m {math.ceil(MIN_CHIP_PX * px):g} or more")
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     check_args(args)
     bands = parse_bands(args.bands)
@@ -98,6 +108,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if not Path(args.scene).is_file():
         raise CliError(f"--scene {args.scene}: no such file (or not a file)")
     scene = Scene.open(args.scene, bands=bands)
+    check_chip_size(scene, args.chip_m)
     grid = chip_grid(scene, chip_m=args.chip_m, stride_m=args.stride_m, min_valid=args.min_valid)
     if not grid.chips:
         raise CliError(f"--scene {args.scene}: every {args.chip_m:g} m chip is mostly no-data (under --min-valid "
