@@ -62,7 +62,7 @@ def build_demo(config: Optional[AppConfig] = None,
         tab_scene.wire(app, scene, common, fast)
         controls.wire(app, demo, top, i2t["picker"])
         _follow_the_model(app, demo, top, dict(t2i=t2i, i2t=i2t, space=space, metrics=metrics, compare=compare,
-                                               gap=gap))
+                                               gap=gap, scene=scene))  # scene: its own model handler (tab_scene)
     return demo
 
 

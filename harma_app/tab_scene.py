@@ -101,9 +101,10 @@ def _ship_into_cache(app: AppState) -> None:
     dest = app.cache_dir / "scene"
     for src in SHIPPED_SCENE.rglob("*"):
         out = dest / src.relative_to(SHIPPED_SCENE)
-        if src.is_file() and not out.exists():
+        if src.is_file() and not out.exists():  # atomically: a concurrent build may read it
             out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, out)
+            shutil.copyfile(src, tmp := out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}"))
+            os.replace(tmp, out)
 
 
 def _build(app: AppState, pair, scene: Scene, grid, cache_dir: Path, progress: Any = None) -> list:
