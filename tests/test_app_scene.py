@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from harma.io import file_sha256
+from harma.scene import Scene, SceneIndex, chip_grid
 from harma_app import state as app_state
 from harma_app import tab_scene
 from tests.test_app import tiny_setup
@@ -168,3 +170,10 @@ def test_the_demo_scene_is_bundled_with_its_credit():
     shipped = [json.loads(k.read_text()) for k in tab_scene.SHIPPED_SCENE.glob("*/key.json")]
     assert sorted(k["model"]["method"] for k in shipped) == ["harma", "zeroshot"]  # the default model and its baseline
     assert {k["scene_sha256"] for k in shipped} == {file_sha256(path)}
+    # made by today's harma.scene (a change to the grid, the decoder or the index format makes them stale:
+    # run python -m harma_app.precompute), at the tab's default chip size
+    grid = chip_grid(Scene.open(path), chip_m=tab_scene.CHIP_M)
+    probe = SceneIndex.cache_parts(torch.nn.Linear(1, 1), Scene.open(path), grid)
+    for key in shipped:
+        assert {k: key[k] for k in ("kind", "grid", "chips", "decoder", "bands")} == \
+            {k: probe[k] for k in ("kind", "grid", "chips", "decoder", "bands")}
