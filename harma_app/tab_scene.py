@@ -27,7 +27,7 @@ from harma.retrieval.identity import cache_key
 from harma.scene import Scene, SceneIndex, chip_grid, heatmap_image, score_map, to_geojson, top_k
 
 from .common import DEMO, MAX_QUERY_CHARS, PRECOMPUTED, USER_ERRORS, AppError, clamp_k, fail, progress_cb
-from .galleries import install_secret
+from .galleries import install_secret, sweep_uploads
 from .state import AppState
 
 DEMO_SCENE_DIR = DEMO / "scene"  # python -m training.build_demo --scene FILE
@@ -298,6 +298,8 @@ def use_scene(app: AppState, upload: Any, current: Optional[str],
             tmp = folder / f".{digest}.{os.getpid()}.{threading.get_ident()}"
             shutil.copyfile(src, tmp)
             os.replace(tmp, out)
+        (folder / ".complete").touch()  # used now: uploaded scenes expire and are bounded like uploaded galleries
+        sweep_uploads(folder.parent, keep=folder)
         return show_scene(app, f"upload:{digest}", band_order)
     except (AppError, *USER_ERRORS) as e:
         return current or DEMO_KEY, gr.update(), gr.update(), fail(e)

@@ -177,3 +177,18 @@ def test_the_demo_scene_is_bundled_with_its_credit():
     for key in shipped:
         assert {k: key[k] for k in ("kind", "grid", "chips", "decoder", "bands")} == \
             {k: probe[k] for k in ("kind", "grid", "chips", "decoder", "bands")}
+
+
+def test_uploaded_scenes_expire_like_uploaded_galleries(app, tmp_path):
+    """An uploaded scene unused for a day is deleted when the next one arrives (they were never swept)."""
+    import os
+
+    from harma_app.galleries import UPLOAD_TTL_S
+
+    first, _, _, _ = tab_scene.use_scene(app, str(write_scene(tmp_path / "a.tif", side=160)), "demo")
+    folder = app.cache_dir / "scene" / "uploads" / first.partition(":")[2]
+    old = folder.stat().st_mtime - UPLOAD_TTL_S - 60
+    os.utime(folder / ".complete", (old, old))
+    second, _, _, _ = tab_scene.use_scene(app, str(write_scene(tmp_path / "b.tif", side=176)), "demo")
+    assert second != first and not folder.exists()
+    assert (app.cache_dir / "scene" / "uploads" / second.partition(":")[2]).is_dir()
