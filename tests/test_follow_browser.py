@@ -97,3 +97,30 @@ def test_a_model_switch_reruns_text_to_image_and_clears_image_to_text(url):
             assert len(page.evaluate(caps)) < len(ranked) / 2  # none of the previous model's rows
         finally:
             browser.close()
+
+
+def test_scene_search_answers_a_query_on_the_bundled_scene(url):
+    """Issue 35 in Chromium on a fresh clone: the Scene search tab shows the bundled scene, a query fills both
+    models' heatmaps and top-chip galleries and offers the hits as a GeoJSON download, with no page error."""
+    if not (DEMO / "scene").is_dir():
+        pytest.skip("no bundled demo scene (python -m training.build_demo --scene FILE)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            page.get_by_role("tab", name="Scene search").click()
+            page.locator("#scene-baseline-map img").wait_for(timeout=30_000)  # the scene before any query
+            page.locator("#scene-query textarea, #scene-query input").first.fill("many cars in a parking lot")
+            page.locator("#scene-search").click()
+            for part in ("#scene-baseline-gallery img", "#scene-adapted-gallery img", "#scene-geojson a"):
+                page.locator(part).first.wait_for(timeout=60_000)
+            maps = [page.locator(f"#scene-{side}-map img").get_attribute("src") for side in ("baseline", "adapted")]
+            assert maps[0] != maps[1]  # each model's own heatmap
+            assert ".geojson" in page.locator("#scene-geojson a").first.get_attribute("href")
+            assert "⚠️" not in page.locator("#scene-note").inner_text() and not errors, errors
+        finally:
+            browser.close()
