@@ -34,6 +34,15 @@ BROWSER_MARKS = [  # every browser-test module's marks
 pytestmark = BROWSER_MARKS
 
 
+def open_page(browser, url: str, **goto):
+    """A 1400 x 1000 page at ``url``, and the list its uncaught script errors go to."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url, **goto)
+    return page, errors
+
+
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     update = os.environ.get("HARMA_UPDATE_SCREENSHOT") == "1"

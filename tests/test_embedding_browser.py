@@ -14,7 +14,7 @@ import harma.projection as projection
 from benchmarks.browser import launch
 from benchmarks.sections import _api
 from tests.test_app import tiny_setup
-from tests.test_app_browser import BROWSER_MARKS
+from tests.test_app_browser import BROWSER_MARKS, open_page
 from tests.test_app_api import serve
 
 pytestmark = [*BROWSER_MARKS, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -48,10 +48,7 @@ def test_maps_move_link_and_name_the_modalities(url, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url, wait_until="domcontentloaded")
+            page, errors = open_page(browser, url, wait_until="domcontentloaded")
             page.get_by_role("tab", name="Embedding space").click()
             for plot in (BASE, ADAPTED, MOVE):
                 page.wait_for_function(f"{plot} && {plot}.__harmaLinked && {plot}.data.length > 0", timeout=60_000)

@@ -18,7 +18,7 @@ import harma_app as app
 from benchmarks.browser import launch
 from harma_app.common import DEMO, ROOT
 from tests.test_app_api import serve
-from tests.test_app_browser import BROWSER_MARKS
+from tests.test_app_browser import BROWSER_MARKS, open_page
 
 QUERY = "a baseball diamond"
 BUDGET_S = 2.0  # the budget for a tab's first answer on a fresh clone (idle 2-core machine)
@@ -108,10 +108,7 @@ def test_scene_search_answers_a_query_on_the_bundled_scene(url):
     with sync_api.sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url)
+            page, errors = open_page(browser, url)
             page.get_by_role("tab", name="Scene search").click()
             page.locator("#scene-baseline-map img").wait_for(timeout=30_000)  # the scene before any query
             page.locator("#scene-query textarea, #scene-query input").first.fill("many cars in a parking lot")

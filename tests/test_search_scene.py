@@ -7,12 +7,12 @@ import re
 
 import numpy as np
 import pytest
-import rasterio
 from rasterio.transform import from_origin
 
 from benchmarks.scene import FIXTURE, SHARED_SCENES, hit_at, same_windows
 from harma.scene import Scene, SceneIndex, chip_grid, top_k
 from tests.test_evaluate_cli import setup  # noqa: F401  (module fixture: tiny checkpoint + base weights)
+from tests.test_scene import write_scene
 from training.search_scene import main
 
 QUERY = "a bridge over a river"
@@ -25,15 +25,7 @@ def write_tif(path, width=96, height=96, crs="EPSG:32633", px=1.0, seed=0, nodat
     data[:, 8:24, 40:56] = 250
     if fill is not None:
         data[:] = fill
-    profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8",
-                   transform=from_origin(500000.0, 4500000.0, px, px))
-    if crs is not None:
-        profile["crs"] = crs
-    if nodata is not None:
-        profile["nodata"] = nodata
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-    return path
+    return write_scene(path, data, crs=crs, transform=from_origin(500000.0, 4500000.0, px, px), nodata=nodata)
 
 
 def _args(s, scene, tmp_path, *extra):
