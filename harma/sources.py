@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import open_clip
 
 from .archs import ARCHS, resolve_arch
 from .checkpoint import read_adapter_config
-from .config import METHODS, HarmaConfig, ModelConfig, MRSConfig, from_dict
-from .errors import CheckpointError, HarmaError, PresetError, one_line
+from .errors import HarmaError, PresetError, one_line
 from .io import CONFIG_NAME
 from .presets import PRESETS, Preset
 
@@ -75,40 +74,6 @@ def backbone_problem(model: dict, base: dict, allow_download: bool, how: Optiona
     return None
 
 
-def adapter_meta(directory: Union[str, Path]) -> dict[str, Any]:
-    """``adapter_config.json`` of ``directory``, checked for what discovery and loading rely on: an
-    object whose ``method`` is a known method, whose ``base`` is an object and whose ``model`` fills a
-    :class:`~harma.config.ModelConfig`. Raises :class:`CheckpointError` naming the file and field."""
-    path = Path(directory) / CONFIG_NAME
-    try:
-        meta = read_adapter_config(directory)
-    except TypeError:  # a JSON value without fields (null, a number): nothing to look a field up in
-        meta = None
-    except RecursionError:
-        raise CheckpointError(f"{path}: JSON nested too deeply to read") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object with method, model and base fields")
-    if meta.get("method") not in METHODS:
-        raise CheckpointError(f"{path}: field 'method' is {meta.get('method')!r}, not one of {', '.join(METHODS)}")
-    for name in ("model", "base"):
-        if not isinstance(meta.get(name), dict):
-            raise CheckpointError(f"{path}: field {name!r} must be an object, got {meta.get(name)!r:.80}")
-    try:
-        cfg = from_dict(ModelConfig, meta["model"], "model")
-    except RecursionError:
-        raise CheckpointError(f"{path}: field 'model' is nested too deeply") from None
-    except HarmaError as e:
-        raise CheckpointError(f"{path}: {one_line(e)}") from None
-    except (TypeError, AttributeError) as e:  # a value of the wrong kind that from_dict passes through (null, a number)
-        raise CheckpointError(f"{path}: field 'model' holds a value of the wrong type ({one_line(e)})") from None
-    for name, kind in (("harma", HarmaConfig), ("mrs", MRSConfig)):  # from_dict passes a non-mapping through
-        if not isinstance(getattr(cfg, name), kind):
-            raise CheckpointError(f"{path}: field 'model.{name}' must be an object, got {getattr(cfg, name)!r:.80}")
-    if not isinstance(cfg.model_name, str):
-        raise CheckpointError(f"{path}: field 'model.model_name' must be a string, got {cfg.model_name!r:.80}")
-    return meta
-
-
 def shown_path(path: Union[str, Path], root: Optional[Path] = None) -> str:
     """How a front end names a folder to its visitors, without the server's absolute path: relative to
     ``root`` (the project) or the working directory when inside one, else the folder's name."""
@@ -145,7 +110,7 @@ def checkpoint_source(directory: Path, allow_download: bool, base_weights: Optio
     key = key or f"checkpoint:{directory.resolve().name}"
     shown = shown_path(directory, root)
     try:
-        meta = adapter_meta(directory)
+        meta = read_adapter_config(directory)
     except READ_ERRORS as e:  # listed as unavailable, with the reason
         return ModelSource(key, label or directory.name, directory, None,
                            _without_paths(one_line(e), directory, shown))
@@ -212,7 +177,7 @@ def discover_sources(root: Path, checkpoint: Optional[str] = None, allow_downloa
         if directory.resolve() in seen:
             continue
         try:
-            if adapter_meta(directory)["method"] == "full":
+            if read_adapter_config(directory)["method"] == "full":
                 continue
         except READ_ERRORS:
             pass  # listed, with its problem

@@ -15,13 +15,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from harma import ModelConfig, create_model, load_adapters
+from harma.checkpoint import read_adapter_config
 from harma.config import from_dict
 from harma.encode import unreadable_images
 from harma.errors import ConfigError, one_line
 from harma.presets import Preset
 from harma.retrieval import CaptionPool, Retriever, RetrieverOptions
 from harma.retrieval.identity import cache_problem
-from harma.sources import READ_ERRORS, ModelSource, adapter_meta, find_source
+from harma.sources import READ_ERRORS, ModelSource, find_source
 from harma.sources import discover_sources as find_sources
 
 from .common import (
@@ -187,7 +188,7 @@ def load_models(source: ModelSource, device: str = "cpu") -> ModelPair:
     """The adapted model from ``source.adapters`` and its backbone without adapters (method zeroshot)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
-        meta = adapter_meta(source.adapters)
+        meta = read_adapter_config(source.adapters)
         cfg = from_dict(ModelConfig, meta["model"], "model")
         if source.base_weights:
             cfg.base_weights = source.base_weights
@@ -276,7 +277,7 @@ class AppState:
         """"Adapted (<method>)" for the model ``key`` (read from its adapter config; no model is loaded)."""
         try:
             source = self.sources[self.model_key(key)]
-            method = adapter_meta(source.adapters)["method"] if source.adapters else None
+            method = read_adapter_config(source.adapters)["method"] if source.adapters else None
         except (AppError, *READ_ERRORS):
             method = None
         return f"Adapted ({METHOD_NAMES[method]})" if method in METHOD_NAMES else "Adapted"
