@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .data import ImageDataset, RetrievalSplit, clean_caption, open_image
-from .data.images import decode_signature
+from .data import ImageDataset, RetrievalSplit, clean_caption
+from .data.images import decode_failures, decode_signature
 from .errors import DatasetError, NonFiniteEmbeddingError, one_line
 from .gap import canonical_order, modality_gap
 from .io import atomic_write_bytes, hash_files
@@ -51,14 +51,7 @@ def unreadable_images(paths: Sequence[Union[str, Path]], cache_dir: Optional[Uni
             return [(int(i), str(why)) for i, why in json.loads(memo.read_text())]
         except (OSError, ValueError, TypeError):
             pass  # not checked yet (or an unreadable memo): check
-    bad: list[tuple[int, str]] = []
-    for i, p in enumerate(paths):
-        try:
-            open_image(p)
-        except DatasetError as e:
-            bad.append((i, one_line(e)))
-        if progress is not None:
-            progress(i + 1, len(paths))
+    bad = [(i, one_line(e)) for i, e in decode_failures(paths, progress)]
     if memo is not None:
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)

@@ -261,6 +261,21 @@ def open_image(path: str | Path, bands: Optional[Sequence[int]] = None) -> Image
         raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
+def decode_failures(paths: Sequence[str | Path],
+                    progress: Optional[Callable[[int, int], None]] = None) -> list[tuple[int, DatasetError]]:
+    """Decode every image once with :func:`open_image`: ``(index, error)`` of each that cannot be read,
+    in order. ``progress(done, total)`` after each image."""
+    bad: list[tuple[int, DatasetError]] = []
+    for i, p in enumerate(paths):
+        try:
+            open_image(p)
+        except DatasetError as e:
+            bad.append((i, e))
+        if progress is not None:
+            progress(i + 1, len(paths))
+    return bad
+
+
 def verify_images(paths: Sequence[str | Path], cache_dir: Optional[str | Path] = None,
                   progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Decode every image once, before work starts that would otherwise stop at the first bad one.
@@ -281,14 +296,7 @@ def verify_images(paths: Sequence[str | Path], cache_dir: Optional[str | Path] =
     marker = Path(cache_dir) / f"verified-{h.hexdigest()[:20]}" if cache_dir is not None else None
     if marker is not None and marker.is_file():
         return 0
-    bad: list[str] = []
-    for i, p in enumerate(paths):
-        try:
-            open_image(p)
-        except DatasetError as e:
-            bad.append(str(e))
-        if progress is not None:
-            progress(i + 1, len(paths))
+    bad = [str(e) for _, e in decode_failures(paths, progress)]
     if bad:
         shown = "; ".join(bad[:5])
         raise DatasetError(f"{len(bad)} of {len(paths)} images cannot be read: {shown}"
