@@ -181,12 +181,14 @@ def install_secret(cache_dir: Path) -> bytes:
         return secrets.token_bytes(32)
 
 
-def _keyed(cache_dir: Path, text: Union[str, bytes]) -> str:
-    data = text.encode() if isinstance(text, str) else text
+def keyed(cache_dir: Path, *parts: Any) -> str:
+    """A name for a file or folder the app keeps or serves: an HMAC (the install key) of ``parts`` (one
+    ``bytes`` as it is, else their text joined by ``|``), so nobody can derive it from what it depends on."""
+    data = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else "|".join(map(str, parts)).encode()
     return hmac.new(install_secret(cache_dir), data, hashlib.sha256).hexdigest()[:32]
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-80:].lstrip(".") or "image"
 
 
@@ -257,7 +259,7 @@ def upload_gallery(files: list, cache_dir: Path) -> tuple[str, Gallery, list[str
         h.update(hashlib.sha256(data).digest())
     if not good:
         raise AppError("none of the uploaded files is a readable image: " + "; ".join(skipped))
-    digest = _keyed(cache_dir, h.digest())
+    digest = keyed(cache_dir, h.digest())
     uploads = cache_dir / "uploads"
     folder = uploads / digest
     sweep_uploads(uploads, keep=folder)
@@ -268,7 +270,7 @@ def upload_gallery(files: list, cache_dir: Path) -> tuple[str, Gallery, list[str
         tmp = uploads / f".{digest}.{os.getpid()}.{threading.get_ident()}"
         tmp.mkdir(parents=True, exist_ok=True)
         for i, (src, img, head) in enumerate(good):
-            _store_upload(src, img, head, tmp / f"{i:04d}-{_safe_name(src.stem)[:60]}")
+            _store_upload(src, img, head, tmp / f"{i:04d}-{safe_name(src.stem)[:60]}")
         (tmp / ".complete").touch()
         try:
             tmp.rename(folder)
@@ -317,8 +319,8 @@ def displayable(path: Path, cache_dir: Path, side: int = THUMB_SIDE) -> Union[st
     st = path.stat()
     real = os.path.realpath(path)
     direct = _browser_ready(path, st.st_size)
-    key = _keyed(cache_dir, f"{real}|{st.st_size}|{st.st_mtime_ns}|{side}")
-    out = cache_dir / "thumbs" / f"{key}-{_safe_name(path.name if direct else path.stem + '.jpg')}"
+    key = keyed(cache_dir, real, st.st_size, st.st_mtime_ns, side)
+    out = cache_dir / "thumbs" / f"{key}-{safe_name(path.name if direct else path.stem + '.jpg')}"
     if out.is_file():
         return str(out)
     try:

@@ -8,13 +8,11 @@ under the cache folder's ``scene/`` (the demo scene's for the default model ship
 from __future__ import annotations
 
 import hashlib
-import hmac
+import io
 import json
 import math
-import os
 import re
 import shutil
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -27,7 +25,7 @@ from harma.retrieval.identity import cache_key
 from harma.scene import Scene, SceneIndex, chip_grid, heatmap_image, score_map, to_geojson, top_k
 
 from .common import DEMO, MAX_QUERY_CHARS, PRECOMPUTED, USER_ERRORS, AppError, clamp_k, fail, progress_cb
-from .galleries import install_secret, sweep_uploads
+from .galleries import keyed, safe_name, sweep_uploads
 from .state import AppState
 
 DEMO_SCENE_DIR = DEMO / "scene"  # python -m training.build_demo --scene FILE
@@ -45,12 +43,6 @@ NOTE = ("Chips are squares of the given side on the ground, overlapping by half;
         "top chips (EPSG:4326, with rank, score, model and query).")
 BAND_ORDERS = {"R, G, B": None, "B, G, R (e.g. Landsat)": (2, 1, 0)}  # None: HARMA_BANDS, else bands 1-3
 _UPLOAD = re.compile(r"upload:([0-9a-f]{32})")
-
-
-def _keyed(app: AppState, *parts: Any) -> str:
-    """A name for a file the app serves, by a keyed hash of what it depends on (not guessable)."""
-    text = "|".join(str(p) for p in parts).encode()
-    return hmac.new(install_secret(app.cache_dir), text, hashlib.sha256).hexdigest()[:32]
 
 
 def demo_scene_path() -> Optional[Path]:
@@ -103,8 +95,7 @@ def _ship_into_cache(app: AppState) -> None:
         out = dest / src.relative_to(SHIPPED_SCENE)
         if src.is_file() and not out.exists():  # atomically: a concurrent build may read it
             out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp := out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}"))
-            os.replace(tmp, out)
+            atomic_write_bytes(out, src.read_bytes())
 
 
 def _build(app: AppState, pair, scene: Scene, grid, cache_dir: Path, progress: Any = None) -> list:
@@ -153,7 +144,7 @@ def scene_indexes(app: AppState, scene: Scene, grid, model_key: Optional[str], p
 def _heatmap(app: AppState, scene: Scene, grid, scores, tag: str) -> str:
     """The heatmap of ``scores`` over the scene's overview, written once under ``thumbs/``."""
     digest = hashlib.sha256(scores.detach().cpu().numpy().tobytes()).hexdigest()
-    out = app.cache_dir / "thumbs" / f"scene-{_keyed(app, scene.sha256, scene.bands, grid.chip_m, tag, digest)}.jpg"
+    out = app.cache_dir / "thumbs" / f"scene-{keyed(app.cache_dir, scene.sha256, scene.bands, grid.chip_m, tag, digest)}.jpg"
     if not out.is_file():
         img = heatmap_image(scene, score_map(scene, grid, scores), max_side=VIEW_SIDE)
         _write_image(img, out)
@@ -161,7 +152,7 @@ def _heatmap(app: AppState, scene: Scene, grid, scores, tag: str) -> str:
 
 
 def _overview(app: AppState, scene: Scene) -> str:
-    out = app.cache_dir / "thumbs" / f"scene-{_keyed(app, scene.sha256, scene.bands, VIEW_SIDE)}.jpg"
+    out = app.cache_dir / "thumbs" / f"scene-{keyed(app.cache_dir, scene.sha256, scene.bands, VIEW_SIDE)}.jpg"
     if not out.is_file():
         _write_image(scene.overview(max_side=VIEW_SIDE), out)
     return str(out)
@@ -169,13 +160,13 @@ def _overview(app: AppState, scene: Scene) -> str:
 
 def _write_image(img, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.{threading.get_ident()}.jpg")
-    img.convert("RGB").save(tmp, format="JPEG", quality=88)
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=88)
+    atomic_write_bytes(out, buf.getvalue())
 
 
 def _chip_tile(app: AppState, scene: Scene, chip) -> str:
-    out = app.cache_dir / "thumbs" / f"scene-{_keyed(app, scene.sha256, scene.bands, chip.window)}.jpg"
+    out = app.cache_dir / "thumbs" / f"scene-{keyed(app.cache_dir, scene.sha256, scene.bands, chip.window)}.jpg"
     if not out.is_file():
         side = min(CHIP_SIDE, max(chip.width, chip.height))
         _write_image(scene.read_rgb((chip.col_off, chip.row_off, chip.width, chip.height), out_size=(side, side)), out)
@@ -208,7 +199,7 @@ def _answer(app: AppState, scene: Scene, grid, model_key: Optional[str], k: int,
         galleries.append(_tiles(app, scene, grid, ids, scores))
         features += to_geojson(scene, grid, ids, scores, name, query)["features"]
     collection = {"type": "FeatureCollection", "features": features}
-    name = _keyed(app, scene.sha256, scene.bands, grid.chip_m, k, query, model_key)
+    name = keyed(app.cache_dir, scene.sha256, scene.bands, grid.chip_m, k, query, model_key)
     out = app.cache_dir / "exports" / f"scene-hits-{name}.geojson"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, json.dumps(collection, indent=1).encode())
@@ -290,14 +281,12 @@ def use_scene(app: AppState, upload: Any, current: Optional[str],
                            f"{MAX_SCENE_BYTES // 2**20} MB, or search a larger one with "
                            "`python -m training.search_scene --scene FILE`")
         Scene.open(src)  # not a raster, no CRS, too small: refused before it is kept
-        digest = _keyed(app, "upload", file_sha256(src))
+        digest = keyed(app.cache_dir, "upload", file_sha256(src))
         folder = app.cache_dir / "scene" / "uploads" / digest
-        out = folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", src.stem)[-60:].lstrip(".") + ".tif")
+        out = folder / (safe_name(src.stem) + ".tif")
         if not out.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{digest}.{os.getpid()}.{threading.get_ident()}"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, out)
+            atomic_write_bytes(out, src.read_bytes())  # at most MAX_SCENE_BYTES
         (folder / ".complete").touch()  # used now: uploaded scenes expire and are bounded like uploaded galleries
         sweep_uploads(folder.parent, keep=folder)
         return show_scene(app, f"upload:{digest}", band_order)
