@@ -23,6 +23,7 @@ from harma.data.json_format import json_splits, read_harma_json
 from harma.data.split import RetrievalSplit
 from harma.data.table_format import csv_splits, jsonl_splits, read_csv, read_jsonl
 from harma.data.txt_format import read_pe_rsitr_txt, txt_splits
+from harma.config import FALSE, TRUE
 from harma.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ def follow_links_setting(follow_links: Optional[bool] = None) -> bool:
     if follow_links is not None:
         return bool(follow_links)
     raw = os.environ.get(FOLLOW_LINKS_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
+    if raw in ("", *FALSE):  # the config parser's words for a boolean
         return False
-    if raw in ("1", "true", "yes", "on"):
+    if raw in TRUE:
         return True
     raise ConfigError(f"{FOLLOW_LINKS_ENV}={raw!r}: expected 1 (follow links out of a dataset folder) or 0")
 
