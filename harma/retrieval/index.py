@@ -26,6 +26,7 @@ from .ann import ANNConfig, ANNIndex
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+ARCHIVE_FORMAT = 2  # harma.retrieval.archive's on-disk index, which this class does not read
 EMBEDDINGS_FILE = "embeddings.safetensors"
 ANN_FILE = "ann.faiss"
 BACKENDS = ("auto", "exact", "ann")
@@ -190,10 +191,14 @@ class EmbeddingIndex:
 
         path = Path(path)
         try:
-            text, blob = (path / INDEX_FILE).read_bytes(), (path / EMBEDDINGS_FILE).read_bytes()
+            text = (path / INDEX_FILE).read_bytes()
+            meta = parse_json(text, IndexFormatError, path / INDEX_FILE)
+            if isinstance(meta, dict) and meta.get("format_version") == ARCHIVE_FORMAT:
+                raise IndexFormatError(f"{path}: an archive index (format {ARCHIVE_FORMAT}, memory-mapped); open it "
+                                       "with harma.retrieval.load_index (or ArchiveIndex.load)")
+            blob = (path / EMBEDDINGS_FILE).read_bytes()
         except OSError as e:
             raise IndexFormatError(f"{path}: cannot read the index ({type(e).__name__}: {e})") from None
-        meta = parse_json(text, IndexFormatError, path / INDEX_FILE)
         if not isinstance(meta, dict):
             raise IndexFormatError(f"{path / INDEX_FILE}: expected a JSON object")
         if meta.get("format_version") != INDEX_VERSION:

@@ -1,0 +1,314 @@
+"""Building an archive index (:mod:`.archive`) from vectors streamed in chunks, in bounded memory.
+
+Two passes over ``chunks`` (autofaiss's recipe): the first keeps a seeded sample (to train the
+quantisers) and a few hundred query rows; the second adds the rows partition by partition to copies
+of the trained, empty index, each written to a temporary file, while appending every row's SQ8 code
+to ``refine.sq8`` and keeping the exact top-10 of the query rows. ``faiss.contrib.ondisk.merge_ondisk``
+then joins the partitions' lists into one ``lists.ivfdata``. Peak memory is one partition plus the
+sample, whatever ``n``. Last, the search parameters are raised step by step until the recall@10 of
+the query rows reaches a target (autofaiss's tuning), and ``index.json`` is written.
+
+Coarse quantiser: spherical k-means on the sample; from 1,024 lists faiss's two-level k-means
+(sqrt(nlist) clusters, then sub-clusters in each: a flat k-means of 16,384 centroids on 300k x 512
+vectors is about 10^14 flops, hours on 2 cores), and from
+:data:`~harma.retrieval.plan.HNSW_QUANTIZER_FROM` lists an HNSW graph over the centroids, so that
+assigning 10^7 vectors does not scan every centroid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from ..errors import ConfigError, InputError
+from ..io import INDEX_FILE, atomic_write_json
+from .ann import _faiss
+from .archive import ARCHIVE_VERSION, IVF_FILE, LISTS_FILE, SQ_FILE, ArchiveIndex
+from .archive_store import IDS_FILE, OFFSETS_FILE, REFINE_FILE, write_ids
+from .plan import HNSW_M, IndexPlan, train_size
+
+QUERIES = 256  # sampled rows whose exact top-10 measures the recall at build time
+TOPK = 10
+TARGET_RECALL = 0.95  # the tuning stops at the first parameters reaching it ...
+NPROBE_CAP_FRACTION = 64  # ... or at nprobe = nlist / 64 (at least 16) ...
+RERANK_CAP = 4096  # ... and rerank = 4,096 candidates
+MIN_GAIN = 0.005  # a deeper re-ranking that gains less recall than this: probe more lists instead
+PARTITION_BYTES = 512 << 20  # codes held in memory per partition before it is written
+PARTITION_ROWS = 1_000_000
+TWO_LEVEL_FROM = 1024  # nlist from which k-means is two-level
+KMEANS_ITER = 20
+
+
+def _check(x: Any, dim: int, done: int, n: int) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise InputError(f"chunks: a chunk of shape {tuple(x.shape)} at row {done:,}, expected (m, {dim})")
+    if done + len(x) > n:
+        raise InputError(f"chunks: more than the {n:,} rows announced (a chunk at row {done:,} has {len(x):,})")
+    return x
+
+
+def _rows(chunks: Callable[[], Iterable[Any]], n: int, dim: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, chunk)`` over a fresh pass of ``chunks``; checks shapes and the total."""
+    done = 0
+    for x in chunks():
+        x = _check(x, dim, done, n)
+        if len(x):
+            yield done, x
+        done += len(x)
+    if done != n:
+        raise InputError(f"chunks: {done:,} rows in all, expected {n:,}")
+
+
+def _pick(chunks: Callable[[], Iterable[Any]], n: int, dim: int, rows: np.ndarray) -> np.ndarray:
+    """The vectors of the sorted ``rows``, in one pass."""
+    out = np.empty((len(rows), dim), np.float32)
+    for start, x in _rows(chunks, n, dim):
+        a, b = np.searchsorted(rows, [start, start + len(x)])
+        out[a:b] = x[rows[a:b] - start]
+    return out
+
+
+def _centroids(x: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids of the sample (two-level from :data:`TWO_LEVEL_FROM` lists)."""
+    faiss = _faiss()
+    args = dict(seed=seed, spherical=True, min_points_per_centroid=1)
+    if nlist >= TWO_LEVEL_FROM:
+        from faiss.contrib.clustering import two_level_clustering
+
+        centroids, _ = two_level_clustering(x, int(round(math.sqrt(nlist))), nlist, clustering_niter=KMEANS_ITER,
+                                            niter=KMEANS_ITER, **args)
+        return np.ascontiguousarray(centroids, dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], nlist, niter=KMEANS_ITER, max_points_per_centroid=1 << 30, **args)
+    km.train(x)
+    return km.centroids
+
+
+def train_index(plan: IndexPlan, sample: np.ndarray, seed: int = 0) -> tuple[Any, Any]:
+    """The trained, empty IVF index of ``plan`` (OPQ, coarse quantiser, PQ) and, for an SQ8 refine
+    stage, the trained SQ8 codec (an empty ``IndexScalarQuantizer``), from ``sample`` (normalised rows)."""
+    faiss = _faiss()
+    n, dim = sample.shape
+    if plan.nlist > n:
+        raise ConfigError(f"index plan: {plan.nlist:,} lists need at least as many training vectors, got {n:,}")
+    ip = faiss.METRIC_INNER_PRODUCT
+    opq, x = None, sample
+    if plan.kind == "ivf_pq" and plan.opq:
+        opq = faiss.OPQMatrix(dim, plan.pq_m)
+        opq.train(x)
+        x = opq.apply(x)
+    quantizer = faiss.IndexHNSWFlat(dim, HNSW_M, ip) if plan.hnsw_quantizer else faiss.IndexFlatIP(dim)
+    quantizer.add(_centroids(x, plan.nlist, seed))
+    if plan.kind == "ivf_flat":
+        ivf = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, ip)
+    elif plan.kind == "ivf_pq":
+        if dim % plan.pq_m:
+            raise ConfigError(f"index plan: pq_m {plan.pq_m} does not divide the dimension {dim}")
+        ivf = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, ip)
+        ivf.pq.cp.seed = seed
+    else:
+        raise ConfigError(f"an archive index is ivf_flat or ivf_pq, not {plan.kind!r} (exact search: EmbeddingIndex)")
+    ivf.own_fields = True
+    quantizer.this.disown()
+    ivf.train(x)  # the quantiser is full: only the PQ codebooks are trained, on the residuals
+    index = ivf
+    if opq is not None:
+        index = faiss.IndexPreTransform(opq, ivf)
+        index.own_fields = True
+        ivf.this.disown()
+        opq.this.disown()
+        index.is_trained = True
+    sq = None
+    if plan.refine == "sq8":
+        sq = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip)
+        sq.train(sample)
+    return index, sq
+
+
+class _TopK:
+    """Exact top-``k`` rows of fixed queries over rows seen chunk by chunk."""
+
+    def __init__(self, queries: np.ndarray, k: int) -> None:
+        self.q, self.k = queries, k
+        self.scores = np.full((len(queries), 0), -np.inf, np.float32)
+        self.rows = np.zeros((len(queries), 0), np.int64)
+
+    def add(self, start: int, x: np.ndarray) -> None:
+        s = self.q @ x.T  # (Q, m)
+        r = np.broadcast_to(np.arange(start, start + len(x)), s.shape)
+        if s.shape[1] > self.k:  # the chunk's own top-k first: never (Q, m) row numbers in memory
+            top = np.argpartition(-s, self.k - 1, axis=1)[:, : self.k]
+            s, r = np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
+        s, r = np.concatenate([self.scores, s], 1), np.concatenate([self.rows, r], 1)
+        if s.shape[1] > self.k:
+            top = np.argpartition(-s, self.k - 1, axis=1)[:, : self.k]
+            s, r = np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
+        self.scores, self.rows = s, r
+
+    def best_first(self) -> np.ndarray:
+        """The rows found, best first (ties: lower row first)."""
+        order = np.lexsort((self.rows, -self.scores), axis=1) if self.rows.size else self.rows
+        return np.take_along_axis(self.rows, order, 1) if self.rows.size else self.rows
+
+
+def recall_excluding_self(found: np.ndarray, exact: np.ndarray, query_rows: np.ndarray, k: int = TOPK) -> float:
+    """Recall@k of ``found`` against ``exact`` (both rows, best first) when the queries are rows of
+    the index themselves: each query's own row is left out of both lists (finding itself is trivial)."""
+    hits = 0
+    for f, e, own in zip(found, exact, query_rows):
+        e = [r for r in e.tolist() if r != own][:k]
+        f = [r for r in f.tolist() if r != own and r >= 0][:k]
+        hits += len(set(f) & set(e))
+    return hits / max(1, k * len(exact))
+
+
+def _tune(index: ArchiveIndex, queries: np.ndarray, exact: np.ndarray, query_rows: np.ndarray,
+          target: float, say: Callable[[str], None]) -> dict:
+    """Raise the search parameters from the plan's until recall@10 >= ``target`` or the caps: double
+    ``rerank`` while that still gains (ivf_pq), else double ``nprobe``."""
+    nlist = index.plan.nlist
+    cap = min(nlist, max(16, nlist // NPROBE_CAP_FRACTION))
+    pq = index.plan.refine == "sq8"
+
+    def recall(nprobe: int, rerank: int) -> float:
+        index.nprobe, index.rerank = nprobe, rerank
+        _, rows = index.search(queries, TOPK + 1)
+        r = recall_excluding_self(rows.numpy(), exact, query_rows)
+        say(f"recall@{TOPK} {r:.3f} at nprobe {nprobe}" + (f", rerank {rerank}" if pq else ""))
+        return r
+
+    nprobe = max(1, min(index.plan.nprobe or 16, cap))
+    rerank = min(RERANK_CAP, max(4 * TOPK, index.plan.rerank or 256)) if pq else 0
+    r = recall(nprobe, rerank)
+    while r < target:
+        if pq and rerank < RERANK_CAP:
+            deeper = recall(nprobe, 2 * rerank)
+            if deeper >= target or deeper - r >= MIN_GAIN:
+                rerank, r = 2 * rerank, deeper
+                continue
+        if nprobe >= cap:
+            break
+        nprobe = min(cap, 2 * nprobe)
+        r = recall(nprobe, rerank)
+    return {"nprobe": nprobe, "rerank": rerank, "recall_at_10": round(r, 4),
+            "measured_with": {"nprobe": nprobe, "rerank": rerank, "queries": len(queries), "target": target,
+                              "queries_are": "sampled rows, own row left out"}}
+
+
+def _partition_rows(index: Any, sq: Any) -> int:
+    ivf = _faiss().extract_index_ivf(index)
+    per_row = int(ivf.code_size) + 8 + (int(sq.sa_code_size()) if sq is not None else 0)
+    return int(max(10_000, min(PARTITION_ROWS, PARTITION_BYTES // per_row)))
+
+
+def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: int, plan: IndexPlan,
+                  ids: Iterable[object], *, extra: Optional[dict] = None,
+                  progress: Optional[Callable[[int, int], None]] = None, log: Optional[Callable[[str], None]] = None,
+                  seed: int = 0, partition_rows: Optional[int] = None,
+                  target_recall: float = TARGET_RECALL) -> ArchiveIndex:
+    """Build an archive index (format 2) in folder ``out`` and return it, loaded (memory-mapped).
+
+    Args:
+        out: folder (created); its index files are replaced, ``index.json`` last.
+        chunks: zero-argument callable returning a new iterator of float32 (m, dim) L2-normalised
+            arrays, ``n`` rows in all, in row order; called twice (sample pass, add pass).
+        n, dim: rows and dimension. plan: an ``ivf_flat`` or ``ivf_pq`` :class:`IndexPlan`.
+        ids: ``n`` strings in row order (e.g. image paths relative to ``extra["root"]``).
+        extra: JSON-serialisable facts stored in ``index.json`` (model identity, image root, kind).
+        progress: ``progress(rows added, n)`` after every chunk of the add pass.
+        log: one-line messages (stages, measured recall).
+        seed: sampling, k-means and PQ training seed (a build is reproducible).
+        partition_rows: rows per partition (default: about 512 MB of codes, at most 10^6).
+        target_recall: the recall@10 the search parameters are tuned to reach.
+
+    Raises:
+        InputError: ``chunks`` yield another total than ``n``, a chunk of the wrong width, or the ids
+            another count. ConfigError: a plan that is not an archive kind, or inconsistent with ``n``.
+    """
+    faiss = _faiss()
+    from faiss.contrib.ondisk import merge_ondisk
+
+    if n < 1 or dim < 1:
+        raise InputError(f"cannot build an archive index of {n} rows of dimension {dim}")
+    if plan.kind not in ("ivf_flat", "ivf_pq"):
+        raise ConfigError(f"an archive index is ivf_flat or ivf_pq, not {plan.kind!r} (exact search: EmbeddingIndex)")
+    say = log or (lambda _m: None)
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".archive-", dir=out))
+    try:
+        rng = np.random.default_rng(seed)
+        train_rows = np.sort(rng.choice(n, min(n, plan.train_size or train_size(n, plan.nlist)), replace=False))
+        query_rows = np.sort(rng.choice(n, min(n, QUERIES), replace=False))
+        both = np.union1d(train_rows, query_rows)
+        picked = _pick(chunks, n, dim, both)
+        sample, queries = picked[np.searchsorted(both, train_rows)], picked[np.searchsorted(both, query_rows)]
+        del picked
+        say(f"training {plan.factory_string()} on {len(sample):,} sampled vectors")
+        trained, sq = train_index(plan, sample, seed)
+        del sample
+        part_rows = int(partition_rows or _partition_rows(trained, sq))
+        exact, parts, part = _TopK(queries, TOPK + 1), [], None
+        with open(stage / REFINE_FILE, "wb") as refine:
+            for start, x in _rows(chunks, n, dim):
+                exact.add(start, x)
+                if sq is not None:
+                    refine.write(sq.sa_encode(x).tobytes())
+                pos = 0
+                while pos < len(x):  # a chunk may span partitions
+                    if part is None:
+                        part = faiss.clone_index(trained)
+                    take = min(len(x) - pos, part_rows - int(part.ntotal))
+                    part.add_with_ids(x[pos: pos + take], np.arange(start + pos, start + pos + take, dtype=np.int64))
+                    pos += take
+                    if part.ntotal >= part_rows:
+                        parts.append(str(stage / f"part{len(parts)}.faiss"))
+                        faiss.write_index(part, parts[-1])
+                        part = None
+                if progress is not None:
+                    progress(start + len(x), n)
+        if part is not None and part.ntotal:
+            parts.append(str(stage / f"part{len(parts)}.faiss"))
+            faiss.write_index(part, parts[-1])
+        part = None
+        if sq is None:
+            (stage / REFINE_FILE).unlink()
+        say(f"merging {len(parts)} partition(s) into {LISTS_FILE}")
+        merge_ondisk(trained, parts, str(stage / LISTS_FILE))
+        faiss.write_index(trained, str(stage / IVF_FILE))
+        del trained
+        for p in parts:
+            os.unlink(p)
+        if sq is not None:
+            faiss.write_index(sq, str(stage / SQ_FILE))
+        write_ids(stage, ids, n)
+        names = [IVF_FILE, LISTS_FILE, IDS_FILE, OFFSETS_FILE] + ([SQ_FILE, REFINE_FILE] if sq is not None else [])
+        meta = {"format_version": ARCHIVE_VERSION, "kind": (extra or {}).get("kind", "images"), "count": n,
+                "dim": dim, "plan": plan.to_dict(), "search": {"nprobe": plan.nprobe, "rerank": plan.rerank},
+                "files": {name: (stage / name).stat().st_size for name in names}, "extra": extra or {}}
+        atomic_write_json(stage / INDEX_FILE, meta)
+        staged = ArchiveIndex.load(stage)
+        meta["search"] = _tune(staged, queries, exact.best_first(), query_rows, target_recall, say)
+        staged.close()
+        del staged
+        meta["build"] = {"seconds": round(time.perf_counter() - t0, 1), "seed": seed, "partitions": len(parts),
+                         "train_size": int(len(train_rows))}
+        (out / INDEX_FILE).unlink(missing_ok=True)  # a half-replaced folder is no index
+        for name in names:
+            os.replace(stage / name, out / name)
+        if sq is None:
+            for name in (SQ_FILE, REFINE_FILE):
+                (out / name).unlink(missing_ok=True)
+        atomic_write_json(out / INDEX_FILE, meta)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    say(f"archive index of {n:,} rows written to {out} in {time.perf_counter() - t0:.0f} s")
+    return ArchiveIndex.load(out)

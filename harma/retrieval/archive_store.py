@@ -1,0 +1,123 @@
+"""The row-ordered files of an archive index: ids and SQ8 re-ranking codes, read per row.
+
+Ten million ids as a Python list cost about 1 GB; here they are one UTF-8 blob (``ids.bin``) and
+``n + 1`` uint64 byte offsets (``ids.offsets``), both memory-mapped, and one id is decoded when asked
+for. The SQ8 codes (``refine.sq8``, ``dim`` bytes per row, row order) are read with ``os.pread`` for
+the candidates of one query only: unlike a memory map, reads leave no pages mapped into the
+process, so a served index does not grow towards the 5 GB of codes of 10^7 x 512 vectors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import IndexFormatError, InputError
+
+IDS_FILE = "ids.bin"
+OFFSETS_FILE = "ids.offsets"
+REFINE_FILE = "refine.sq8"
+ID_BATCH = 65_536  # ids encoded and written per write call
+
+
+def write_ids(folder: Path, ids: Iterable[object], n: int) -> int:
+    """Write ``ids`` (``n`` of them, as strings) into ``folder/ids.bin`` + ``folder/ids.offsets``,
+    streaming (bounded memory); returns the blob's size. A different count raises :class:`InputError`."""
+    count, end = 0, 0
+    with open(folder / IDS_FILE, "wb") as blob, open(folder / OFFSETS_FILE, "wb") as offsets:
+        offsets.write(np.zeros(1, np.uint64).tobytes())
+        batch: list[bytes] = []
+
+        def flush() -> None:
+            nonlocal end
+            if not batch:
+                return
+            ends = end + np.cumsum([len(b) for b in batch], dtype=np.uint64)
+            blob.write(b"".join(batch))
+            offsets.write(ends.astype(np.uint64).tobytes())
+            end = int(ends[-1])
+            batch.clear()
+
+        for i in ids:
+            count += 1
+            if count > n:
+                raise InputError(f"ids: more than the {n:,} rows of the index")
+            batch.append(str(i).encode("utf-8", "surrogatepass"))
+            if len(batch) >= ID_BATCH:
+                flush()
+        flush()
+    if count != n:
+        raise InputError(f"ids: {count:,} given for {n:,} rows")
+    return end
+
+
+def _map(path: Path, dtype: type, count: int) -> np.ndarray:
+    if count == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+class IdStore:
+    """The ids of an archive index, memory-mapped; :meth:`get` decodes one."""
+
+    def __init__(self, folder: Path, n: int) -> None:
+        offsets_path, blob_path = folder / OFFSETS_FILE, folder / IDS_FILE
+        for p in (offsets_path, blob_path):
+            if not p.is_file():
+                raise IndexFormatError(f"{p}: missing (an archive index needs {IDS_FILE} and {OFFSETS_FILE})")
+        size = offsets_path.stat().st_size
+        if size != 8 * (n + 1):
+            raise IndexFormatError(f"{offsets_path}: {size} bytes, expected {8 * (n + 1)} for {n:,} rows "
+                                   "(truncated or from another index)")
+        self.offsets = _map(offsets_path, np.uint64, n + 1)
+        blob_size = blob_path.stat().st_size
+        if int(self.offsets[-1]) != blob_size or int(self.offsets[0]) != 0:
+            raise IndexFormatError(f"{blob_path}: {blob_size} bytes, but {OFFSETS_FILE} ends at "
+                                   f"{int(self.offsets[-1])} (truncated or from another index)")
+        self.blob = _map(blob_path, np.uint8, blob_size)
+        self.n = n
+
+    def get(self, row: int) -> str:
+        row = int(row)
+        if not 0 <= row < self.n:
+            raise IndexError(f"row {row} out of range for an index of {self.n:,} rows")
+        a, b = int(self.offsets[row]), int(self.offsets[row + 1])
+        if b < a:
+            raise IndexFormatError(f"{IDS_FILE}: offsets of row {row} decrease (corrupt {OFFSETS_FILE})")
+        return bytes(self.blob[a:b]).decode("utf-8", "surrogatepass")
+
+
+class RefineCodes:
+    """Per-row SQ8 codes on disk, read with ``os.pread`` for the rows asked only."""
+
+    def __init__(self, path: Path, n: int, code_size: int) -> None:
+        if not path.is_file():
+            raise IndexFormatError(f"{path}: missing (the re-ranking codes of an ivf_pq archive index)")
+        size = path.stat().st_size
+        if size != n * code_size:
+            raise IndexFormatError(f"{path}: {size} bytes, expected {n * code_size} ({n:,} rows x {code_size}) "
+                                   "(truncated or from another index)")
+        self.path, self.n, self.code_size = path, n, code_size
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read(self, rows: Sequence[int]) -> np.ndarray:
+        """(len(rows), code_size) uint8 codes of ``rows`` (in the order given)."""
+        cs, fd = self.code_size, self.fd
+        blob = b"".join([os.pread(fd, cs, r * cs) for r in map(int, rows)])
+        if len(blob) != len(rows) * cs:
+            raise IndexFormatError(f"{self.path}: shorter than its {self.n:,} rows (truncated since it was opened?)")
+        return np.frombuffer(blob, np.uint8).reshape(len(rows), cs)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
