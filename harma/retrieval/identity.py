@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -132,14 +133,69 @@ def cached_index(cache_dir: Optional[Union[str, Path]], parts: dict[str, Any],
     return index, False
 
 
-def find_prebuilt(indexes: Sequence[EmbeddingIndex], identity: dict[str, Any],
-                  paths: Sequence[Path]) -> Optional[EmbeddingIndex]:
-    """The first of ``indexes`` built by the model ``identity`` describes over exactly ``paths``."""
+SAMPLED_IDS = 64  # rows whose ids two archive indexes must share to count as indexes of the same images
+
+
+class IndexImages:
+    """The image files of an archive index's rows (:class:`~.archive.ArchiveIndex`), resolved one at a time
+    when a row is shown (``index.image_path``: root/id, refused outside the root unless ``follow_links``):
+    a gallery of ten million images without a ten-million-item list. ``len`` and ``[i]`` only; iterating
+    is refused, so that nothing walks (or stats, or hashes) every file of an archive by accident."""
+
+    def __init__(self, index: Any, follow_links: Optional[bool] = None) -> None:
+        self.index = index
+        self.follow_links = follow_links
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Path:
+        n = len(self.index)
+        i = operator.index(i)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} is out of range 0..{n - 1}")
+        return self.index.image_path(i % n, follow_links=self.follow_links)
+
+    def __iter__(self) -> Iterator[Path]:
+        raise TypeError(f"the {len(self):,} images of an archive index are read one row at a time, not iterated")
+
+    def covers(self, other: Any) -> bool:
+        """Whether archive index ``other`` holds the same rows as this one's: the same count, image root and
+        ids at :data:`SAMPLED_IDS` evenly spaced rows (a sample, so that comparing two 10M-row indexes reads
+        a few pages, not every id)."""
+        mine = self.index
+        if other is mine:
+            return True
+        n = len(mine)
+        if len(other) != n or other.extra.get("root") != mine.extra.get("root"):
+            return False
+        rows = sorted({round(j * (n - 1) / max(SAMPLED_IDS - 1, 1)) for j in range(SAMPLED_IDS)})
+        return other.ids_of(rows) == mine.ids_of(rows)
+
+
+def no_index_message(count: int, identity: dict[str, Any]) -> str:
+    """What to say when none of the given indexes was built by the model ``identity`` (the app does not
+    encode that many images itself)."""
+    none = identity.get("adapters_sha256") == "none"
+    return (f"no index of these {count:,} images was built with this model ({'no adapters' if none else 'adapters'}); "
+            "build one with python -m training.build_index" + (" --baseline" if none else ""))
+
+
+def find_prebuilt(indexes: Sequence[Any], identity: dict[str, Any],
+                  paths: Union[Sequence[Path], IndexImages]) -> Optional[Any]:
+    """The first of ``indexes`` built by the model ``identity`` describes over exactly ``paths``: for a
+    list of paths, an :class:`EmbeddingIndex` naming those files; for an archive's :class:`IndexImages`, an
+    archive index holding the same rows (:meth:`IndexImages.covers`; no path is resolved)."""
     want = json.loads(json.dumps(identity, default=str))
+    lazy = isinstance(paths, IndexImages)
     for index in indexes:
+        if index.extra.get("model") != want or len(index) != len(paths):
+            continue
+        if lazy:
+            if not isinstance(index, EmbeddingIndex) and paths.covers(index):
+                return index
         # a comparison only: the paths were checked (harma.data.readers.outside_root) when the gallery was made
-        if (index.extra.get("model") == want and len(index) == len(paths)
-                and index.image_paths(follow_links=True) == list(paths)):
+        elif isinstance(index, EmbeddingIndex) and index.image_paths(follow_links=True) == list(paths):
             return index
     return None
 

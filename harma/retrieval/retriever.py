@@ -1,5 +1,9 @@
 """``Retriever``: a model paired with a gallery's image index (and caption index), answering text ->
-images and image -> captions queries; what the app calls."""
+images and image -> captions queries; what the app calls.
+
+The image index is an :class:`EmbeddingIndex` (vectors in memory) or, for an archive of millions of
+images, a prebuilt :class:`~.archive.ArchiveIndex` searched as it lies on disk: the model then encodes
+only the queries, and the gallery's files are an :class:`~.identity.IndexImages` (one path per shown row)."""
 
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ from ..encode import encode_images, encode_texts, eval_mode, model_device
 from ..errors import DatasetError, IndexFormatError, QueryError
 from .captions import CaptionPool
 from .identity import (
+    IndexImages,
     cached_index,
     content_fingerprint,
     find_prebuilt,
     model_identity,
+    no_index_message,
     paths_fingerprint,
     ship_index,
     shipped_index,
@@ -40,7 +46,8 @@ class RetrieverOptions:
     checkpoint: Optional[PathLike] = None  # adapter directory the model was loaded from (part of the cache key)
     cache_dir: Optional[PathLike] = None  # folder of cached indexes; None: no caching
     shipped_dir: Optional[PathLike] = None  # read-only embeddings keyed by content (Retriever.ship), tried first
-    prebuilt: Sequence[EmbeddingIndex] = ()  # indexes from build_image_index; one by this model over these images is used
+    prebuilt: Sequence[Any] = ()  # indexes from build_image_index (EmbeddingIndex or ArchiveIndex); one by this
+    # model over these images is used
     max_encode: Optional[int] = None  # refuse to encode more images than this when no index has them
     batch_size: int = 64  # images per batch (captions: 4x)
     num_workers: int = 0  # image decoding workers
@@ -67,9 +74,14 @@ def shipped_keys(identity: dict, image_paths: Sequence[PathLike], texts: Optiona
     return keys
 
 
-def _hits(index: EmbeddingIndex, scores: torch.Tensor, rows: torch.Tensor) -> list[Hit]:
-    return [Hit(r + 1, float(s), int(i), index.ids[int(i)], index.metadata[int(i)])
-            for r, (s, i) in enumerate(zip(scores.tolist(), rows.tolist()))]
+def _hits(index: Any, scores: torch.Tensor, rows: torch.Tensor) -> list[Hit]:
+    """Hits of one query; an archive index's ids are read for these rows only (it has no metadata), and a
+    row of -1 (an approximate index that found fewer than k) is left out."""
+    found = [(s, i) for s, i in zip(scores.tolist(), rows.tolist()) if i >= 0]
+    if isinstance(index, EmbeddingIndex):
+        return [Hit(r + 1, float(s), i, index.ids[i], index.metadata[i]) for r, (s, i) in enumerate(found)]
+    ids = index.ids_of([i for _, i in found])
+    return [Hit(r + 1, float(s), i, name, {}) for r, ((s, i), name) in enumerate(zip(found, ids))]
 
 
 class Retriever:
@@ -80,14 +92,14 @@ class Retriever:
         model: a :class:`harma.HarmaModel` (anything with ``encode_image``/``encode_text``).
         preprocess: PIL image -> (3, H, W) tensor (the model's evaluation transform).
         tokenizer: list of strings -> (B, L) token ids.
-        images: the gallery index.
+        images: the gallery index: an :class:`EmbeddingIndex` or an archive index (``search`` and ``ids_of``).
         captions: the caption index (e.g. a :class:`CaptionPool`'s texts); ``None`` disables
             :meth:`search_image`.
         clean_queries: normalise text queries with :func:`harma.data.clean_caption` (30 words), as
             the captions were for training and evaluation.
     """
 
-    def __init__(self, model: nn.Module, preprocess: Callable, tokenizer: Callable, images: EmbeddingIndex,
+    def __init__(self, model: nn.Module, preprocess: Callable, tokenizer: Callable, images: Any,
                  captions: Optional[EmbeddingIndex] = None, *, clean_queries: bool = True) -> None:
         self.model = model
         self.preprocess = preprocess
@@ -101,35 +113,38 @@ class Retriever:
         self._pending_lock = threading.Lock()
 
     @classmethod
-    def build(cls, model: nn.Module, preprocess: Callable, tokenizer: Callable, image_paths: Sequence[PathLike],
+    def build(cls, model: nn.Module, preprocess: Callable, tokenizer: Callable,
+              image_paths: Union[Sequence[PathLike], IndexImages],
               captions: Union[CaptionPool, Sequence[str], None] = None, options: Optional[RetrieverOptions] = None,
               progress: Optional[StageProgress] = None) -> "Retriever":
         """Encode the gallery images and the captions, or load them: from a prebuilt index, the shipped
         embeddings (``options.shipped_dir``), or the cache (``options.cache_dir``), in that order.
 
         Args:
-            image_paths: the gallery's images (index metadata: ``{"path": ...}``).
+            image_paths: the gallery's images (index metadata: ``{"path": ...}``), or an archive index's
+                :class:`IndexImages`: then only a prebuilt index of those rows by this model is used (an
+                archive is never encoded here; no other index raises :class:`IndexFormatError`).
             captions: a :class:`CaptionPool` (metadata: its captions and images) or plain texts;
                 ``None``: no image-to-text search.
             options: caching, batching and limits (:class:`RetrieverOptions`).
             progress: ``progress(stage, done, total)`` while encoding.
         """
         opts = options or RetrieverOptions()
-        paths = [Path(p) for p in image_paths]
-        if not paths:
+        archive = isinstance(image_paths, IndexImages)
+        paths = image_paths if archive else [Path(p) for p in image_paths]
+        if not len(paths):
             raise DatasetError("the gallery has no images")
         ident = model_identity(model, opts.checkpoint)
         match = find_prebuilt(opts.prebuilt, ident, paths)
+        if match is None and archive:
+            raise IndexFormatError(no_index_message(len(paths), ident))
 
         def stage(name: str):
             return None if progress is None else (lambda done, total: progress(name, done, total))
 
         def build_images() -> EmbeddingIndex:
             if opts.max_encode is not None and len(paths) > opts.max_encode:
-                none = ident["adapters_sha256"] == "none"
-                raise IndexFormatError(f"no index of these {len(paths):,} images was built with this model "
-                                       f"({'no adapters' if none else 'adapters'}); build one with "
-                                       "python -m training.build_index" + (" --baseline" if none else ""))
+                raise IndexFormatError(no_index_message(len(paths), ident))
             emb = encode_images(model, paths, preprocess, batch_size=opts.batch_size, num_workers=opts.num_workers,
                                 progress=stage("images"))
             return EmbeddingIndex([str(p) for p in paths], emb.reshape(len(paths), -1), [{"path": str(p)} for p in paths])
@@ -138,7 +153,7 @@ class Retriever:
         texts = None if captions is None else list(pool.texts if pool is not None else captions)
         if texts is not None and not texts:
             raise DatasetError("captions were given but the list is empty (pass None for no captions)")
-        shipped = shipped_keys(ident, paths, texts) if opts.shipped_dir is not None else {}
+        shipped = shipped_keys(ident, paths, texts) if opts.shipped_dir is not None and not archive else {}
         if match is None and shipped:
             match = shipped_index(opts.shipped_dir, shipped["images"], [str(p) for p in paths],
                                   [{"path": str(p)} for p in paths])
@@ -225,6 +240,8 @@ class Retriever:
         """Captions ranked for gallery image ``index``, from its stored embedding (no re-encoding)."""
         if not 0 <= index < len(self.images):
             raise QueryError(f"gallery image {index} is out of range 0..{len(self.images) - 1}")
+        if not isinstance(self.images, EmbeddingIndex):
+            raise QueryError("an archive index keeps no vectors in memory to rank captions for one of its images")
         return self._rank_captions(self.images.embeddings[index], k)
 
     def _rank_captions(self, emb: torch.Tensor, k: int) -> list[Hit]:
