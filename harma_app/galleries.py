@@ -1,5 +1,6 @@
 """Galleries: the images searched (and their caption pool), from a dataset folder, prebuilt image indexes
-(``python -m training.build_index``) or uploaded files, and the copy of an image a browser is shown.
+(``python -m training.build_index``; :mod:`.indexes`) or uploaded files, and the copy of an image a browser
+is shown.
 
 What the app serves (docs/security.md): never a dataset or index folder, only files it made itself under
 its cache folder: display copies (``thumbs/``, :func:`displayable`), uploaded galleries (``uploads/``,
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from PIL import Image
 
@@ -28,8 +29,9 @@ from harma.data import DatasetError, RetrievalSplit, load_split, open_image, sce
 from harma.data.json_format import json_splits
 from harma.data.table_format import csv_splits, jsonl_splits
 from harma.data.txt_format import txt_splits
-from harma.errors import IndexFormatError, one_line
-from harma.retrieval import CaptionPool, EmbeddingIndex
+from harma.errors import one_line
+from harma.retrieval import CaptionPool
+from harma.retrieval.identity import IndexImages
 
 from .common import DEMO, HOW_TO_DATA, AppError, file_names_only, log
 
@@ -51,26 +53,37 @@ _warned: set[str] = set()
 @dataclass
 class Gallery:
     name: str
-    split: RetrievalSplit
+    split: RetrievalSplit  # or, for an archive index, an indexes.IndexSplit (its rows read when shown)
     pool: Optional[CaptionPool]  # None: no captions (image-to-text and the metrics need them)
-    prebuilt: tuple = ()  # EmbeddingIndex(es) from training.build_index over these images
+    prebuilt: tuple = ()  # EmbeddingIndex(es) or ArchiveIndex(es) from training.build_index over these images
     bundled: bool = False  # the demo gallery shipped in assets/demo (its maps may be shipped too)
 
     @functools.cached_property
     def classes(self) -> Optional[list[str]]:
         """The scene class of every image by name (:func:`harma.data.scene_names`: labels, file-name
         prefixes, or UCM's numbered blocks named), or None when the file names and annotations carry none
-        (e.g. uploads)."""
+        (e.g. uploads, an archive index)."""
+        if self.archive:
+            return None
         try:
             return scene_names(self.split)
         except DatasetError:
             return None
 
     @property
-    def images(self) -> list[Path]:
+    def images(self) -> Sequence[Path]:
+        """The image files by row: a list, or an archive index's rows (``len`` and ``[i]`` only)."""
         return self.split.images
 
+    @property
+    def archive(self) -> bool:
+        """Whether this is an archive index's gallery (searched on disk; text -> image only)."""
+        return isinstance(self.split.images, IndexImages)
+
     def describe(self) -> str:
+        if self.archive:
+            return (f"**{self.name}**: {len(self.images):,} images, an archive index searched on disk "
+                    f"({self.prebuilt[0].plan.factory_string()}; text → image only)")
         caps = (f", {self.split.num_captions:,} captions ({len(self.pool):,} distinct)" if self.pool
                 else " (no captions: text → image only)")
         return f"**{self.name}**: {self.split.num_images:,} images{caps}"
@@ -133,27 +146,6 @@ def dataset_gallery(root: str, split: Optional[str] = None, follow_links: bool =
                 "Qu et al. 2016; assets/demo/CREDITS.md); `--data DIR` for your own")
         return Gallery(name, s, pool, bundled=True)
     return Gallery(s.name, s, pool)
-
-
-def index_gallery(folders: list[str], follow_links: bool = False) -> Gallery:
-    """A gallery of the images of prebuilt indexes (all over the same images, e.g. adapted + baseline);
-    an index naming files outside its image root is refused unless ``follow_links``."""
-    indexes, images = [], None
-    for folder in folders:
-        try:
-            index = EmbeddingIndex.load(Path(folder).expanduser())
-            paths = index.image_paths(follow_links=follow_links)
-        except IndexFormatError as e:
-            raise AppError(f"--index {folder}: {one_line(e)}") from None
-        if images is not None and paths != images:
-            raise AppError(f"--index {folder} indexes other images than {folders[0]}")
-        indexes.append(index)
-        images = paths
-    if indexes[0].extra.get("kind") != "images":
-        raise AppError(f"--index {folders[0]} is not an image index from python -m training.build_index")
-    name = Path(folders[0]).name
-    split = RetrievalSplit(f"index {name}", Path(indexes[0].extra.get("root") or "."), images, [], [])
-    return Gallery(f"index {name}", split, None, tuple(indexes))
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,7 +18,7 @@ from harma import ModelConfig, create_model, load_adapters
 from harma.checkpoint import read_adapter_config
 from harma.config import from_dict
 from harma.encode import unreadable_images
-from harma.errors import ConfigError, one_line
+from harma.errors import ConfigError, IndexFormatError, one_line
 from harma.presets import Preset
 from harma.retrieval import CaptionPool, Retriever, RetrieverOptions
 from harma.retrieval.identity import cache_problem
@@ -39,7 +39,8 @@ from .common import (
     log,
     short_list,
 )
-from .galleries import Gallery, dataset_gallery, index_gallery, upload_gallery, uploaded_gallery
+from .galleries import Gallery, dataset_gallery, upload_gallery, uploaded_gallery
+from .indexes import MissingSide, index_gallery
 
 DESCRIPTION = ("HarMA demo: remote-sensing image-text retrieval, the frozen backbone (baseline) next to the adapted "
                "model.")
@@ -342,7 +343,9 @@ class AppState:
                    progress: Optional[Callable[[float, str], None]] = None) -> tuple[Retriever, Retriever]:
         """(baseline, adapted) over the gallery; embeddings come from those shipped with the bundled gallery
         or the disk cache when present, else are computed (and cached). ``progress(fraction, desc)``
-        follows one bar through the steps: loading the models, then each model's images and captions."""
+        follows one bar through the steps: loading the models, then each model's images and captions.
+        An archive gallery is searched only through an index its model built: a side without one is a
+        :class:`MissingSide` (saying so when searched), and with neither the answer is that message."""
         model_key = self.model_key(model_key)
         gallery = self.gallery(gallery_key)
 
@@ -367,7 +370,15 @@ class AppState:
                                            shipped_dir=SHIPPED if gallery.bundled else None,
                                            batch_size=self.config.batch_size, prebuilt=gallery.prebuilt,
                                            max_encode=MAX_ENCODE if gallery.prebuilt else None)
-                built.append(Retriever.build(*bundle, gallery.images, gallery.pool, options, progress=cb))
+                try:
+                    built.append(Retriever.build(*bundle, gallery.images, gallery.pool, options, progress=cb))
+                except IndexFormatError as e:
+                    if not gallery.archive:
+                        raise
+                    built.append(MissingSide(f"{side} model: {one_line(e)}"))
+            if all(isinstance(r, MissingSide) for r in built):
+                raise AppError(f"{gallery.name} was not indexed by this model: "
+                               + "; ".join(r.problem for r in reversed(built)))
             return built[0], built[1]
 
         return self._once("retrievers", self._retrievers, (model_key, gallery_key), build, keep=4)

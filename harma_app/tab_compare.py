@@ -43,7 +43,7 @@ def query_ranks(app: AppState, model_key: Optional[str], gallery_key: Optional[s
     """One record per query (caption for t2i, image for i2t), in file order: text, image, class and the
     baseline and adapted expected ranks. Cached per model, gallery and direction."""
     gallery = app.gallery(gallery_key)
-    check_scoreable(gallery, "per-query ranks")
+    check_scoreable(gallery, "per-query ranks", "Compare")
     base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress) if progress else None)
     split = gallery.split
 

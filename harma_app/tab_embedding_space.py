@@ -20,6 +20,7 @@ from harma.retrieval import Retriever
 
 from .common import MAX_QUERY_CHARS, PRECOMPUTED, USER_ERRORS, AppError, fail, progress_cb
 from .galleries import Gallery, displayable
+from .indexes import needs_every_embedding
 from .plots import COLOUR_BY, aligned_view, gt_ranks, map_figure, method_note, move_figure
 from .state import AppState
 
@@ -148,6 +149,7 @@ def embedding_view(app: AppState, model_key: Optional[str], gallery_key: Optiona
     try:
         colour = colour if colour in COLOUR_BY else "modality"
         gallery = app.gallery(gallery_key)
+        needs_every_embedding(gallery, "Embedding map", "every embedding in memory")
         base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress))
         if progress is not None:
             progress(None, desc="2-D layout of both models (cached after the first time)")
@@ -195,6 +197,7 @@ def map_search(app: AppState, model_key: Optional[str], gallery_key: Optional[st
         if not query:
             return json.dumps({}), ""
         gallery = app.gallery(gallery_key)
+        needs_every_embedding(gallery, "Embedding map", "every embedding in memory")
         base, adapted = app.retrievers(model_key, gallery_key)
         words = query.lower().split()
         pool = gallery.pool

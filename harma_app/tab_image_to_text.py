@@ -15,6 +15,7 @@ from harma.retrieval import Hit
 
 from .common import USER_ERRORS, AppError, clamp_k, fail, progress_cb
 from .galleries import Gallery, displayable
+from .indexes import needs_every_embedding
 from .state import AppState
 from .tab_text_to_image import tile_caption
 
@@ -45,6 +46,7 @@ def query_preview(path: str, pil: Image.Image) -> Any:
 
 def _rank_captions(app: AppState, model_key, gallery_key, k, progress, query_fn) -> tuple[list, list]:
     gallery = app.gallery(gallery_key)
+    needs_every_embedding(gallery, "Image → text", "captions to rank")
     if gallery.pool is None:
         raise AppError(f"{gallery.name} has no captions to rank; start with a dataset that has captions "
                        "(`--data DIR`)")
@@ -98,6 +100,8 @@ def picker_items(app: AppState, gallery_key: Optional[str]) -> list[tuple[Any, s
     try:
         gallery = app.gallery(gallery_key)
     except (AppError, *USER_ERRORS):
+        return []
+    if gallery.archive:  # nothing to rank: an archive index has no captions (needs_every_embedding)
         return []
     return [(displayable(gallery.images[i], app.cache_dir), tile_caption(gallery, i)) for i in picker_indices(gallery)]
 

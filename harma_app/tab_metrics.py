@@ -13,6 +13,7 @@ from harma.retrieval import Retriever
 
 from .common import USER_ERRORS, AppError, fail, progress_cb
 from .galleries import Gallery
+from .indexes import needs_every_embedding
 from .state import AppState
 
 MAX_METRIC_CELLS = 10**8  # image x caption similarities the Metrics tab computes in memory
@@ -24,8 +25,10 @@ def split_similarity(r: Retriever, gallery: Gallery) -> torch.Tensor:
     return r.images.embeddings @ r.captions.embeddings[torch.tensor(gallery.pool.caption_to_text)].T
 
 
-def check_scoreable(gallery: Gallery, what: str) -> None:
-    """Refuse a gallery whose split cannot be scored in the app: no captions, or too large."""
+def check_scoreable(gallery: Gallery, what: str, tab: str) -> None:
+    """Refuse a gallery whose split cannot be scored in the app (tab ``tab``): an archive index, no
+    captions, or too large."""
+    needs_every_embedding(gallery, tab)
     if gallery.pool is None:
         raise AppError(f"{gallery.name} has no captions, so {what} cannot be computed")
     if gallery.split.num_images * gallery.split.num_captions > MAX_METRIC_CELLS:
@@ -37,7 +40,7 @@ def metrics_table(app: AppState, model_key: Optional[str], gallery_key: Optional
     """R@1/5/10 in both directions and mR (percent) of baseline and adapted on the gallery's split."""
     try:
         gallery = app.gallery(gallery_key)
-        check_scoreable(gallery, "R@K")
+        check_scoreable(gallery, "R@K", "Metrics")
         base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress))
 
         def compute() -> list[list]:

@@ -156,7 +156,7 @@ def modality_gap_view(app: AppState, model_key: Optional[str], gallery_key: Opti
     """The four figures (histograms, gap dimensions, R@1 under a shift, neighbours per class) and a note."""
     try:
         gallery = app.gallery(gallery_key)
-        check_scoreable(gallery, "modality-gap figures")
+        check_scoreable(gallery, "modality-gap figures", "Modality gap")
         if gallery.split.num_images < 2 or gallery.split.num_captions < 2:
             raise AppError(f"{gallery.name} needs at least 2 images and 2 captions for the modality-gap figures")
         retrievers = app.retrievers(model_key, gallery_key, progress_cb(progress))

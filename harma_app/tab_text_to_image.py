@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any, Optional
 
 import gradio as gr
 
+from harma.errors import DatasetError, IndexFormatError, one_line
 from harma.retrieval import Hit
 
-from .common import ASSETS, MAX_QUERY_CHARS, USER_ERRORS, AppError, clamp_k, fail, progress_cb
+from .common import (ASSETS, MAX_QUERY_CHARS, USER_ERRORS, AppError, clamp_k, fail, file_names_only, progress_cb,
+                     short_list)
 from .galleries import Gallery, displayable
+from .indexes import MissingSide
 from .state import AppState
 
 MATCH_NOTE = ("✓ marks an image whose ground-truth captions contain the query as a whole-word phrase, after both are "
@@ -29,16 +33,28 @@ def load_examples() -> list[str]:
         return ["many planes parked at an airport"]
 
 
-def tile_caption(gallery: Gallery, i: int) -> str:
-    """What a tile says about gallery image ``i``: its file name, and its scene class when the gallery has them."""
+def tile_caption(gallery: Gallery, i: int, path: Optional[Path] = None) -> str:
+    """What a tile says about gallery image ``i`` (file ``path`` when known): its file name, and its scene
+    class when the gallery has them."""
     classes = gallery.classes
-    return gallery.images[i].name + (f" · {classes[i]}" if classes else "")
+    return (path or gallery.images[i]).name + (f" · {classes[i]}" if classes else "")
 
 
-def _tiles(app: AppState, gallery: Gallery, hits: list[Hit], matches: set[int]) -> list[tuple[Any, str]]:
-    return [(displayable(gallery.images[h.index], app.cache_dir),
-             f"#{h.rank} · {h.score:.3f}{' ✓' if h.index in matches else ''}\n{tile_caption(gallery, h.index)}")
-            for h in hits]
+def _tiles(app: AppState, gallery: Gallery, hits: list[Hit], matches: set[int],
+           skipped: list[str]) -> list[tuple[Any, str]]:
+    """The hits' tiles: a display copy of each image (made now, for the shown rows only) and its caption. A
+    hit whose file cannot be shown (an archive row resolving outside its image root, a file gone or
+    unreadable) is left out and named in ``skipped``."""
+    tiles = []
+    for h in hits:
+        try:
+            path = gallery.images[h.index]  # an archive's row: resolved and checked now
+            tiles.append((displayable(path, app.cache_dir),
+                          f"#{h.rank} · {h.score:.3f}{' ✓' if h.index in matches else ''}\n"
+                          f"{tile_caption(gallery, h.index, path)}"))
+        except (IndexFormatError, DatasetError, OSError) as e:
+            skipped.append(f"#{h.rank} {h.id} ({file_names_only(one_line(e))})")
+    return tiles
 
 
 def search_text(app: AppState, query: Optional[str], k: Any, model_key: Optional[str], gallery_key: Optional[str],
@@ -55,14 +71,19 @@ def search_text(app: AppState, query: Optional[str], k: Any, model_key: Optional
         gallery = app.gallery(gallery_key)
         base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress))
         matches = gallery.pool.images_matching(query) if gallery.pool else set()
-        out, times = [], []
-        for r in (base, adapted):
+        out, times, skipped = [], [], []
+        for name, r in (("baseline", base), ("adapted", adapted)):
+            if isinstance(r, MissingSide):  # an archive index by the other model only
+                out.append([])
+                times.append(f"{name}: no index (⚠️ {r.problem})")
+                continue
             t0 = time.perf_counter()
             hits = r.search_text(query, k)
-            times.append(1000 * (time.perf_counter() - t0))
-            out.append(_tiles(app, gallery, hits, matches))
-        status = (f"Top {k} of {len(gallery.images):,} images for “{query}” — baseline {times[0]:.0f} ms, "
-                  f"adapted {times[1]:.0f} ms.{note}")
+            times.append(f"{name} {1000 * (time.perf_counter() - t0):.0f} ms")
+            out.append(_tiles(app, gallery, hits, matches, skipped))
+        status = f"Top {k} of {len(gallery.images):,} images for “{query}” — {', '.join(times)}.{note}"
+        if skipped:
+            status += f" ⚠️ Not shown, {len(skipped)} image(s) that cannot be: {short_list(skipped)}."
         if matches:
             status += f" {len(matches)} images have a matching ground-truth caption. {MATCH_NOTE}"
         return out[0], out[1], status
