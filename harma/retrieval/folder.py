@@ -1,41 +1,59 @@
-"""Embed an image folder of any size into an :class:`~harma.retrieval.EmbeddingIndex`, resumably.
+"""Embed an image folder of any size into a search index, resumably, in one process or many.
 
-Images are encoded in shards (``shard_size`` images each). Every finished shard is written
-atomically to ``<out>/.shards/`` beside a manifest naming the model; a shard records each of its
-images' id, size and modification time, so an interrupted build continues from the finished shards
-and encodes again only the images changed, added or removed since. Unreadable images are skipped and
-listed in the index (``extra["skipped"]``) instead of stopping a long job. At the end the shards
-are concatenated into ``<out>/embeddings.safetensors`` + ``<out>/index.json`` (plus a faiss index
-when the gallery is above the approximate-search threshold) and the shard folder is removed.
+Images are encoded in shards (``shard_size`` images each, :mod:`.shards`). Every finished shard is
+written atomically to ``<out>/.shards/`` beside a manifest naming the model; a shard records each of
+its images' id, size and modification time, so an interrupted build continues from the finished
+shards and encodes again only the images changed, added or removed since. Unreadable images are
+skipped and listed in the index (``extra["skipped"]``) instead of stopping a long job.
+
+Three steps: :func:`prepare_build` (what is left to encode), :func:`encode_shards` (any share of
+it: the processes of a torchrun job each take theirs) and :func:`merge_shards` (the index, from the
+shards in row order: a format-1 :class:`~harma.retrieval.EmbeddingIndex` below
+:data:`~harma.retrieval.plan.EXACT_BELOW` images, else the on-disk archive index
+:func:`~harma.retrieval.plan_index` picks for the memory budget); the shard folder is then removed.
+:func:`build_image_index` runs all three in one process.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import IMAGE_EXTENSIONS, open_image
 from ..encode import eval_mode, model_device, unit_rows
 from ..errors import ConfigError, DatasetError
-from ..io import INDEX_FILE, atomic_write_bytes, read_json
-from .index import EmbeddingIndex
+from ..io import INDEX_FILE, read_json
+from .archive import ArchiveIndex
+from .archive_build import build_archive
+from .index import ANN_FILE, EMBEDDINGS_FILE, EmbeddingIndex
+from .plan import IndexPlan, plan_index
+from .shards import (
+    SHARDS,
+    ShardSet,
+    check_manifest,
+    file_key,
+    missing_message,
+    read_shard,
+    reusable,
+    say_changes,
+    stored_keys,
+    write_shard,
+)
 
-SHARDS = ".shards"
 MIN_SHARDS, MIN_SHARD_SIZE = 16, 64  # a folder is written in at least 16 pieces (of >= 64 images)
+Progress = Callable[[int, int], None]  # (images done, total)
+AnyIndex = Union[EmbeddingIndex, ArchiveIndex]
 
 
 def effective_shard_size(n_images: int, shard_size: int) -> int:
     """Images per shard: at most ``shard_size``, and small enough that a folder is written in at least
     :data:`MIN_SHARDS` pieces, so an interruption loses little work whatever the folder size."""
     return max(1, min(shard_size, max(MIN_SHARD_SIZE, -(-n_images // MIN_SHARDS))))
-MANIFEST = "manifest.json"
-Progress = Callable[[int, int], None]  # (images done, total)
 
 
 def list_images(root: Union[str, Path], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
@@ -72,85 +90,170 @@ def _collate(batch: list) -> tuple[Optional[torch.Tensor], list[int], list[tuple
     return pixels, [i for _, i in good], bad
 
 
-def _shard_path(out: Path, s: int) -> Path:
-    return out / SHARDS / f"shard-{s:06d}.safetensors"
+def image_shards(images: Sequence[Union[str, Path]], out: Union[str, Path], *, root: Optional[Union[str, Path]] = None,
+                 shard_size: int = 4096) -> ShardSet:
+    """The shards a build of ``images`` (in index order) into ``out`` writes: ids are paths relative to
+    ``root`` when given (portable indexes), else as given; at most ``shard_size`` images a shard
+    (:func:`effective_shard_size`). Pure: nothing is read or written."""
+    if shard_size < 1:
+        raise ConfigError("shard_size must be >= 1")
+    out, paths = Path(out), [Path(p) for p in images]
+    if not paths:
+        raise DatasetError(f"no images to index for {out}")
+    ids = [p.relative_to(root).as_posix() if root is not None else str(p) for p in paths]
+    return ShardSet(out, paths, ids, effective_shard_size(len(paths), shard_size),
+                    Path(root) if root is not None else None)
 
 
-def _file_key(image_id: str, path: Path) -> tuple:
-    """What a stored embedding of ``path`` is valid for: its id, size and modification time (ns)."""
+def _remove_index(out: Path) -> None:
+    """Delete the shards and the index files a previous build left at ``out`` (``--overwrite``)."""
+    shutil.rmtree(out / SHARDS, ignore_errors=True)
     try:
-        st = os.stat(path)
-    except OSError:
-        return (image_id, -1, -1)  # gone since it was listed: its decode fails and it is skipped
-    return (image_id, st.st_size, st.st_mtime_ns)
+        files = dict(read_json(out / INDEX_FILE, DatasetError).get("files") or {})
+    except (DatasetError, AttributeError, TypeError, ValueError):
+        files = {}
+    for name in [*files, EMBEDDINGS_FILE, ANN_FILE, INDEX_FILE]:
+        target = out / str(name)
+        if target.parent == out and target.is_file():
+            target.unlink()
 
 
-def _shard_keys(path: Path) -> Optional[list[tuple]]:
-    """The per-image keys a shard was written for; ``None`` for an unreadable shard or one written
-    before shards were keyed by content (it is encoded again)."""
-    from safetensors import SafetensorError, safe_open
+def prepare_build(shards: ShardSet, identity: dict[str, Any], *, overwrite: bool = False,
+                  log: Optional[Callable[[str], None]] = None) -> list[int]:
+    """Start or continue a build: the shards still to encode (ascending).
 
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys = (f.metadata() or {}).get("keys")
-        return [tuple(k) for k in json.loads(keys)] if keys else None
-    except (SafetensorError, OSError, ValueError, TypeError):
-        return None
-
-
-def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:  # tensors and skip reasons in one read
-        reasons = json.loads(f.metadata()["bad_reasons"])
-        return {k: f.get_tensor(k) for k in f.keys()}, reasons
-
-
-def _reusable(out: Path, fresh: set[int], keys: list[tuple]) -> dict[tuple, Union[torch.Tensor, str]]:
-    """Key -> embedding (or skip reason) of every image in the shards on disk that are not kept as
-    they are (``fresh``): a partial build of an image list that has changed since keeps what is valid."""
-    found: dict[tuple, Union[torch.Tensor, str]] = {}
-    wanted = set(keys)
-    for path in sorted((out / SHARDS).glob("shard-*.safetensors")):
-        s = int(path.stem.split("-")[1]) if path.stem.split("-")[1].isdigit() else -1
-        if s in fresh:
-            continue
-        old = _shard_keys(path)
-        if not old or not wanted.intersection(old):
-            continue
-        shard, reasons = _read_shard(path)
-        for j, r in enumerate(shard["rows"].tolist()):
-            found[old[r]] = shard["embeddings"][j]
-        for r, why in zip(shard["bad"].tolist(), reasons):
-            found[old[r]] = why
-    return found
+    Refuses an index already at ``shards.out`` (unless ``overwrite``, which discards it and any
+    partial build) and a partial build made by another model; records ``identity``. A shard on disk
+    is kept when all of its images are unchanged (same id, size and modification time). Under
+    torchrun only rank 0 calls this, before any process writes a shard.
+    """
+    out, say = shards.out, log or (lambda _m: None)
+    if overwrite:
+        _remove_index(out)
+    elif (out / INDEX_FILE).is_file():
+        raise FileExistsError(f"{out} already holds an index; pass overwrite=True (--overwrite) to rebuild it")
+    check_manifest(out, identity)
+    keys = [file_key(i, p) for i, p in zip(shards.ids, shards.paths)]
+    kept = {s for s in range(len(shards)) if stored_keys(shards.path(s)) == keys[slice(*shards.bounds(s))]}
+    if kept:
+        say(f"resuming: {len(kept)} of {len(shards)} shards already encoded")
+    say_changes(say, shards, keys, kept)
+    return [s for s in range(len(shards)) if s not in kept]
 
 
-def _check_manifest(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse a partial build at ``out`` made by another model; record this build's identity."""
-    path = out / SHARDS / MANIFEST
-    manifest = json.loads(json.dumps({"version": 2, "identity": identity}, default=str))
-    if path.is_file():
-        try:
-            old = read_json(path, DatasetError)
-        except DatasetError:
-            old = None
-        if not isinstance(old, dict) or old.get("identity") != manifest["identity"]:
-            raise FileExistsError(f"{out} holds a partial build for a different model (or an unreadable "
-                                  f"{SHARDS}/{MANIFEST}); pass overwrite=True (--overwrite) to start again")
-        if old == manifest:
-            return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(manifest).encode())
+def encode_shards(model: torch.nn.Module, preprocess: Callable, shards: ShardSet, todo: Sequence[int], *,
+                  pending: Optional[Sequence[int]] = None, batch_size: int = 64, num_workers: int = 0,
+                  device: Any = None, progress: Optional[Progress] = None,
+                  log: Optional[Callable[[str], None]] = None) -> None:
+    """Encode shards ``todo`` and write each atomically as it is finished.
+
+    ``pending``: every shard written in this run, by any process (default ``todo``); the others are
+    finished, and images encoded before in a shard that is written again are reused by their key.
+    ``progress(done, total)`` counts the finished shards' images as done.
+    """
+    if batch_size < 1:
+        raise ConfigError("batch_size must be >= 1")
+    say = log or (lambda _m: None)
+    pending = set(todo if pending is None else pending)
+    kept = {s for s in range(len(shards)) if s not in pending}
+    done = sum(len(range(*shards.bounds(s))) for s in kept)
+    total = done + sum(len(range(*shards.bounds(s))) for s in todo)
+    found = reusable(shards, kept, [k for s in todo for k in shards.keys(s)])
+    if progress is not None:
+        progress(done, total)
+    dev = model_device(model, device)
+    shards.folder.mkdir(parents=True, exist_ok=True)
+    with eval_mode(model), torch.inference_mode():
+        for s in todo:
+            lo, _hi = shards.bounds(s)
+            keys = shards.keys(s)  # before any decode: a later change is seen next time
+            have = {r: found[k] for r, k in enumerate(keys) if k in found}
+            wanted = [r for r in range(len(keys)) if r not in have]
+            done += len(have)
+            loader = DataLoader(_Images([shards.paths[lo + r] for r in wanted], preprocess), batch_size=batch_size,
+                                shuffle=False, num_workers=num_workers, collate_fn=_collate)
+            for pixels, idx, failed in (loader if wanted else ()):
+                if pixels is not None:
+                    e = unit_rows(model.encode_image(pixels.to(dev), normalize=True))
+                    have.update({wanted[i]: row.cpu() for i, row in zip(idx, e)})
+                for i, why in failed:
+                    have[wanted[i]] = why
+                    say(f"skipped: {why}")
+                done += len(idx) + len(failed)
+                if progress is not None:
+                    progress(done, total)
+            write_shard(shards.path(s), keys, have)
 
 
-def _say_changes(say: Callable[[str], None], out: Path, keys: list[tuple], found: dict) -> None:
-    old = {k[0]: k for p in (out / SHARDS).glob("shard-*.safetensors") for k in _shard_keys(p) or ()}
-    changed = sum(1 for k in keys if k[0] in old and old[k[0]] != k)
-    removed = len(old.keys() - {k[0] for k in keys})
-    if changed or removed or found:
-        say(f"since the interrupted build: {changed} images changed (encoded again), {removed} removed; "
-            f"{sum(1 for k in keys if k in found)} encoded before are reused")
+def _shard_rows(shards: ShardSet) -> tuple[list[int], list[dict[str, str]], int]:
+    """Readable rows per shard, the skipped images (id and reason) and the embedding size."""
+    counts, skipped, dim = [], [], 0
+    for s in range(len(shards)):
+        tensors, reasons, keys = read_shard(shards.path(s), embeddings=False)
+        counts.append(len(tensors["rows"]))
+        skipped += [{"id": keys[r][0], "reason": why} for r, why in zip(tensors["bad"].tolist(), reasons)]
+        if not dim and counts[-1]:
+            dim = int(read_shard(shards.path(s))[0]["embeddings"].shape[1])
+    return counts, skipped, dim
+
+
+def merge_shards(shards: ShardSet, *, identity: Optional[dict[str, Any]] = None, memory_gb: float = 8.0,
+                 plan: Optional[IndexPlan] = None, log: Optional[Callable[[str], None]] = None) -> AnyIndex:
+    """Build the index at ``shards.out`` from its finished shards, then remove them.
+
+    Below :data:`~harma.retrieval.plan.EXACT_BELOW` readable images (or when ``plan`` says
+    ``"exact"``): a format-1 :class:`EmbeddingIndex` (vectors in RAM). Above: an on-disk archive
+    index (:func:`~harma.retrieval.build_archive`) of the kind :func:`~harma.retrieval.plan_index`
+    picks for ``memory_gb``, fed shard by shard in row order (never all embeddings at once).
+    Unreadable images are skipped and listed in ``extra["skipped"]``. A shard that is missing, or
+    was written for images changed since, is a :class:`DatasetError` naming every such shard.
+    """
+    say = log or (lambda _m: None)
+    missing = shards.missing()
+    if missing:
+        raise DatasetError(missing_message(shards, missing))
+    counts, skipped, dim = _shard_rows(shards)
+    n = sum(counts)
+    if not n:
+        raise DatasetError(f"none of the {len(shards.paths)} images under {shards.root or shards.out} could be "
+                           f"read; first: {skipped[0]['reason']}")
+    plan = plan or plan_index(n, dim, memory_gb)
+    say(f"index: {plan.factory_string()} ({plan.reason})")
+    extra = {"kind": "images", "model": identity or {},
+             "root": str(shards.root.resolve()) if shards.root is not None else None, "skipped": skipped}
+    if plan.kind == "exact":
+        index = _exact_index(shards, extra, say)
+    else:
+        index = build_archive(shards.out, lambda: _chunks(shards), n, dim, plan, _row_ids(shards),
+                              extra=extra, log=say)
+    shutil.rmtree(shards.folder, ignore_errors=True)
+    return index
+
+
+def _chunks(shards: ShardSet) -> Iterator[np.ndarray]:
+    """The shards' embeddings in row order, one shard at a time (float32, L2-normalised)."""
+    for s in range(len(shards)):
+        tensors = read_shard(shards.path(s))[0]
+        if "embeddings" in tensors:
+            yield tensors["embeddings"].float().numpy()
+
+
+def _row_ids(shards: ShardSet) -> Iterator[str]:
+    """The ids of the readable images, in row order."""
+    for s in range(len(shards)):
+        lo, _hi = shards.bounds(s)
+        yield from (shards.ids[lo + r] for r in read_shard(shards.path(s), embeddings=False)[0]["rows"].tolist())
+
+
+def _exact_index(shards: ShardSet, extra: dict, say: Callable[[str], None]) -> EmbeddingIndex:
+    ids = list(_row_ids(shards))
+    embs = [torch.from_numpy(e) for e in _chunks(shards)]
+    index = EmbeddingIndex(ids, torch.cat(embs), [{"path": i} for i in ids], normalize=False)
+    if index.uses_ann:
+        say(f"building the approximate-search index ({index.ann_config.kind}) over {len(index):,} images")
+        index.build_ann()
+    index.save(shards.out, extra=extra)
+    return index
 
 
 def build_image_index(
@@ -168,14 +271,18 @@ def build_image_index(
     overwrite: bool = False,
     progress: Optional[Progress] = None,
     log: Optional[Callable[[str], None]] = None,
-) -> EmbeddingIndex:
+    memory_gb: float = 8.0,
+    plan: Optional[IndexPlan] = None,
+) -> AnyIndex:
     """Encode ``images`` into an index at ``out``, continuing an interrupted build there.
 
     A finished shard records each of its images' id, size and modification time (ns); on resume a
     shard is kept only when all of these still match, and an image that was encoded before is
     reused by the same key, so images changed, added or removed since the interruption are encoded
     (or dropped) and the rest are not encoded again. A file rewritten with the same size and the
-    same modification time is not seen as changed; pass ``overwrite`` after such a change.
+    same modification time is not seen as changed; pass ``overwrite`` after such a change. This is
+    :func:`prepare_build`, :func:`encode_shards` and :func:`merge_shards` in one process; a torchrun
+    job (``python -m training.build_index``) splits the middle step over its processes.
 
     Args:
         model: a :class:`harma.HarmaModel` (anything with ``encode_image(x, normalize=True)``).
@@ -191,84 +298,18 @@ def build_image_index(
         num_workers: DataLoader decoding workers.
         overwrite: discard an existing index or partial build at ``out``.
         progress: ``progress(done, total)`` after every batch (resumed images count as done).
-        log: one-line messages (resuming, skipped images).
+        log: one-line messages (resuming, skipped images, the index chosen).
+        memory_gb: RAM budget of the index above the exact-search size (:func:`~harma.retrieval.plan_index`).
+        plan: the index to build, instead of the one ``plan_index`` picks (``kind="exact"``: format 1).
 
     Returns:
-        The finished index (also saved at ``out``).
+        The finished index (also saved at ``out``): an :class:`EmbeddingIndex` below
+        :data:`~harma.retrieval.plan.EXACT_BELOW` images, else an :class:`~harma.retrieval.ArchiveIndex`.
     """
     if batch_size < 1 or shard_size < 1:
         raise ConfigError("batch_size and shard_size must be >= 1")
-    out = Path(out)
-    paths = [Path(p) for p in images]
-    if not paths:
-        raise DatasetError(f"no images to index for {out}")
-    ids = [p.relative_to(root).as_posix() if root is not None else str(p) for p in paths]
-    keys = [_file_key(i, p) for i, p in zip(ids, paths)]  # before any decode: a later change is seen next time
-    shard_size = effective_shard_size(len(paths), shard_size)
-    say = log or (lambda _m: None)
-    if overwrite:
-        shutil.rmtree(out / SHARDS, ignore_errors=True)
-        (out / INDEX_FILE).unlink(missing_ok=True)
-    elif (out / INDEX_FILE).is_file():
-        raise FileExistsError(f"{out} already holds an index; pass overwrite=True (--overwrite) to rebuild it")
-    _check_manifest(out, identity or {})
-
-    n_shards = (len(paths) + shard_size - 1) // shard_size
-    bounds = [(s * shard_size, min(len(paths), (s + 1) * shard_size)) for s in range(n_shards)]
-    done_shards = {s for s, (lo, hi) in enumerate(bounds) if _shard_keys(_shard_path(out, s)) == keys[lo:hi]}
-    found = _reusable(out, done_shards, keys)
-    if done_shards:
-        say(f"resuming: {len(done_shards)} of {n_shards} shards already encoded")
-    _say_changes(say, out, keys, found)
-    done = sum(hi - lo for s, (lo, hi) in enumerate(bounds) if s in done_shards)
-    if progress is not None:
-        progress(done, len(paths))
-    dev = model_device(model, device)
-    from safetensors.torch import save
-
-    with eval_mode(model), torch.inference_mode():
-        for s, (lo, hi) in enumerate(bounds):
-            if s in done_shards:
-                continue
-            have = {r: found[keys[lo + r]] for r in range(hi - lo) if keys[lo + r] in found}
-            todo = [r for r in range(hi - lo) if r not in have]
-            done += len(have)
-            loader = DataLoader(_Images([paths[lo + r] for r in todo], preprocess), batch_size=batch_size,
-                                shuffle=False, num_workers=num_workers, collate_fn=_collate)
-            for pixels, idx, failed in (loader if todo else ()):
-                if pixels is not None:
-                    e = unit_rows(model.encode_image(pixels.to(dev), normalize=True))
-                    have.update({todo[i]: row for i, row in zip(idx, e)})
-                for i, why in failed:
-                    have[todo[i]] = why
-                    say(f"skipped: {why}")
-                done += len(idx) + len(failed)
-                if progress is not None:
-                    progress(done, len(paths))
-            rows = [r for r in sorted(have) if not isinstance(have[r], str)]
-            bad = [r for r in sorted(have) if isinstance(have[r], str)]
-            tensors = {"rows": torch.tensor(rows, dtype=torch.long), "bad": torch.tensor(bad, dtype=torch.long)}
-            if rows:
-                tensors["embeddings"] = torch.stack([have[r] for r in rows])
-            meta = {"bad_reasons": json.dumps([have[r] for r in bad]), "keys": json.dumps(keys[lo:hi])}
-            atomic_write_bytes(_shard_path(out, s), save(tensors, metadata=meta))
-
-    embs, rows, skipped = [], [], []
-    for s, (lo, _hi) in enumerate(bounds):
-        shard, reasons = _read_shard(_shard_path(out, s))
-        if "embeddings" in shard:
-            embs.append(shard["embeddings"])
-        rows += [lo + r for r in shard["rows"].tolist()]
-        skipped += [{"id": ids[lo + r], "reason": why} for r, why in zip(shard["bad"].tolist(), reasons)]
-    if not rows:
-        raise DatasetError(f"none of the {len(paths)} images under {root or out} could be read; "
-                           f"first: {skipped[0]['reason']}")
-    index = EmbeddingIndex([ids[r] for r in rows], torch.cat(embs), [{"path": ids[r]} for r in rows], normalize=False)
-    if index.uses_ann:
-        say(f"building the approximate-search index ({index.ann_config.kind}) over {len(index):,} images")
-        index.build_ann()
-    extra = {"kind": "images", "model": identity or {}, "root": str(Path(root).resolve()) if root is not None else None,
-             "skipped": skipped}
-    index.save(out, extra=extra)
-    shutil.rmtree(out / SHARDS, ignore_errors=True)
-    return index
+    shards = image_shards(images, out, root=root, shard_size=shard_size)
+    todo = prepare_build(shards, identity or {}, overwrite=overwrite, log=log)
+    encode_shards(model, preprocess, shards, todo, batch_size=batch_size, num_workers=num_workers, device=device,
+                  progress=progress, log=log)
+    return merge_shards(shards, identity=identity, memory_gb=memory_gb, plan=plan, log=log)
