@@ -7,7 +7,7 @@ Stages (each skipped with a note when the time budget would be exceeded; docs/gp
 ``train``, samples/s and peak memory of ``training.engine.train_step`` for harma, mrs and full
 fine-tuning on a random ViT-B-32 at the paper's batch (214, halved on out-of-memory); ``embed``,
 images/s of the encode path for the default model and ViT-B-32; ``ucm``, the ``training.benchmark``
-runs of seeds 0-2 still missing, harma-s2 and full-s2 first. Writes one JSON and a log beside it.
+runs of suite ucm-fixed still missing, harma and full seeds 0-4 first. Writes one JSON and a log.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ log = logging.getLogger("benchmarks.gpu")
 PAPER_CONFIG = "training/configs/ucm_vit.yaml"  # ViT-B-32, batch 214 per GPU (method.md §3)
 METHODS = ("harma", "mrs", "full")
 OVERRIDES = {m.key: m.overrides for m in SUITES["ucm"].methods}  # the suite's recipe of each method
-UCM_FIRST = ("harma-s2", "full-s2")  # the runs that narrow the HarMA vs full fine-tuning gap
+UCM_SUITE, UCM_SEEDS, UCM_FIRST = "ucm-fixed", (0, 1, 2, 3, 4), ("harma", "full")  # docs/results.md#protocol
 STRIPPED = "HARMA_GPU_STRIPPED"  # marker gpu_prepare.sh leaves in a MiniLM copy carried without weights
 TINY = "harma-tiny"  # training/configs/arch/harma-tiny.json, tests/conftest.py's tiny random CLIP: --dry-run
 CAPTIONS = ("many planes are parked next to a long building", "a river crosses green farmland")
@@ -188,11 +188,11 @@ def embed_speed(build: Callable, files: list[Path], args: argparse.Namespace, de
     return out
 
 
-def ucm_order(results_dir: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> list[tuple[str, int]]:
-    """``(method, seed)`` of the UCM runs with no JSON in ``results_dir``: harma-s2, full-s2, then the suite's order."""
-    runs = [r for r in benchmark_plan(SUITES["ucm"], list(seeds))
-            if not (results_dir / "ucm" / "runs" / f"{r.name}.json").is_file()]
-    runs.sort(key=lambda r: UCM_FIRST.index(r.name) if r.name in UCM_FIRST else len(UCM_FIRST))
+def ucm_order(results_dir: Path, seeds: tuple[int, ...] = UCM_SEEDS) -> list[tuple[str, int]]:
+    """Missing ucm-fixed runs, ``(method, seed)``: harma-s0, full-s0, harma-s1, ..., then the others in suite order."""
+    runs = [r for r in benchmark_plan(SUITES[UCM_SUITE], list(seeds))
+            if not (results_dir / UCM_SUITE / "runs" / f"{r.name}.json").is_file()]
+    runs.sort(key=lambda r: r.method.key not in UCM_FIRST)  # stable: the plan's seed order within each group
     return [(r.method.key, r.seed) for r in runs]
 
 
@@ -238,17 +238,17 @@ def ucm_stage(args: argparse.Namespace, budget: Budget) -> dict:
         if not budget.allows(max(timed, default=args.ucm_run_s)):
             out["skipped"].append(name)
             continue
-        cmd = [sys.executable, "-m", "training.benchmark", "--suite", "ucm", "--seeds", str(seed), "--methods",
+        cmd = [sys.executable, "-m", "training.benchmark", "--suite", UCM_SUITE, "--seeds", str(seed), "--methods",
                method, "--data", str(data), "--results-dir", str(results_dir), "--readme", ""]
         log.info("ucm %s (%.0f s left): %s", name, budget.left(), shlex.join(cmd[1:]))
         t0 = time.monotonic()
         code = _run_group(cmd, budget.left())
         seconds = time.monotonic() - t0
-        record_path = results_dir / "ucm" / "runs" / f"{name}.json"
+        record_path = results_dir / UCM_SUITE / "runs" / f"{name}.json"
         if code == 0 and record_path.is_file():
             record = read_json(record_path, CliError)
             out["done"][name] = {"seconds": round(seconds, 1), "test_mR": record["test"]["mR"],
-                                 "val_mR": record["val"]["mR"], "record": record}
+                                 "val_mR": (record.get("val") or {}).get("mR"), "record": record}
             timed.append(seconds)
         else:
             why = "stopped at the time budget (resumable: run again)" if code is None else f"exit code {code}"

@@ -42,24 +42,24 @@ def test_dry_run_writes_every_stage_with_finite_numbers(tmp_path):
     assert len(report["embed"]) == 2 and any(k.startswith("rs-minilm-harma") for k in report["embed"])
     for r in report["embed"].values():
         assert _finite(r["images_per_s"]) and _finite(r["files_per_s"]) and r["files"] == 2, r
-    # an empty results folder: every run of seeds 0-2 is planned, the two that narrow the gap first
-    assert report["ucm"]["planned"][:2] == ["harma-s2", "full-s2"] and not report["ucm"]["done"]
+    # an empty results folder: every ucm-fixed run of seeds 0-4 is planned, the headline pair seed by seed first
+    assert report["ucm"]["planned"][:3] == ["harma-s0", "full-s0", "harma-s1"] and not report["ucm"]["done"]
     assert "| train harma/fp32 |" in proc.stdout
     log = out.with_suffix(".log").read_text()
     assert "wrote" in log and "harma/fp32" in log
     assert json.loads((copies / "gpu.json").read_text()) == report and (copies / "gpu.log").is_file()
 
 
-def test_ucm_order_puts_the_gap_runs_first_and_skips_recorded_ones(tmp_path):
-    runs = tmp_path / "ucm" / "runs"
+def test_ucm_order_puts_the_paired_runs_first_and_skips_recorded_ones(tmp_path):
+    runs = tmp_path / "ucm-fixed" / "runs"
     runs.mkdir(parents=True)
     every = ucm_order(tmp_path)
-    assert every[:2] == [("harma", 2), ("full", 2)]
-    assert ("zeroshot", 0) in every and ("zeroshot", 1) not in every  # one-seed rows keep one seed
-    (runs / "harma-s2.json").write_text("{}")
+    assert every[:10] == [(m, s) for s in range(5) for m in ("harma", "full")]  # the protocol's five seeds
+    assert sorted(every[10:]) == [("harma_paper", 0), ("harma_tuned", 0), ("mrs", 0), ("zeroshot", 0)]
     (runs / "harma-s0.json").write_text("{}")
+    (runs / "full-s1.json").write_text("{}")
     rest = ucm_order(tmp_path)
-    assert rest[0] == ("full", 2) and ("harma", 0) not in rest and len(rest) == len(every) - 2
+    assert rest[:3] == [("full", 0), ("harma", 1), ("harma", 2)] and len(rest) == len(every) - 2
 
 
 def test_budget_counts_down():
@@ -94,10 +94,11 @@ def test_ucm_stage_runs_what_the_budget_allows_and_keeps_each_record(tmp_path, m
     def fake_run(cmd, timeout):  # what training.benchmark writes for one run, in 100 s
         clock[0] += 100
         method, seed = cmd[cmd.index("--methods") + 1], cmd[cmd.index("--seeds") + 1]
+        assert cmd[cmd.index("--suite") + 1] == "ucm-fixed"  # the protocol fixed in advance
         made.append(f"{method}-s{seed}")
-        path = tmp_path / "res" / "ucm" / "runs" / f"{made[-1]}.json"
+        path = tmp_path / "res" / "ucm-fixed" / "runs" / f"{made[-1]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"test": {"mR": 40.0 + len(made)}, "val": {"mR": 30.0}}))
+        path.write_text(json.dumps({"test": {"mR": 40.0 + len(made)}, "val": None}))  # no validation
         return 0
 
     monkeypatch.setattr(gpu, "_run_group", fake_run)
@@ -107,8 +108,9 @@ def test_ucm_stage_runs_what_the_budget_allows_and_keeps_each_record(tmp_path, m
     monkeypatch.setattr(gpu.time, "monotonic", lambda: clock[0])
     budget = Budget(250)  # room for two runs of 100 s
     out = gpu.ucm_stage(args, budget)
-    assert made == ["harma-s2", "full-s2"] and list(out["done"]) == made
-    assert out["done"]["full-s2"]["test_mR"] == 42.0 and out["done"]["harma-s2"]["record"]["val"]["mR"] == 30.0
+    assert made == ["harma-s0", "full-s0"] and list(out["done"]) == made
+    assert out["done"]["full-s0"]["test_mR"] == 42.0 and out["done"]["harma-s0"]["record"]["test"]["mR"] == 41.0
+    assert out["done"]["full-s0"]["val_mR"] is None
     assert out["skipped"] and "left for another call" in out["note"]
 
 

@@ -1,25 +1,28 @@
-"""The whole comparison in one command: train every method for every seed, select on validation,
-report on test, and regenerate the README's results table.
+"""The whole comparison in one command: train every method for every seed, test it, and regenerate
+the README's results table.
 
-    python -m training.benchmark --suite ucm --seeds 0 1            # train, evaluate, aggregate
-    python -m training.benchmark --suite ucm --seeds 0 1 --dry-run  # list the runs and their CPU time
-    python -m training.benchmark --suite ucm --aggregate-only       # rebuild results/ucm.json + README
+    python -m training.benchmark --suite ucm-fixed --seeds 0 1 2 3 4   # the protocol fixed in advance
+    python -m training.benchmark --suite ucm-fixed --seeds 0 1 2 3 4 --dry-run  # the runs, CPU time left
+    python -m training.benchmark --suite ucm --aggregate-only           # rebuild results/ucm.json + README
 
-Each (method, seed) trains with ``python -m training.train`` (resumable: an interrupted run continues
-from its last checkpoint), picks its best epoch on the validation carve, and is then evaluated on
-the validation carve and on the test split with ``python -m training.evaluate``'s code. Its result
-is written at once to ``results/<suite>/runs/<method>-s<seed>.json``; a run whose JSON exists is
+Suites: ``ucm-fixed`` (docs/results.md#protocol) trains a fixed 8 epochs on the whole train split and
+tests the last epoch, nothing selected; ``ucm``, the earlier protocol, picks each run's epoch on a
+validation carve of train. Each (method, seed) trains with ``python -m training.train`` (resumable:
+an interrupted run continues from its last checkpoint) and is evaluated with ``python -m
+training.evaluate``'s code on the test split (and on the carve, where there is one). Its result is
+written at once to ``results/<suite>/runs/<method>-s<seed>.json``; a run whose JSON exists is
 skipped, so the command resumes where it stopped. Last, the runs are aggregated (mean and sample
-standard deviation over seeds) into ``results/<suite>.json`` and the table between the README's
-``<!-- <suite>-table -->`` markers. Nothing is selected on test.
+standard deviation over seeds; a suite's paired differences with their 95% t-interval) into
+``results/<suite>.json`` and the table between the README's ``<!-- <suite>-table -->`` markers.
+Nothing is selected on test.
 """
-
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -27,20 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from harma.errors import HarmaError
 from harma.io import CONFIG_NAME, atomic_write_bytes, atomic_write_json, read_json
 from harma.metrics import METRIC_KEYS
 from training import evaluate as evaluate_cli
+from training.benchmark_results import aggregate, loss_curve, val_curve
 from training.benchmark_tables import card_section, markdown, shipped_markdown
 from training.cli import USER_ERRORS, run_command, write_json
-from training.config import load_config
+from training.config import NO_CARVE, load_config
 from training.export import export
 from training.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-# Only the full-set gap number: the run JSONs written before harma.gap.canonical_order hold k-NN purity
-# and probe figures from a sample taken in file order (docs/results.md).
-GAP_KEYS = ("centroid_distance",)
+
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Suite:
     base_checkpoint: str  # the backbone as a checkpoint folder: the zero-shot row
     methods: tuple[Method, ...]
     published: tuple[Published, ...] = field(default=())
+    overrides: tuple[str, ...] = ()  # config overrides of every run of the suite (its protocol)
+    paired: tuple[tuple[str, str], ...] = ()  # (a, b): report a - b paired by seed, with a 95% t-interval
 
 
 TUNED = ("model.backbone_dropout=false", "model.learn_temperature=false", "model.temperature_init=0.05",
@@ -107,6 +113,15 @@ SUITES = {
         ),
     ),
 }
+# The protocol fixed in advance (docs/results.md#protocol): 8 epochs on the whole official train split, no
+# validation and no selection, the last epoch tested once; five seeds for HarMA and full fine-tuning, one for
+# the other trained methods. Time: the carve suite's measured train time x 1.1 (1,890 train images, not 1,701).
+_FIXED_MINUTES = {"zeroshot": 0.5, "harma": 40, "full": 40, "harma_tuned": 50, "mrs": 70, "harma_paper": 55}
+SUITES["ucm-fixed"] = dataclasses.replace(
+    SUITES["ucm"], name="ucm-fixed", overrides=("data.carve=none",), paired=(("harma", "full"),),
+    methods=tuple(dataclasses.replace(m, cpu_minutes=_FIXED_MINUTES[m.key],
+                                      max_seeds=m.max_seeds if m.key in ("harma", "full") else 1)
+                  for m in SUITES["ucm"].methods))
 
 
 class BenchmarkError(Exception):
@@ -142,7 +157,7 @@ def plan(suite: Suite, seeds: list[int], only: Optional[list[str]] = None) -> li
 
 def train_command(suite: Suite, run: Run, runs_dir: Path, data: str) -> list[str]:
     """The ``python -m training.train`` command of one run (seeded data order and adapter init)."""
-    return [sys.executable, "-m", "training.train", "--config", suite.config, *run.method.overrides,
+    return [sys.executable, "-m", "training.train", "--config", suite.config, *suite.overrides, *run.method.overrides,
             f"data.root={data}", f"run.seed={run.seed}", f"model.init_seed={run.seed}",
             f"run.out_dir={runs_dir.as_posix()}", f"run.name={suite.name}-{run.name}", "run.resume=auto"]
 
@@ -162,6 +177,13 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
             **{k: result[k] for k in keep if k in result}}
 
 
+def _machine() -> dict[str, Any]:
+    """Where a run ran: reruns on another machine move a run by up to about 1 mR (docs/results.md)."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    return {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "platform": platform.platform(terse=True)}
+
+
 def _carve_args(cfg) -> list[str]:
     d = cfg.data
     return ["--carve", d.carve, "--val-fraction", str(d.val_fraction), "--carve-seed", str(d.carve_seed)]
@@ -169,10 +191,13 @@ def _carve_args(cfg) -> list[str]:
 
 def execute(suite: Suite, run: Run, runs_dir: Path, data: str) -> dict[str, Any]:
     """Train (or resume) one run, then evaluate its best checkpoint on val and test."""
-    cfg = load_config(ROOT / suite.config, [*run.method.overrides, f"data.root={data}"])
+    cfg = load_config(ROOT / suite.config, [*suite.overrides, *run.method.overrides, f"data.root={data}"])
+    validated = cfg.data.carve != NO_CARVE
     carve = {"mode": cfg.data.carve, "val_fraction": cfg.data.val_fraction, "seed": cfg.data.carve_seed}
     out: dict[str, Any] = {"suite": suite.name, "method": run.method.key, "label": run.method.label,
-                           "seed": run.seed, "carve": carve, "ties": "expected"}
+                           "seed": run.seed, "carve": carve if validated else {"mode": NO_CARVE},
+                           "selection": "best validation epoch" if validated else "last epoch (none)",
+                           "ties": "expected", "machine": _machine()}
     if not run.method.train:
         checkpoint = ROOT / suite.base_checkpoint
         out.update(command=None, best_epoch=None, val_mR_per_epoch=[], trained_params=0, train_minutes=0.0)
@@ -188,53 +213,14 @@ def execute(suite: Suite, run: Run, runs_dir: Path, data: str) -> dict[str, Any]
         epochs = read_metrics(run_dir)
         meta = read_json(checkpoint / CONFIG_NAME, BenchmarkError)
         out.update(best_epoch=meta["extra"]["epoch"], val_mR_per_epoch=val_curve(epochs),
+                   train_loss_per_epoch=loss_curve(epochs),
                    trained_params=meta["trainable_params"],
                    train_minutes=round(sum(e.get("epoch_s", 0.0) for e in epochs) / 60, 1),
                    wall_minutes_this_call=round((time.time() - t0) / 60, 1),
                    run_dir=run_dir.as_posix().replace(f"{ROOT}/", ""))
-    out["val"] = _summary(_evaluate(checkpoint, data, "train:val", _carve_args(cfg)))
+    out["val"] = _summary(_evaluate(checkpoint, data, "train:val", _carve_args(cfg))) if validated else None
     out["test"] = _summary(_evaluate(checkpoint, data, suite.test_split, []))
     return out
-
-
-def _mean_sd(values: list[float]) -> tuple[float, Optional[float]]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def aggregate(suite: Suite, results_dir: Path) -> dict[str, Any]:
-    """Mean and sample sd over seeds per method, in the suite's method order, from the run JSONs."""
-    rows = []
-    for m in suite.methods:
-        runs = []
-        for path in sorted((results_dir / suite.name / "runs").glob(f"{m.key}-s*.json")):
-            runs.append(read_json(path, BenchmarkError))
-        runs = [r for r in runs if r.get("method") == m.key]
-        if not runs:
-            continue
-        runs.sort(key=lambda r: r["seed"])
-        row: dict[str, Any] = {"method": m.key, "label": m.label, "seeds": [r["seed"] for r in runs],
-                               "trained_params": runs[0]["trained_params"],
-                               "train_minutes": round(statistics.fmean(r["train_minutes"] for r in runs), 1)}
-        for part in ("test", "val"):
-            for k in METRIC_KEYS:
-                mean, sd = _mean_sd([r[part][k] for r in runs])
-                row[f"{part}_{k}"] = mean
-                if k == "mR":
-                    row[f"{part}_mR_sd"] = sd
-            for k in GAP_KEYS:
-                row[f"{part}_{k}"] = statistics.fmean(r[part]["gap"][k] for r in runs)
-        row["best_epochs"] = [r["best_epoch"] for r in runs]
-        rows.append(row)
-    first = next(iter(rows), None)
-    protocol = {}
-    if first is not None:
-        one = read_json(next((results_dir / suite.name / "runs").glob(f"{first['method']}-s*.json")), BenchmarkError)
-        protocol = {"val": {k: one["val"].get(k) for k in ("split", "carve", "num_images", "num_captions")},
-                    "test": {k: one["test"].get(k) for k in ("split", "num_images", "num_captions")},
-                    "ties": one["val"].get("ties", "expected")}
-    return {"suite": suite.name, "config": suite.config, "protocol": protocol, "rows": rows,
-            "pending": [m.key for m in suite.methods if m.key not in {r["method"] for r in rows}],
-            "published": [vars(p) for p in suite.published]}
 
 
 def update_readme(readme: Path, suite: str, table: str) -> bool:
@@ -261,23 +247,21 @@ def write_results(suite: Suite, results_dir: Path, readme: Optional[Path]) -> di
     return results
 
 
-def val_curve(epochs: list[dict[str, Any]]) -> list[float]:
-    """Validation mR per epoch as a run JSON records it (``val_mR_per_epoch``), from ``metrics.jsonl`` records."""
-    return [round(e["val"]["mR"], 4) for e in epochs]
-
-
 def check_shippable(run_dir: Path, epochs: int, record: Optional[Path]) -> None:
     """Refuse a run that has not finished its ``epochs`` (its best/ would be an early pick), and one
-    whose validation curve is not the one recorded in ``record`` (the run JSON the README reports),
-    so a shipped checkpoint is always the run its table row describes."""
+    whose validation curve (with no validation, its training-loss curve) is not the one recorded in
+    ``record`` (the run JSON the README reports), so a shipped checkpoint is always the run its table
+    row describes."""
     done = [e for e in read_metrics(run_dir) if not e.get("partial")]
     if len(done) < epochs:
         raise BenchmarkError(f"{run_dir}: {len(done)} of {epochs} epochs done; let the run finish before shipping it")
     if record is not None and record.is_file():
-        recorded = read_json(record, BenchmarkError).get("val_mR_per_epoch")
-        curve = val_curve(done)
+        saved = read_json(record, BenchmarkError)
+        what, recorded, curve = "val mR", saved.get("val_mR_per_epoch"), val_curve(done)
+        if not recorded and not curve:  # no validation (data.carve=none): the loss curve identifies the run
+            what, recorded, curve = "training loss", saved.get("train_loss_per_epoch"), loss_curve(done)
         if recorded != curve:
-            raise BenchmarkError(f"{run_dir}: its val mR per epoch {curve} is not the one in {record} ({recorded}); "
+            raise BenchmarkError(f"{run_dir}: its {what} per epoch {curve} is not the one in {record} ({recorded}); "
                                  "ship the run that JSON records, or delete the JSON and re-run the benchmark")
 
 
@@ -296,19 +280,19 @@ def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str,
         if not (run_dir / "best").is_dir():
             print(f"ship {m.ship}: no {run_dir / 'best'} on this machine, skipped", flush=True)
             continue
-        cfg = load_config(ROOT / suite.config, [*m.overrides, f"data.root={data}"])
+        cfg = load_config(ROOT / suite.config, [*suite.overrides, *m.overrides, f"data.root={data}"])
         check_shippable(run_dir, cfg.run.epochs, results_dir / suite.name / "runs" / f"{m.key}-s{seed}.json")
         out = ROOT / "checkpoints" / m.ship
         export(run_dir, out, "fp16")
-        shutil.copy(run_dir / "metrics.jsonl", out / "metrics.jsonl")  # every epoch's validation, beside the pick
+        shutil.copy(run_dir / "metrics.jsonl", out / "metrics.jsonl")  # every epoch's record, beside the pick
         name = f"checkpoints/{m.ship}"
-        val = _evaluate(out, data, "train:val", _carve_args(cfg))
+        val = _evaluate(out, data, "train:val", _carve_args(cfg)) if cfg.data.carve != NO_CARVE else None
         test = _evaluate(out, data, suite.test_split, ["--baseline"])
         record = {"suite": suite.name, "method": m.key, "label": m.label, "seed": seed, "checkpoint": name,
                   "best_epoch": read_json(out / CONFIG_NAME, BenchmarkError)["extra"]["epoch"],
                   "command": f"python -m training.evaluate --checkpoint {name} --data {data} --split "
                              f"{suite.test_split} --baseline",
-                  "val": _summary(val), "test": _summary(test), "baseline_test": _summary(test["baseline"])}
+                  "val": _summary(val) if val else None, "test": _summary(test), "baseline_test": _summary(test["baseline"])}
         write_json(results_dir / suite.name / "shipped" / f"{m.ship}.json", record, indent=1)
         card = (out / "MODEL_CARD.md").read_text()
         atomic_write_bytes(out / "MODEL_CARD.md", (card + card_section(record)).encode())
@@ -363,8 +347,8 @@ def _run(args: argparse.Namespace) -> None:
             print(f"[benchmark {n}/{len(todo)}] {r.name}", flush=True)
             result = execute(suite, r, runs_dir, data)
             path = write_json(results_dir / suite.name / "runs" / f"{r.name}.json", result, indent=1)
-            print(f"[benchmark {n}/{len(todo)}] {r.name}: val mR {result['val']['mR']:.2f}, "
-                  f"test mR {result['test']['mR']:.2f} -> {path}", flush=True)
+            val = f"val mR {result['val']['mR']:.2f}, " if result["val"] else ""
+            print(f"[benchmark {n}/{len(todo)}] {r.name}: {val}test mR {result['test']['mR']:.2f} -> {path}", flush=True)
             write_results(suite, results_dir, readme)
     results = write_results(suite, results_dir, readme)
     print(markdown(results))

@@ -16,8 +16,24 @@ if TYPE_CHECKING:  # type hints only: training.benchmark imports this module
     from training.benchmark import Suite
 
 
-def _pm(mean: float, sd: Optional[float]) -> str:
+def _pm(mean: Optional[float], sd: Optional[float]) -> str:
+    if mean is None:  # no validation (data.carve=none)
+        return "-"
     return f"{mean:.2f} ± {sd:.2f}" if sd is not None else f"{mean:.2f}"
+
+
+def paired_line(p: dict[str, Any]) -> str:
+    """One sentence for a paired difference of an aggregated results file (``results["paired"]``)."""
+    a, b = p["a_label"], p["b_label"]
+    if p["mean"] is None:
+        return f"{a} minus {b}, paired by seed: no seed has both yet."
+    seeds = ", ".join(str(s) for s in p["seeds"])
+    text = f"{a} minus {b}, test mR paired by seed ({seeds}): **{p['mean']:+.2f}**"
+    if p["interval"] is None:
+        return text + " (one seed: no interval)."
+    lo, hi = p["interval"]
+    return (text + f" ± {p['sd']:.2f} (sd of the {len(p['seeds'])} differences), {p['level']:.0%} interval "
+            f"[{lo:+.2f}, {hi:+.2f}] (t, {len(p['seeds']) - 1} df).")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -35,6 +51,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for p in results.get("published", []):
         lines.append(f"| {p['label']} | - | {p['test_mR']:.2f} | | | | | | | | | | |")
+    for p in results.get("paired", []):
+        lines += ["", paired_line(p)]
     if results.get("pending"):
         lines.append("")
         lines.append("Not yet run on this protocol: " + ", ".join(f"`{k}`" for k in results["pending"]) + ".")
@@ -55,21 +73,26 @@ def shipped_markdown(results_dir: Path, suite: Suite) -> str:
         lines.append("| zero-shot backbone (`--baseline`) | - | - | - | "
                      + " | ".join(f"{base[k]:.2f}" for k in METRIC_KEYS) + " |")
     for r in records:
-        lines.append(f"| `{r['checkpoint']}` | {r['seed']} | {r['best_epoch']} | {r['val']['mR']:.2f} | "
+        val = f"{r['val']['mR']:.2f}" if r.get("val") else "-"
+        lines.append(f"| `{r['checkpoint']}` | {r['seed']} | {r['best_epoch']} | {val} | "
                      + " | ".join(f"{r['test'][k]:.2f}" for k in METRIC_KEYS) + " |")
     return "\n".join(lines)
 
 
 def card_section(record: dict[str, Any]) -> str:
     """The model card's section on a shipped checkpoint's held-out evaluation (``record``: its shipped JSON)."""
-    carve = record["val"].get("carve") or {}
-    rows = [("validation (block carve of train, " f"{record['val']['num_images']} images)", record["val"]),
-            (f"test ({record['test']['split']}, {record['test']['num_images']} images)", record["test"]),
+    rows = [(f"test ({record['test']['split']}, {record['test']['num_images']} images)", record["test"]),
             ("test, zero-shot backbone", record["baseline_test"])]
+    if record.get("val"):
+        carve = record["val"].get("carve") or {}
+        rows.insert(0, ("validation (block carve of train, " f"{record['val']['num_images']} images)", record["val"]))
+        how = (f"Selected epoch {record['best_epoch']} on the validation carve ({carve.get('mode')}, fraction "
+               f"{carve.get('val_fraction')}); test was not looked at to choose anything.")
+    else:
+        how = (f"The last epoch ({record['best_epoch']}) of a fixed schedule on the whole train split: nothing "
+               "was selected (docs/results.md#protocol).")
     lines = ["", "## Held-out evaluation of these stored weights", "",
-             f"Selected epoch {record['best_epoch']} on the validation carve ({carve.get('mode')}, fraction "
-             f"{carve.get('val_fraction')}); test was not looked at to choose anything. Seed {record['seed']}. "
-             "R@K with tied scores counted at their expected rank.", "",
+             f"{how} Seed {record['seed']}. R@K with tied scores counted at their expected rank.", "",
              f"`{record['command']}`", "",
              "| split | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in METRIC_KEYS) + " |" for name, r in rows]

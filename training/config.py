@@ -19,6 +19,7 @@ from harma.errors import one_line
 from harma.losses import LossConfig
 
 AUGMENTS = ("released", "rotations", "dihedral", "none")
+NO_CARVE = "none"  # data.carve: no validation split, the last epoch is the result (docs/results.md#protocol)
 
 
 @dataclass
@@ -35,7 +36,8 @@ class DataConfig:
     val_fraction: float = 0.1  # used when val_split is None
     # how val is carved: block = the first val_fraction of the ids of every scene class, a contiguous
     # block like UCM's test split (deterministic) | random = images drawn with carve_seed (leaks on
-    # tiled-scene datasets such as UCM: near-duplicate neighbours land on both sides)
+    # tiled-scene datasets such as UCM: near-duplicate neighbours land on both sides) | none = no
+    # validation at all: train on the whole train split, best/ holds the last epoch (no selection)
     carve: str = "block"
     carve_seed: int = 0  # random carve only
     carve_class_size: int = 100  # block carve, numeric file names without labels: ids per class (UCM: 100)
@@ -61,8 +63,10 @@ class DataConfig:
             raise ConfigError("data.label_batches must be >= 0 (0 = off)")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("data.val_fraction must be in (0, 1)")
-        if self.carve not in CARVES:
-            raise ConfigError(f"data.carve={self.carve!r} is not one of {', '.join(CARVES)}")
+        if self.carve not in (*CARVES, NO_CARVE):
+            raise ConfigError(f"data.carve={self.carve!r} is not one of {', '.join((*CARVES, NO_CARVE))}")
+        if self.carve == NO_CARVE and self.val_split is not None:
+            raise ConfigError(f"data.carve=none (no validation) needs data.val_split=null, got {self.val_split!r}")
         if self.captions_per_image is not None and self.captions_per_image < 1:
             raise ConfigError("data.captions_per_image must be >= 1 (or null)")
         if self.carve_class_size < 1:

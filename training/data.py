@@ -2,7 +2,8 @@
 
 Model selection uses a validation split, never the test split (method.md §7.13): a named one
 (RSITMD/RSICD ``val``) or, for datasets without one (UCM), a carve of train: by default a contiguous
-block of ids per scene class, as UCM's test split is made (``data.carve``).
+block of ids per scene class, as UCM's test split is made (``data.carve``); ``data.carve=none``
+selects nothing: no validation, the whole train split trains and the last epoch is the result.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from harma.data import (
 )
 from harma.data.synthetic import write_synthetic_dataset
 from harma.errors import ConfigError
-from training.config import DataConfig
+from training.config import NO_CARVE, DataConfig
 from training.sampler import ResumableBatchSampler, SeededDataset
 
 SYNTHETIC = "synthetic"
@@ -41,7 +42,7 @@ class Splits:
     """The splits of one run and where they came from (stored with the best checkpoint)."""
 
     train: RetrievalSplit
-    val: RetrievalSplit
+    val: Optional[RetrievalSplit]  # None with data.carve=none: no validation, the last epoch is kept
     test: Optional[RetrievalSplit]
     root: Path
 
@@ -91,7 +92,9 @@ def _load(root: Path, cfg: DataConfig, split: str, role: str) -> RetrievalSplit:
 def build_splits(cfg: DataConfig, root: Path) -> Splits:
     """Load train, val (named or carved from train) and the optional test split."""
     train = _load(root, cfg, cfg.train_split, "train")
-    if cfg.val_split is None:
+    if cfg.val_split is None and cfg.carve == NO_CARVE:
+        val = None
+    elif cfg.val_split is None:
         try:
             train, val = carve(train, cfg.carve, cfg.val_fraction, cfg.carve_seed, cfg.carve_class_size)
         except (ConfigError, DatasetError) as e:

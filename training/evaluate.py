@@ -151,6 +151,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             setattr(args, key, recorded.get(key, default))
     if args.data is None:
         args.data = recorded_root(recorded)
+    if args.carve == "none":  # trained with no validation (data.carve=none): no split of its own to default to
+        if args.split is None:
+            raise CliError(f"{directory} was trained with no validation split (data.carve=none): pass --split, "
+                           "e.g. --split test")
+        args.carve = DEFAULTS["carve"]
     if args.split is None:
         val = recorded.get("val_split", "val") if recorded else "val"
         args.split = val if val else f"{recorded.get('train_split', 'train')}:val"

@@ -1,7 +1,8 @@
 """The epoch loop of ``training.train``: data, optimiser, DDP, per-epoch validation, checkpoints, resume.
 
-Selection is on the validation split only (method.md §7.13); the optional test split is scored
-once, with the best adapters, after training (report only).
+Selection is on the validation split only (method.md §7.13), or none at all with ``data.carve=none``
+(``best/`` is then the last epoch); the optional test split is scored once, with ``best/``, after
+training (report only).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class Trainer:
         # Frozen text tower (full + lock_text): its features never change, so compute them once.
         fn, bs, folder = caption_fn(cfg.data), 2 * cfg.run.eval_batch_size, Path(cfg.run.out_dir) / ".text_cache"
         settings.text_features = text_features(model, splits.train, tokenizer, fn, bs, dist.device, "train", folder)
-        self.val_text = text_features(model, splits.val, tokenizer, fn, bs, dist.device, "val", folder)
+        self.val_text = (text_features(model, splits.val, tokenizer, fn, bs, dist.device, "val", folder)
+                         if splits.val is not None else None)
         self.loader, self.sampler = build_train_loader(
             self.splits.train, self.train_tf, tokenizer, cfg.data, batch_size=cfg.run.batch_size,
             world_size=dist.world_size, rank=dist.rank, seed=cfg.run.seed, pin_memory=dist.device.type == "cuda",
@@ -120,11 +122,14 @@ class Trainer:
         precision = "bf16" if self.settings.autocast_dtype is not None else "fp32"
         if self.main:
             capped = " (run.max_steps)" if self.total_steps < cfg.run.epochs * self.steps_per_epoch else ""
-            log.info("%s | world %d | device %s | precision %s | train %d images / %d pairs | val %d images"
-                     " / %d captions | %d steps/epoch x %d epochs, %d steps scheduled%s", m.trainable_summary(),
+            val = self.splits.val
+            val_txt = f"val {val.num_images} images / {val.num_captions} captions" if val is not None else \
+                "no validation (data.carve=none: best/ is the last epoch)"
+            log.info("%s | world %d | device %s | precision %s | train %d images / %d pairs | %s"
+                     " | %d steps/epoch x %d epochs, %d steps scheduled%s", m.trainable_summary(),
                      self.dist.world_size, self.dist.device, precision, self.splits.train.num_images,
-                     self.splits.train.num_captions, self.splits.val.num_images, self.splits.val.num_captions,
-                     self.steps_per_epoch, cfg.run.epochs, self.total_steps, capped)
+                     self.splits.train.num_captions, val_txt, self.steps_per_epoch, cfg.run.epochs,
+                     self.total_steps, capped)
         while self.epoch < cfg.run.epochs:
             out_of_steps = self.global_step >= self.total_steps
             if out_of_steps and self.evaluated:
@@ -170,21 +175,30 @@ class Trainer:
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def _validate(self, result: EpochResult, complete: bool) -> dict[str, Any]:
-        """Main rank: validate, write ``best/`` when val mR improves, log; returns the metrics record."""
+        """Main rank: validate, write ``best/`` when val mR improves, log; returns the metrics record.
+        Without a validation split (``data.carve=none``) every complete epoch's weights go to ``best/``,
+        so it holds the last epoch: nothing is selected."""
         with self._averaged():
-            val = self._evaluate(self.splits.val, "val", self.val_text)
             record = {"epoch": self.epoch + 1, "step": self.global_step, **({} if complete else {"partial": True}),
                       "train": result.loss, "lr": result.lr, "samples_per_s": round(result.samples_per_s, 2),
-                      "epoch_s": round(result.seconds, 2), "temperature": self._temperature(),
-                      "val": val.metrics, "val_gap": val.gap}
+                      "epoch_s": round(result.seconds, 2), "temperature": self._temperature()}
+            extra = {"epoch": self.epoch + 1, "step": self.global_step, "partial_epoch": not complete,
+                     "data": self.splits.info(self.cfg.data), "run": self.run_dir.name,
+                     # the run seed, for the record; a random backbone is rebuilt from model.init_seed
+                     "seed": self.cfg.run.seed, **({"ema_decay": self.ema.decay} if self.ema is not None else {})}
+            if self.splits.val is None:
+                if complete:
+                    self.best_epoch = self.epoch + 1
+                    write_adapters_dir(self.model, self.run_dir / "best", extra={**extra, "selection": "last epoch"})
+                log.info("epoch %d | step %d | loss %.4f | no validation | %.1f samples/s", self.epoch + 1,
+                         self.global_step, result.loss.get("loss", float("nan")), result.samples_per_s)
+                return record
+            val = self._evaluate(self.splits.val, "val", self.val_text)
+            record.update(val=val.metrics, val_gap=val.gap)
             mr = val.metrics["mR"]
             if self.best_mr is None or mr > self.best_mr:
                 self.best_mr, self.best_epoch = mr, self.epoch + 1
-                write_adapters_dir(self.model, self.run_dir / "best", extra={
-                    "epoch": self.epoch + 1, "step": self.global_step, "partial_epoch": not complete,
-                    "val": val.metrics, "data": self.splits.info(self.cfg.data), "run": self.run_dir.name,
-                    # the run seed, for the record; a random backbone is rebuilt from model.init_seed
-                    "seed": self.cfg.run.seed, **({"ema_decay": self.ema.decay} if self.ema is not None else {})})
+                write_adapters_dir(self.model, self.run_dir / "best", extra={**extra, "val": val.metrics})
             log.info("epoch %d | step %d | loss %.4f | val mR %.2f (best %.2f, epoch %d) | %.1f samples/s",
                      self.epoch + 1, self.global_step, result.loss.get("loss", float("nan")), mr,
                      self.best_mr, self.best_epoch, result.samples_per_s)
@@ -222,10 +236,13 @@ class Trainer:
             load_adapter_weights(self.model, best)  # the selected adapters; training is over
             test = self._evaluate(self.splits.test, "test")
             report = {"split": self.cfg.data.test_split, "best_epoch": self.best_epoch, "metrics": test.metrics,
-                      "gap": test.gap, "note": "report only: selection used the validation split"}
+                      "gap": test.gap, "note": "report only: selection used the validation split"
+                      if self.splits.val is not None else "report only: the last epoch, nothing selected"}
             atomic_write_json(self.run_dir / "test_metrics.json", report, 2)
             log.info("test (%s) with best/: mR %.2f", self.cfg.data.test_split, test.metrics["mR"])
         best_txt = "no evaluation"
-        if self.best_mr is not None:
+        if self.splits.val is None and self.best_epoch is not None:
+            best_txt = f"no validation, best/ is the last epoch ({self.best_epoch})"
+        elif self.best_mr is not None:
             best_txt = f"best epoch {self.best_epoch} (val mR {self.best_mr:.2f})"
         print(f"done: {best_txt}; {self.global_step} steps; run folder {self.run_dir}", flush=True)

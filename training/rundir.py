@@ -5,7 +5,7 @@ Layout of ``<run.out_dir>/<run.name>/``::
 
     config.yaml        resolved TrainConfig (rewritten on resume)
     metrics.jsonl      one JSON line per evaluated epoch (train losses, lr, throughput, temperature, val)
-    best/              adapters with the best validation mR (adapter_config.json + safetensors)
+    best/              adapters with the best validation mR, the last epoch with data.carve=none (adapter_config.json + safetensors)
     last/adapters/     adapters of the latest checkpoint
     last/state.pt      optimiser, scheduler, counters, RNG states (for run.resume)
     test_metrics.json  best/ on data.test_split, if set (report only, never used for selection)
