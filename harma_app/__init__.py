@@ -5,8 +5,9 @@ Ranking, caching and metrics live in the library (``harma.retrieval``, ``harma.m
 package wires them to Gradio. Importing it loads no model, builds no UI and makes no network call.
 
 Modules: :mod:`.common` (paths, limits, user-facing errors), :mod:`.state` (configuration, model sources and
-loading, the shared :class:`~.state.AppState`), :mod:`.galleries`, :mod:`.plots` (UMAP figure), one module per
-tab (:mod:`.tab_text_to_image`, :mod:`.tab_image_to_text`, :mod:`.tab_embedding_space`, :mod:`.tab_metrics`),
+loading, the shared :class:`~.state.AppState`), :mod:`.galleries`, :mod:`.indexes` (``--index`` galleries, archive
+indexes searched on disk), :mod:`.plots` (UMAP figure), one module per tab (:mod:`.tab_text_to_image`,
+:mod:`.tab_image_to_text`, :mod:`.tab_embedding_space`, :mod:`.tab_metrics`),
 :mod:`.controls` (model, top k, status line, gallery source) and :mod:`.blocks` (assembly and launch).
 Handlers are plain functions of an :class:`~.state.AppState` first, so they can be called directly.
 """
