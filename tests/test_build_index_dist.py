@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from harma import create_model, load_adapters, save_adapters
 from harma.retrieval import ArchiveIndex, EmbeddingIndex, IndexPlan, build_image_index, list_images, load_index
-from harma.retrieval.folder import encode_shards, image_shards, merge_shards, prepare_build
+from harma.retrieval.folder import encode_shards, image_shards, prepare_build
 from harma.retrieval.shards import ShardSet, assign
 from tests.conftest import TINY_NAME, perturb_, tiny_config
 from training.build_index import main
@@ -106,9 +106,9 @@ def _same(index, ref):
     assert all(torch.equal(a, b) for a, b in zip(index.search(q, 5), ref.search(q, 5)))
 
 
-def test_shards_of_two_ranks_merge_into_the_index_of_one(setup, one_process):
-    """Each rank's share (every 2nd shard) encoded on its own, then one merge: the 1-process index.
-    (The torchrun run of the next test ends in the same comparison.)"""
+def test_shards_of_two_ranks_merge_into_the_index_of_one(setup, one_process, capsys):
+    """Each rank's share (every 2nd shard) encoded on its own, then ``--merge-only``: the 1-process
+    index, bit for bit. (The torchrun job of the next test ends in the same comparison.)"""
     model, _, transform, _ = load_adapters(setup["adapters"])
     images = list_images(setup["images"])
     shards = image_shards(images, setup["tmp"] / "ranks", root=setup["images"], shard_size=SHARD)
@@ -117,7 +117,15 @@ def test_shards_of_two_ranks_merge_into_the_index_of_one(setup, one_process):
     assert parts == [[0, 2, 4, 6], [1, 3, 5]]
     for rank in (1, 0):
         encode_shards(model, transform, shards, parts[rank], pending=todo, batch_size=4)
-    _same(merge_shards(shards, identity={"m": 1}), one_process)
+    merge = ["--images", str(setup["images"]), "--out", str(shards.out), "--shard-size", str(SHARD)]
+    assert main(merge + ["--merge-only", "--memory-gb", "0"]) == 2
+    assert main(merge) == 2  # a build needs the model
+    assert main(merge + ["--merge-only"]) == 0  # no model: the identity is the manifest's
+    index = EmbeddingIndex.load(shards.out)
+    assert index.extra["model"] == {"m": 1} and not shards.folder.exists()
+    _same(index, one_process)
+    err = capsys.readouterr().err
+    assert "--memory-gb 0.0: must be a positive number" in err and "--checkpoint is required" in err
 
 
 def test_a_killed_rank_resumes_and_merge_only_names_what_is_missing(setup, one_process, capsys):

@@ -129,11 +129,30 @@ def merge_only(args: argparse.Namespace, shards: Any) -> Path:
         raise CliError("--merge-only runs in one process: python -m training.build_index --merge-only ...")
     if (Path(args.out) / INDEX_FILE).is_file():
         raise CliError(f"--out {args.out} already holds an index: nothing to merge")
-    start = time.perf_counter()
     print(f"merging the shards of {len(shards.paths):,} images in {args.out}", flush=True)
-    index = merge_shards(shards, identity=manifest_identity(Path(args.out)), memory_gb=args.memory_gb,
-                         log=lambda msg: print(msg, flush=True))
-    print(_summary(index, len(shards.paths), args.out, time.perf_counter() - start))
+    return merge(args, shards, manifest_identity(Path(args.out)), time.perf_counter())
+
+
+def merge(args: argparse.Namespace, shards: Any, identity: dict, start: float) -> Path:
+    """The index from the finished shards (the plan's kind and reason printed), with a progress bar
+    over an archive index's add pass."""
+    from tqdm import tqdm
+
+    bars: list = []  # made on the archive's first progress call: an exact index has no add pass
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="adding to the index", unit="row", file=sys.stderr,
+                             dynamic_ncols=True))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        index = merge_shards(shards, identity=identity, memory_gb=args.memory_gb, progress=progress,
+                             log=lambda msg: tqdm.write(msg, file=sys.stdout))
+    finally:
+        for bar in bars:
+            bar.close()
+    print(_summary(index, len(shards.paths), args.out, time.perf_counter() - start), flush=True)
     return Path(args.out)
 
 
@@ -199,9 +218,7 @@ def build(args: argparse.Namespace, shards: Any, ranks: Ranks, device: Any) -> O
         print(f"shards written to {shards.folder} in {time.perf_counter() - start:.1f}s; build the index with "
               f"--merge-only once every machine's shards are there", flush=True)
         return None
-    index = merge_shards(shards, identity=identity, memory_gb=args.memory_gb, log=lambda msg: print(msg, flush=True))
-    print(_summary(index, len(shards.paths), args.out, time.perf_counter() - start))
-    return Path(args.out)
+    return merge(args, shards, identity, start)
 
 
 def run(args: argparse.Namespace) -> Optional[Path]:

@@ -198,7 +198,8 @@ def _shard_rows(shards: ShardSet) -> tuple[list[int], list[dict[str, str]], int]
 
 
 def merge_shards(shards: ShardSet, *, identity: Optional[dict[str, Any]] = None, memory_gb: float = 8.0,
-                 plan: Optional[IndexPlan] = None, log: Optional[Callable[[str], None]] = None) -> AnyIndex:
+                 plan: Optional[IndexPlan] = None, log: Optional[Callable[[str], None]] = None,
+                 progress: Optional[Progress] = None) -> AnyIndex:
     """Build the index at ``shards.out`` from its finished shards, then remove them.
 
     Below :data:`~harma.retrieval.plan.EXACT_BELOW` readable images (or when ``plan`` says
@@ -207,6 +208,7 @@ def merge_shards(shards: ShardSet, *, identity: Optional[dict[str, Any]] = None,
     picks for ``memory_gb``, fed shard by shard in row order (never all embeddings at once).
     Unreadable images are skipped and listed in ``extra["skipped"]``. A shard that is missing, or
     was written for images changed since, is a :class:`DatasetError` naming every such shard.
+    ``progress(rows added, rows)`` follows the archive's add pass.
     """
     say = log or (lambda _m: None)
     missing = shards.missing()
@@ -225,7 +227,7 @@ def merge_shards(shards: ShardSet, *, identity: Optional[dict[str, Any]] = None,
         index = _exact_index(shards, extra, say)
     else:
         index = build_archive(shards.out, lambda: _chunks(shards), n, dim, plan, _row_ids(shards),
-                              extra=extra, log=say)
+                              extra=extra, log=say, progress=progress)
     shutil.rmtree(shards.folder, ignore_errors=True)
     return index
 
