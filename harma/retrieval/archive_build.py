@@ -44,6 +44,7 @@ PARTITION_BYTES = 512 << 20  # codes held in memory per partition before it is w
 PARTITION_ROWS = 1_000_000
 TWO_LEVEL_FROM = 1024  # nlist from which k-means is two-level
 KMEANS_ITER = 20
+STAGE_PREFIX = ".archive-"  # the temporary folder inside ``out`` a build writes into
 
 
 def _check(x: Any, dim: int, done: int, n: int) -> np.ndarray:
@@ -84,7 +85,7 @@ def _centroids(x: np.ndarray, nlist: int, seed: int) -> np.ndarray:
         from faiss.contrib.clustering import two_level_clustering
 
         centroids, _ = two_level_clustering(x, int(round(math.sqrt(nlist))), nlist, clustering_niter=KMEANS_ITER,
-                                            niter=KMEANS_ITER, **args)
+                                            **args)
         return np.ascontiguousarray(centroids, dtype=np.float32)
     km = faiss.Kmeans(x.shape[1], nlist, niter=KMEANS_ITER, max_points_per_centroid=1 << 30, **args)
     km.train(x)
@@ -243,15 +244,16 @@ def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: in
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".archive-", dir=out))
+    for stale in out.glob(f"{STAGE_PREFIX}*"):  # partitions of an interrupted build: gigabytes at 10^7 rows
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
     try:
         rng = np.random.default_rng(seed)
         train_rows = np.sort(rng.choice(n, min(n, plan.train_size or train_size(n, plan.nlist)), replace=False))
         query_rows = np.sort(rng.choice(n, min(n, QUERIES), replace=False))
-        both = np.union1d(train_rows, query_rows)
-        picked = _pick(chunks, n, dim, both)
-        sample, queries = picked[np.searchsorted(both, train_rows)], picked[np.searchsorted(both, query_rows)]
-        del picked
+        both = np.union1d(train_rows, query_rows)  # the query rows may train too: one copy of the sample
+        sample = _pick(chunks, n, dim, both)
+        queries = sample[np.searchsorted(both, query_rows)]
         say(f"training {plan.factory_string()} on {len(sample):,} sampled vectors")
         trained, sq = train_index(plan, sample, seed)
         del sample
@@ -273,6 +275,7 @@ def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: in
                         parts.append(str(stage / f"part{len(parts)}.faiss"))
                         faiss.write_index(part, parts[-1])
                         part = None
+                        say(f"partition {len(parts)} written: {start + pos:,} of {n:,} rows added")
                 if progress is not None:
                     progress(start + len(x), n)
         if part is not None and part.ntotal:
@@ -300,7 +303,7 @@ def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: in
         staged.close()
         del staged
         meta["build"] = {"seconds": round(time.perf_counter() - t0, 1), "seed": seed, "partitions": len(parts),
-                         "train_size": int(len(train_rows))}
+                         "train_size": int(len(both))}
         (out / INDEX_FILE).unlink(missing_ok=True)  # a half-replaced folder is no index
         for name in names:
             os.replace(stage / name, out / name)
