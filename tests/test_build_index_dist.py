@@ -136,6 +136,7 @@ def test_a_killed_rank_resumes_and_merge_only_names_what_is_missing(setup, one_p
     rank1 = _worker_pid(proc.pid, 1, deadline)
     while not shards.path(1).exists():  # rank 1's first shard; its next one holds the slow image
         assert proc.poll() is None and time.monotonic() < deadline, "the build ended before rank 1 wrote a shard"
+        time.sleep(0.005)  # well inside the few hundred ms rank 1 spends on the slow image
     os.kill(rank1, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode != 0  # torchrun stops the other rank too

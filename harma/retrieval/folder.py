@@ -36,12 +36,10 @@ from .shards import (
     SHARDS,
     ShardSet,
     check_manifest,
-    file_key,
     missing_message,
     read_shard,
     reusable,
     say_changes,
-    stored_keys,
     write_shard,
 )
 
@@ -133,11 +131,10 @@ def prepare_build(shards: ShardSet, identity: dict[str, Any], *, overwrite: bool
     elif (out / INDEX_FILE).is_file():
         raise FileExistsError(f"{out} already holds an index; pass overwrite=True (--overwrite) to rebuild it")
     check_manifest(out, identity)
-    keys = [file_key(i, p) for i, p in zip(shards.ids, shards.paths)]
-    kept = {s for s in range(len(shards)) if stored_keys(shards.path(s)) == keys[slice(*shards.bounds(s))]}
+    kept = {s for s in range(len(shards)) if shards.finished(s)}
     if kept:
         say(f"resuming: {len(kept)} of {len(shards)} shards already encoded")
-    say_changes(say, shards, keys, kept)
+    say_changes(say, shards, kept)
     return [s for s in range(len(shards)) if s not in kept]
 
 

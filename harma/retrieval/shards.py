@@ -151,19 +151,25 @@ def reusable(shards: ShardSet, kept: set[int], wanted: Sequence[Key]) -> dict[Ke
     return found
 
 
-def say_changes(say: Callable[[str], None], shards: ShardSet, keys: list[Key], kept: set[int]) -> None:
-    """One line on what changed since an interrupted build (``keys``: all images' keys now)."""
-    old: dict[str, Key] = {}
-    loose: set[Key] = set()  # keys held by shards that are not kept as they are
+def say_changes(say: Callable[[str], None], shards: ShardSet, kept: set[int]) -> None:
+    """One line on what changed since an interrupted build. Only the shard files not ``kept`` as they
+    are and the images outside kept shards are looked at (a kept shard's images are unchanged), so a
+    plain resume holds no per-image table of the whole archive."""
+    old: dict[str, Key] = {}  # id -> key, of the images in shard files that are not kept
     for path in shards.folder.glob("shard-*.safetensors"):
-        stored = stored_keys(path) or []
-        old.update((k[0], k) for k in stored)
         if _number(path) not in kept:
-            loose.update(stored)
-    changed = sum(1 for k in keys if k[0] in old and old[k[0]] != k)
-    removed = len(old.keys() - {k[0] for k in keys})
-    kept_rows = {i for s in kept for i in range(*shards.bounds(s))}
-    reused = sum(1 for i, k in enumerate(keys) if i not in kept_rows and k in loose)
+            old.update((k[0], k) for k in stored_keys(path) or ())
+    if not old:
+        return
+    changed = reused = 0
+    for s in range(len(shards)):
+        if s in kept:
+            continue
+        for k in shards.keys(s):
+            before = old.pop(k[0], None)
+            changed += before is not None and before != k
+            reused += before == k
+    removed = len(old)  # ids stored that are in no shard of the list now
     if changed or removed or reused:
         say(f"since the interrupted build: {changed} images changed (encoded again), {removed} removed; "
             f"{reused} encoded before are reused")
