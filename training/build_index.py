@@ -17,6 +17,7 @@ Load either with ``harma.retrieval.load_index(OUT)`` or ``python app.py --index 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from harma.errors import HarmaError
 from harma.io import INDEX_FILE
 from harma.retrieval import ArchiveIndex, list_images, model_identity
 from harma.retrieval.folder import encode_shards, image_shards, merge_shards, prepare_build
-from harma.retrieval.shards import assign, check_manifest, manifest_identity, record_assignment
+from harma.retrieval.shards import assign, check_manifest, manifest_identity, record_assignment, recorded_size
 from training.cli import (
     CliError,
     add_runtime_args,
@@ -129,6 +130,8 @@ def merge_only(args: argparse.Namespace, shards: Any) -> Path:
         raise CliError("--merge-only runs in one process: python -m training.build_index --merge-only ...")
     if (Path(args.out) / INDEX_FILE).is_file():
         raise CliError(f"--out {args.out} already holds an index: nothing to merge")
+    size = recorded_size(Path(args.out))  # the build's shard size, whatever --shard-size says now
+    shards = dataclasses.replace(shards, size=size) if size else shards
     print(f"merging the shards of {len(shards.paths):,} images in {args.out}", flush=True)
     return merge(args, shards, manifest_identity(Path(args.out)), time.perf_counter())
 

@@ -219,7 +219,21 @@ def assign(todo: Sequence[int], world: int) -> list[list[int]]:
 def record_assignment(shards: ShardSet, parts: list[list[int]]) -> None:
     """``ranks.json``: which process was given which shards in this run (read to name missing ones)."""
     shards.folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(shards.folder / RANKS, json.dumps({"world": len(parts), "shards": parts}).encode())
+    record = {"world": len(parts), "shards": parts, "size": shards.size, "images": len(shards.paths)}
+    atomic_write_bytes(shards.folder / RANKS, json.dumps(record).encode())
+
+
+def recorded_size(out: Path) -> Optional[int]:
+    """The images per shard of the build whose shards are in ``out`` (``ranks.json``, else the first
+    shard's length), so that a later merge cuts the list as the build did; ``None`` if unknown."""
+    try:
+        size = json.loads((out / SHARDS / RANKS).read_text())["size"]
+        if isinstance(size, int) and size > 0:
+            return size
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    first = stored_keys(out / SHARDS / "shard-000000.safetensors")
+    return len(first) if first else None
 
 
 def _short(numbers: Sequence[int], most: int = 20) -> str:
