@@ -8,8 +8,9 @@ unavailable with the reason instead of failing on first use.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import Callable, Optional, Union
 
 import open_clip
@@ -34,6 +35,43 @@ class ModelSource:
     adapters: Optional[Path]
     base_weights: Optional[str] = None  # local base-weights path overriding the recorded one
     problem: Optional[str] = None  # why it cannot be loaded here; shown instead of a traceback
+    adapted_on: Optional[str] = None  # dataset_key of the data its adapters were trained on (adapter_config.json)
+    backbone_on: Optional[str] = None  # dataset_key of the data a local backbone checkpoint was trained on
+
+
+# Dataset folder names as dataset_key reduces them (lower case, letters and digits), and how they are shown.
+DATASET_ALIASES = {"ucmcaptions": "ucm", "ucmerced": "ucm", "sydneycaptions": "sydney"}
+DATASET_NAMES = {"ucm": "UCM-Captions", "rsicd": "RSICD", "rsitmd": "RSITMD", "sydney": "Sydney-Captions"}
+
+
+def dataset_key(folder: Union[str, Path]) -> str:
+    """A dataset folder's name (``../shared/datasets/ucm``, ``UCM_Captions``) reduced for comparison: its
+    last part in lower case, letters and digits only, known spellings mapped to one key (``ucm``)."""
+    key = re.sub(r"[^a-z0-9]", "", PurePosixPath(str(folder).replace("\\", "/")).name.lower())
+    return DATASET_ALIASES.get(key, key)
+
+
+def dataset_name(key: str) -> str:
+    """How a :func:`dataset_key` is shown: the dataset's name when known, else the key."""
+    return DATASET_NAMES.get(key, key)
+
+
+def trained_on(meta: dict) -> Optional[str]:
+    """The :func:`dataset_key` of the data a checkpoint was trained on, from what ``training.train``
+    recorded in its adapter_config.json (``extra.data``: the dataset folder as configured); None when
+    it records none or trained on generated data."""
+    data = (meta.get("extra") or {}).get("data") or {}
+    folder = data.get("root_config") or data.get("root")
+    if not isinstance(folder, str) or not folder.strip() or folder == "synthetic":
+        return None
+    return dataset_key(folder.rstrip("/\\")) or None
+
+
+def provenance(source: ModelSource) -> str:
+    """``adapted on UCM-Captions, backbone trained on RSICD`` for a picker label ('' when unknown)."""
+    parts = ([f"adapted on {dataset_name(source.adapted_on)}"] if source.adapted_on else []) + (
+        [f"backbone trained on {dataset_name(source.backbone_on)}"] if source.backbone_on else [])
+    return ", ".join(parts)
 
 
 def pretrained_cached(model_name: str, tag: str) -> bool:
@@ -117,13 +155,20 @@ def checkpoint_source(directory: Path, allow_download: bool, base_weights: Optio
     label = label or f"{directory.name} ({meta['method']} on {meta['base'].get('model_name')})"
     wanted = base_weights or meta["model"].get("base_weights")
     found = _find_file(wanted, directory, root or Path.cwd()) if wanted else None
+    backbone_on = None
+    if found is not None and (found / CONFIG_NAME).is_file():  # a backbone checkpoint of training.train
+        try:
+            backbone_on = trained_on(read_adapter_config(found))
+        except READ_ERRORS:
+            pass  # its problem, if any, is the loader's to report; the label just says less
+    src = ModelSource(key, label, directory, str(found) if found else None, None, trained_on(meta), backbone_on)
+    if src.adapted_on or src.backbone_on:
+        src = replace(src, label=f"{label} · {provenance(src)}")
     if wanted and found is None:
         sha = meta["base"].get("base_weights_sha256")
         named = wanted if not Path(wanted).is_absolute() else shown_path(wanted, root)
-        return ModelSource(key, label, directory, None,
-                           f"{shown}: base weights `{named}` not found on this machine (sha256 {sha})")
-    problem = backbone_problem(meta["model"], meta["base"], allow_download, how)
-    return ModelSource(key, label, directory, str(found) if found else None, problem)
+        return replace(src, problem=f"{shown}: base weights `{named}` not found on this machine (sha256 {sha})")
+    return replace(src, problem=backbone_problem(meta["model"], meta["base"], allow_download, how))
 
 
 def preset_source(preset: Preset, allow_download: bool, root: Path,

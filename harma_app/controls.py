@@ -9,6 +9,7 @@ from typing import Any, Optional
 import gradio as gr
 
 from harma.errors import one_line
+from harma.sources import ModelSource, dataset_key, dataset_name
 
 from .common import (
     DEFAULT_PRESET,
@@ -22,13 +23,39 @@ from .common import (
     progress_cb,
     short_list,
 )
-from .galleries import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES
+from .galleries import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, Gallery
 from .state import AppState
 from .tab_image_to_text import picker_items
 
 
+def gallery_dataset(gallery: Gallery) -> Optional[str]:
+    """The :func:`harma.sources.dataset_key` of a gallery's images: the bundled demo is UCM-Captions' test
+    split; a dataset folder is known by its folder name (``ucm``, ``UCM_Captions``, ``rsicd``); uploaded
+    images and archive indexes are not known (None)."""
+    if gallery.bundled:
+        return "ucm"
+    if gallery.archive or gallery.name.startswith("uploaded images"):
+        return None
+    return dataset_key(gallery.split.root.resolve()) or None
+
+
+def adaptation_note(source: ModelSource, gallery: Gallery) -> Optional[str]:
+    """A note when the gallery is not from the data the model's adapters were adapted on (by dataset
+    name, :func:`gallery_dataset`); None when it is, or when the checkpoint records no data."""
+    if not source.adapted_on:
+        return None
+    data = gallery_dataset(gallery)
+    if data == source.adapted_on:
+        return None
+    adapted = dataset_name(source.adapted_on)
+    where = f"is from {dataset_name(data)}" if data else f"is not recognised as {adapted}"
+    return (f"This model was adapted on {adapted} and this gallery {where}: away from their data adapters can "
+            "rank below the baseline (on RSICD the UCM adapters score far below the backbone alone; README, "
+            "Results), so compare both columns")
+
+
 def status_text(app: AppState, model_key: Optional[str], gallery_key: Optional[str]) -> str:
-    lines, key = [], None
+    lines, key, source = [], None, None
     try:
         key = app.model_key(model_key)
         source = app.sources[key]
@@ -40,7 +67,11 @@ def status_text(app: AppState, model_key: Optional[str], gallery_key: Optional[s
     if default is not None and default.problem and key != default.key:
         lines.append(f"ℹ️ {file_names_only(default.problem)}")
     try:
-        lines.append("**Gallery:** " + app.gallery(gallery_key).describe())
+        gallery = app.gallery(gallery_key)
+        lines.append("**Gallery:** " + gallery.describe())
+        note = adaptation_note(source, gallery) if source is not None else None
+        if note:
+            lines.append(f"ℹ️ {note}.")
     except (AppError, *USER_ERRORS) as e:
         lines.append(f"**Gallery:** ⚠️ {file_names_only(str(e) if isinstance(e, AppError) else one_line(e))}")
     lines += [f"ℹ️ {note[:1].upper()}{note[1:]}." for note in app.notes(gallery_key)]
