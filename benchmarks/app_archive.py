@@ -1,0 +1,260 @@
+"""End-to-end latency of a text query through the running app over an archive index (issue 37: under 150 ms p50
+at 10 million images), with the app process's memory.
+
+    python -m benchmarks.app_archive --build 1000000 --work /tmp/app-1m        # a synthetic archive of the demo images
+    python -m benchmarks.archive --n 10000000 --work /data/b10m --keep          # then its index, with a 512-d model:
+    python -m benchmarks.app_archive --index /data/b10m/index --work /tmp/app-10m --random-vit-b-32
+
+The app runs as users start it, ``python app.py --checkpoint C --index ADAPTED BASELINE`` in a process of its own,
+and is asked through its HTTP API (``gradio_client``, ``/search_text``, top 8) as ``tests/test_app_api.py`` does:
+one warm-up query, then ``--queries`` timed ones (the demo's example queries and variations, each asked once).
+A timed query is the whole round trip of the answer: both models encode the query, both search the archive on
+disk, the app makes display copies of the shown tiles and sends their URLs (``p50_ms``, ``p90_ms``); the same
+queries are then asked again by a client that also downloads every tile, one after the other
+(``with_downloads_*``; a browser fetches them in parallel). Also: the app's own time per side (query encoding
+and search, from its status line), the 1-minute load average (the machine is shared) and the app process's
+resident memory (VmHWM, VmRSS: anonymous, and file-backed, i.e. mapped index pages and libraries).
+
+Both sides need an index by their model. ``--build N``: an archive built here with ``build_archive`` at the
+model's dimension (``plan_index``): the first rows the adapted model's embeddings of the 210 demo images,
+the rest synthetic (``benchmarks.archive.Recipe``), ids the demo images in turn (root ``assets/demo/images``).
+``--index DIR``: any archive (one built by ``--build`` earlier, or the synthetic one of ``benchmarks.archive``,
+whose ids name no files). The benchmark then writes *views* under ``--work``: the index's files linked, and an
+``index.json`` stamped with a model's identity (and, for an index that is not an image index with a root, an
+image root under ``--work`` where a copy of a demo image is placed at the id of every row the timed queries
+will show). The baseline's view holds the same
+vectors as the adapted one's: this measures speed, not answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from benchmarks.archive import Recipe
+from benchmarks.archive import chunks as synthetic
+from harma.io import INDEX_FILE
+from harma_app.common import DEMO, ROOT
+from harma_app.tab_text_to_image import load_examples
+
+K = 8
+VARIANTS = ("", " seen from above", " in a remote sensing image")
+
+
+def query_list(n: int) -> list[str]:
+    """``n`` + 1 distinct queries (the first is the warm-up): the demo's examples, then with suffixes."""
+    return [q + v for v in VARIANTS for q in load_examples()][: n + 1]
+
+
+def random_vit_b_32(work: Path) -> Path:
+    """An adapter folder on a random-weight ViT-B-32 (512-d, as the synthetic archives; speed does not
+    depend on the weights), made once under ``work``."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from harma import ModelConfig, create_model, save_adapters
+
+    out, weights = work / "vit-b-32-harma", work / "vit-b-32-random.safetensors"
+    if not (out / "adapter_config.json").is_file():
+        torch.manual_seed(0)
+        save_file(open_clip.create_model("ViT-B-32").state_dict(), str(weights))
+        save_adapters(create_model(ModelConfig(model_name="ViT-B-32", base_weights=str(weights), method="harma"))[0],
+                      out)
+    return out
+
+
+def load_pair(checkpoint: Path) -> Any:
+    """The app's models for ``checkpoint`` (adapted and baseline), loaded as the app loads them."""
+    from harma_app.state import AppConfig, discover_sources, load_models
+
+    source = next(iter(discover_sources(AppConfig(checkpoint=str(checkpoint))).values()))
+    return load_models(source)
+
+
+def build(n: int, work: Path, pair: Any, memory_gb: float) -> Path:
+    """A synthetic archive of ``n`` rows at the model's dimension over the demo images (see the module doc)."""
+    from harma.encode import encode_images
+    from harma.retrieval import build_archive, model_identity, plan_index
+
+    model, preprocess, _ = pair.adapted
+    images = sorted((DEMO / "images").iterdir())
+    real = encode_images(model, images, preprocess).reshape(len(images), -1).numpy().astype(np.float32)
+    dim = real.shape[1]
+    recipe = Recipe(dim=dim)
+
+    def rows():
+        yield real[: min(n, len(real))]
+        if n > len(real):
+            yield from synthetic(recipe, n - len(real))
+
+    plan = plan_index(n, dim, memory_gb)
+    print(f"building {plan.factory_string()} over {n:,} rows ({plan.reason})", flush=True)
+    out = work / "built"
+    shutil.rmtree(out, ignore_errors=True)
+    extra = {"kind": "images", "root": str(DEMO / "images"), "model": model_identity(model, pair.source.adapters)}
+    t0 = time.perf_counter()
+    build_archive(out, rows, n, dim, plan, (images[i % len(images)].name for i in range(n)), extra=extra)
+    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def view(index: Path, out: Path, extra: dict) -> Path:
+    """``out``: ``index``'s files linked, its ``index.json`` with ``extra`` merged in."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for f in index.iterdir():
+        if f.is_file() and f.name != INDEX_FILE:
+            (out / f.name).symlink_to(f.resolve())
+    meta = json.loads((index / INDEX_FILE).read_text())
+    meta["extra"] = {**(meta.get("extra") or {}), **extra}
+    (out / INDEX_FILE).write_text(json.dumps(meta))
+    return out
+
+
+def place_files(index: Path, pair: Any, queries: list[str], root: Path) -> int:
+    """A copy of a demo image at the id of every row the queries will show (either model), under ``root``."""
+    from harma.retrieval import Retriever, load_index
+
+    archive = load_index(index)
+    demo = sorted((DEMO / "images").iterdir())
+    placed = 0
+    for bundle in (pair.baseline, pair.adapted):
+        r = Retriever(*bundle, archive)
+        for q in queries:
+            _, rows = archive.search(r.encode_text(q), K)
+            for rid in archive.ids_of(rows):
+                target = root / rid
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(demo[placed % len(demo)], target)
+                    placed += 1
+    return placed
+
+
+def memory(pid: int) -> dict[str, float]:
+    """The app process's resident memory (GB): peak (VmHWM), now (VmRSS), anonymous and file-backed."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+            out[f"app_{key}_gb"] = round(int(line.split()[1]) * 1024 / 1e9, 3)
+    return out
+
+
+def pct(values: Any, q: float) -> float:
+    return round(float(np.percentile(values, q)), 1)
+
+
+def ask(client: Any, queries: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's round-trip ms, and the app's own ms per side (query encoding and search, from its status)."""
+    times, searches = [], []
+    for q in queries:
+        t = time.perf_counter()
+        base, adapted, status = client.predict(q, K, api_name="/search_text")
+        times.append(1e3 * (time.perf_counter() - t))
+        if "⚠️" in status or len(base) != K or len(adapted) != K:
+            raise SystemExit(f"error: incomplete answer for {q!r}: {status}")
+        searches.append([float(x) for x in re.findall(r"(?:baseline|adapted) (\d+) ms", status)])
+    return np.array(times), np.array(searches)
+
+
+def serve_and_ask(checkpoint: Path, indexes: list[Path], work: Path, queries: list[str],
+                  threads: Optional[int] = None) -> dict[str, Any]:
+    """Start ``python app.py`` on a free port (``OMP_NUM_THREADS=threads`` when given: torch's and faiss's
+    threads), ask ``queries`` (the first untimed), stop it."""
+    import httpx
+    from gradio_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(checkpoint), "--index", *map(str, indexes),
+           "--cache-dir", str(work / "cache"), "--host", "127.0.0.1", "--port", str(port)]
+    shutil.rmtree(work / "cache", ignore_errors=True)  # no display copy from an earlier run
+    t0 = time.perf_counter()
+    log = (work / "app.log").open("w")
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"error: the app stopped (rc {proc.returncode}); see {work / 'app.log'}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        started = time.perf_counter() - t0
+        client = Client(url, verbose=False, download_files=False)  # tiles as URLs, as a page receives them
+        t = time.perf_counter()
+        _, _, status = client.predict(queries[0], K, api_name="/search_text")
+        first = time.perf_counter() - t
+        if "⚠️" in status:
+            raise SystemExit(f"error: the app answered: {status}")
+        times, searches = ask(client, queries[1:])
+        fetched, _ = ask(Client(url, verbose=False), queries[1:])  # again, the client downloading every tile
+        return {"startup_s": round(started, 1), "first_query_s": round(first, 2), "queries": len(times), "k": K,
+                "p50_ms": pct(times, 50), "p90_ms": pct(times, 90), "with_downloads_p50_ms": pct(fetched, 50),
+                "with_downloads_p90_ms": pct(fetched, 90),
+                "in_app_p50_ms": {"baseline": pct(searches[:, 0], 50), "adapted": pct(searches[:, 1], 50)},
+                "load_average": round(os.getloadavg()[0], 1), **memory(proc.pid)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.app_archive", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--index", type=Path, help="an archive index folder (format 2)")
+    src.add_argument("--build", type=int, metavar="N", help="build a synthetic archive of N rows over the demo images")
+    p.add_argument("--work", type=Path, required=True, help="scratch folder (views, placed files, the app's cache)")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "ucm-harma",
+                   help="adapter folder the app serves (default: the default model's, 384-d)")
+    p.add_argument("--random-vit-b-32", action="store_true", help="serve a random-weight ViT-B-32 (512-d) instead")
+    p.add_argument("--queries", type=int, default=20, help="timed queries (after one warm-up)")
+    p.add_argument("--memory-gb", type=float, default=8.0, help="--build: the plan's memory budget")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the app (default: unset, torch uses every core)")
+    args = p.parse_args(argv)
+    from harma.retrieval import load_index, model_identity
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    checkpoint = random_vit_b_32(args.work) if args.random_vit_b_32 else args.checkpoint
+    pair = load_pair(checkpoint)
+    queries = query_list(args.queries)
+    index = build(args.build, args.work, pair, args.memory_gb) if args.build else args.index
+    archive = load_index(index)
+    if not hasattr(archive, "plan"):
+        raise SystemExit(f"error: {index} is a format-1 index, not an archive")
+    extra = {"kind": "images"}
+    foreign = archive.extra.get("kind") != "images" or not archive.extra.get("root")  # e.g. benchmarks.archive's
+    if foreign:
+        extra["root"] = str(args.work / "root")
+    views = [view(index, args.work / name, {**extra, "model": model_identity(bundle[0], ckpt)})
+             for name, bundle, ckpt in (("adapted", pair.adapted, pair.source.adapters), ("baseline", pair.baseline, None))]
+    placed = place_files(views[0], pair, queries, args.work / "root") if foreign else 0
+    del pair
+    row = {"n": len(archive), "dim": archive.dim, "index": archive.plan.factory_string(), "nprobe": archive.nprobe,
+           "rerank": archive.rerank, "model": checkpoint.name, "files_placed": placed, "cores": os.cpu_count(),
+           "threads": args.threads, **serve_and_ask(checkpoint, views, args.work, queries, args.threads)}
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
