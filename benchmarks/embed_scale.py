@@ -9,9 +9,11 @@ training.build_index`` for 1 process, ``python -m torch.distributed.run --standa
 (rank 0: from the loaded model to the written index, so they include the wait for the slowest rank
 and the merge, not the interpreter and model start-up, which are given apart as ``wall_s``).
 torchrun gives each process one OpenMP thread unless ``OMP_NUM_THREADS`` is set; the 1-process run
-keeps torch's default (all cores), so on a 2-core machine both use the two cores (``--threads N``
-sets ``OMP_NUM_THREADS`` for every run). Prints one JSON
-line; the embeddings of every run are compared with the 1-process ones (largest difference).
+keeps torch's default (all cores), so on a 2-core machine both use the two cores. On a machine that
+other jobs share, one process of several OpenMP threads slows down far more than several processes
+of one thread (its threads wait for each other): ``--threads 1`` (``OMP_NUM_THREADS`` for every run)
+compares process counts alone. Prints one JSON line; the embeddings of every run are compared with
+the first run's (largest difference).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def run_build(processes: int, args: argparse.Namespace, out: Path) -> dict:
     """One build with ``processes`` processes; its seconds (as printed), images/s and wall time."""
     command = ["-m", "training.build_index", "--checkpoint", str(args.checkpoint), "--images", str(args.images),
                "--out", str(out), "--device", "cpu", "--batch-size", str(args.batch_size),
-               "--num-workers", str(args.num_workers)]
+               "--shard-size", str(args.shard_size), "--num-workers", str(args.num_workers)]
     if processes > 1:
         command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *command]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="image folder (default the demo gallery)")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to run (default 1 2)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=16,
+                   help="images per shard (default 16: the 210 demo images make 14 shards, an even split, as an "
+                        "archive's thousands of shards are)")
     p.add_argument("--num-workers", type=int, default=0, help="decoding workers per process (default 0)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every process (default: torch's for 1 "
                                                "process, 1 each under torchrun)")
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"benchmark": "embed_scale", "checkpoint": str(args.checkpoint), "images": str(args.images),
                       "cpus": os.cpu_count(), "threads": args.threads,
                       "torch_threads_1_process": args.threads or torch.get_num_threads(),
-                      "batch_size": args.batch_size, "num_workers": args.num_workers, "runs": runs}))
+                      "batch_size": args.batch_size, "shard_size": args.shard_size, "num_workers": args.num_workers,
+                      "runs": runs}))
     return 0
 
 
