@@ -179,3 +179,13 @@ def test_bad_input_is_refused(tmp_path):
         build_archive(tmp_path / "e", chunks(x[:0]), 0, DIM, plan, [])
     assert not (tmp_path / "c" / "index.json").exists()
     assert [p.name for p in (tmp_path / "c").iterdir()] == []  # the staging folder went too
+
+
+def test_sq8_decoding_equals_faiss(built):
+    from harma.retrieval.archive_store import SQ8Decoder
+
+    sq = faiss.read_index(str(built["pq"].path / "sq8.faiss"))
+    decode = SQ8Decoder(sq)
+    codes = sq.sa_encode(DATA[:100])
+    assert decode.vmin is not None  # the numpy path, not the fallback
+    np.testing.assert_allclose(decode(codes), sq.sa_decode(codes), atol=1e-6)

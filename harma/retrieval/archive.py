@@ -29,7 +29,7 @@ from ..data.readers import LINKS_HINT, follow_links_setting, name_outside, outsi
 from ..errors import ConfigError, IndexFormatError
 from ..io import INDEX_FILE, atomic_write_json, read_json
 from .ann import _faiss
-from .archive_store import REFINE_FILE, IdStore, RefineCodes
+from .archive_store import REFINE_FILE, IdStore, RefineCodes, SQ8Decoder
 from .index import ARCHIVE_FORMAT, INDEX_VERSION, EmbeddingIndex
 from .plan import HNSW_M, IndexPlan
 
@@ -75,7 +75,8 @@ class ArchiveIndex:
         self.plan = IndexPlan.from_dict(meta["plan"])
         self.extra: dict = meta.get("extra") or {}
         self.search_info: dict = dict(meta.get("search") or {})
-        self._index, self._ids, self._sq, self._refine = index, ids, sq, refine
+        self._index, self._ids, self._refine = index, ids, refine
+        self._decode = SQ8Decoder(sq) if sq is not None else None
         self._ivf = _faiss().extract_index_ivf(index)
         self._nprobe = self._rerank = 0
         self.nprobe = int(self.search_info.get("nprobe") or self.plan.nprobe or 1)
@@ -197,7 +198,7 @@ class ArchiveIndex:
             c = np.unique(c[c >= 0])  # sorted: the reads go forward through the file
             if not len(c):
                 continue
-            s = self._sq.sa_decode(self._refine.read(c)) @ x[i]
+            s = self._decode(self._refine.read(c)) @ x[i]
             top = np.argsort(-s, kind="stable")[:k]
             scores[i, : len(top)], rows[i, : len(top)] = s[top], c[top]
         return scores, rows

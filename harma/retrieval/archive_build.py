@@ -203,9 +203,10 @@ def _tune(index: ArchiveIndex, queries: np.ndarray, exact: np.ndarray, query_row
                               "queries_are": "sampled rows, own row left out"}}
 
 
-def _partition_rows(index: Any, sq: Any) -> int:
-    ivf = _faiss().extract_index_ivf(index)
-    per_row = int(ivf.code_size) + 8 + (int(sq.sa_code_size()) if sq is not None else 0)
+def _partition_rows(index: Any) -> int:
+    """Rows per partition: about :data:`PARTITION_BYTES` of codes and ids (the SQ8 codes go straight
+    to their file), at most :data:`PARTITION_ROWS`."""
+    per_row = int(_faiss().extract_index_ivf(index).code_size) + 8
     return int(max(10_000, min(PARTITION_ROWS, PARTITION_BYTES // per_row)))
 
 
@@ -257,7 +258,7 @@ def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: in
         say(f"training {plan.factory_string()} on {len(sample):,} sampled vectors")
         trained, sq = train_index(plan, sample, seed)
         del sample
-        part_rows = int(partition_rows or _partition_rows(trained, sq))
+        part_rows = int(partition_rows or _partition_rows(trained))
         exact, parts, part = _TopK(queries, TOPK + 1), [], None
         with open(stage / REFINE_FILE, "wb") as refine:
             for start, x in _rows(chunks, n, dim):
