@@ -128,6 +128,7 @@ def test_shards_of_two_ranks_merge_into_the_index_of_one(setup, one_process, cap
     assert "--memory-gb 0.0: must be a positive number" in err and "--checkpoint is required" in err
 
 
+@pytest.mark.slow  # two torchrun jobs of 2 processes: most of the time is their start-up
 def test_a_killed_rank_resumes_and_merge_only_names_what_is_missing(setup, one_process, capsys):
     out = setup["tmp"] / "killed"
     shards = ShardSet(out, list_images(setup["images"]), [], SHARD)
