@@ -100,6 +100,8 @@ class ArchiveIndex:
         except (KeyError, TypeError, ValueError) as e:
             raise IndexFormatError(f"{path / INDEX_FILE}: malformed count, dim or plan ({e})") from None
         sizes = meta.get("files") or {}
+        if not isinstance(sizes, dict):
+            raise IndexFormatError(f"{path / INDEX_FILE}: 'files' must be an object of file sizes")
         for name, size in sizes.items():
             f = path / name
             if not f.is_file():

@@ -107,8 +107,6 @@ def train_index(plan: IndexPlan, sample: np.ndarray, seed: int = 0) -> tuple[Any
         opq.train(x)
         x = opq.apply(x)
     quantizer = faiss.IndexHNSWFlat(dim, HNSW_M, ip) if plan.hnsw_quantizer else faiss.IndexFlatIP(dim)
-    if plan.hnsw_quantizer:
-        quantizer.hnsw.efSearch = 2 * HNSW_M  # the beam that assigns each added row to its list
     quantizer.add(_centroids(x, plan.nlist, seed))
     if plan.kind == "ivf_flat":
         ivf = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, ip)
