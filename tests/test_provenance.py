@@ -4,14 +4,19 @@ comes from another dataset than the adapters'."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from harma.data import RetrievalSplit
+from harma.metrics import METRIC_KEYS
 from harma.sources import ModelSource, dataset_key, discover_sources, trained_on
 from harma_app.controls import adaptation_note, gallery_dataset
 from harma_app.galleries import Gallery
+from training import benchmark
+from training.benchmark_tables import transfer_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +60,40 @@ def test_a_note_when_the_gallery_is_not_from_the_adaptation_data(tmp_path):
     assert gallery_dataset(uploads) is None
     assert "this gallery is not recognised as UCM-Captions" in adaptation_note(ucm, uploads)
     assert adaptation_note(ModelSource("checkpoint:y", "y", tmp_path), _gallery(tmp_path / "rsicd")) is None
+
+
+def test_the_transfer_table_is_in_the_readme_and_every_model_card():
+    """results/rsicd/transfer/*.json covers every shipped checkpoint, and the README and each model card
+    show the table they render (python -m training.benchmark --transfer)."""
+    table = transfer_markdown(ROOT / "results", ROOT)
+    recorded = {json.loads(p.read_text())["checkpoint"] for p in (ROOT / "results" / "rsicd" / "transfer").glob("*.json")}
+    shipped = {f"checkpoints/{p.parent.name}" for p in (ROOT / "checkpoints").glob("*/adapter_config.json")}
+    assert recorded == shipped
+    for path in [ROOT / "README.md", *sorted((ROOT / "checkpoints").glob("*/MODEL_CARD.md"))]:
+        block = path.read_text().split("<!-- rsicd-transfer-table -->\n", 1)[1].split("\n<!-- /rsicd-transfer-table -->")[0]
+        assert block == table, path
+    assert table.splitlines()[2].startswith("| `checkpoints/rs-backbone` | - (the backbone alone")
+    assert all("| UCM-Captions |" in line for line in table.splitlines()[3:])
+
+
+def test_transfer_rewrites_only_the_marked_files(tmp_path, monkeypatch):
+    results = tmp_path / "results" / "rsicd" / "transfer"
+    results.mkdir(parents=True)
+    row = {k: 1.0 for k in METRIC_KEYS}
+    (results / "a.json").write_text(json.dumps({**row, "mR": 2.5, "checkpoint": "checkpoints/a", "method": "harma"}))
+    (results / "b.json").write_text(json.dumps({**row, "mR": 9.0, "checkpoint": "checkpoints/b", "method": "full"}))
+    (tmp_path / "checkpoints" / "a").mkdir(parents=True)
+    shutil.copy(ROOT / "checkpoints" / "ucm-mrs" / "adapter_config.json", tmp_path / "checkpoints" / "a")
+    (tmp_path / "checkpoints" / "a" / "MODEL_CARD.md").write_text("card\n<!-- rsicd-transfer-table -->\n<!-- /rsicd-transfer-table -->\n")
+    (tmp_path / "checkpoints" / "b").mkdir()
+    (tmp_path / "checkpoints" / "b" / "MODEL_CARD.md").write_text("no markers\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- rsicd-transfer-table -->\nold\n<!-- /rsicd-transfer-table -->\ny\n")
+    monkeypatch.setattr(benchmark, "ROOT", tmp_path)
+    assert benchmark.main(["--transfer", "--results-dir", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    table = transfer_markdown(tmp_path / "results", tmp_path)
+    assert table.splitlines()[2].startswith("| `checkpoints/b` | - (the backbone alone")
+    assert table.splitlines()[3] == "| `checkpoints/a` | UCM-Captions | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 2.50 |"
+    assert readme.read_text() == f"x\n<!-- rsicd-transfer-table -->\n{table}\n<!-- /rsicd-transfer-table -->\ny\n"
+    assert table in (tmp_path / "checkpoints" / "a" / "MODEL_CARD.md").read_text()
+    assert (tmp_path / "checkpoints" / "b" / "MODEL_CARD.md").read_text() == "no markers\n"

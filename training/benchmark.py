@@ -37,7 +37,7 @@ from harma.io import CONFIG_NAME, atomic_write_bytes, atomic_write_json, read_js
 from harma.metrics import METRIC_KEYS
 from training import evaluate as evaluate_cli
 from training.benchmark_results import aggregate, loss_curve, val_curve
-from training.benchmark_tables import card_section, markdown, shipped_markdown
+from training.benchmark_tables import card_section, markdown, shipped_markdown, transfer_markdown
 from training.cli import USER_ERRORS, run_command, write_json
 from training.config import NO_CARVE, load_config
 from training.export import export
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default="README.md", help="README whose table is regenerated ('' = none)")
     p.add_argument("--dry-run", action="store_true", help="list the runs, done or not, and their CPU time")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the aggregate and the table")
+    p.add_argument("--transfer", action="store_true",
+                   help="only rewrite the RSICD transfer table (results/rsicd/transfer/*.json) in the README and "
+                        "every model card that has its <!-- rsicd-transfer-table --> markers")
     p.add_argument("--ship", action="store_true",
                    help="export the first seed's runs of the shipped methods to checkpoints/ (fp16), evaluate them, "
                         "and rebuild the README's shipped-checkpoint table")
@@ -328,6 +331,15 @@ def _run(args: argparse.Namespace) -> None:
     results_dir, runs_dir = Path(args.results_dir), Path(args.runs_dir).resolve()
     readme = Path(args.readme) if args.readme else None
     data = args.data or suite.data
+    if args.transfer:
+        table = transfer_markdown(results_dir, ROOT)
+        cards = sorted((ROOT / "checkpoints").glob("*/MODEL_CARD.md"))
+        for path in [*([readme] if readme else []), *cards]:
+            if path in cards and "<!-- rsicd-transfer-table -->" not in path.read_text():
+                continue
+            update_readme(path, "rsicd-transfer", table)
+        print(table)
+        return
     runs = plan(suite, args.seeds, args.methods)
     todo = [r for r in runs if not (results_dir / suite.name / "runs" / f"{r.name}.json").is_file()]
     if args.dry_run:

@@ -8,9 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from harma.checkpoint import read_adapter_config
 from harma.errors import HarmaError
 from harma.io import read_json
 from harma.metrics import METRIC_KEYS
+from harma.sources import dataset_name, trained_on
 
 if TYPE_CHECKING:  # type hints only: training.benchmark imports this module
     from training.benchmark import Suite
@@ -37,7 +39,7 @@ def paired_line(p: dict[str, Any]) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The README table of an aggregated results file (test first; val is what selected the epoch)."""
+    """The README table of an aggregated results file (test first; val, where there is one, selected the epoch)."""
     head = ("| method | seeds | test mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | val mR "
             "| test centroid gap | trained params | train time (2 CPU cores) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -87,7 +89,8 @@ def card_section(record: dict[str, Any]) -> str:
         carve = record["val"].get("carve") or {}
         rows.insert(0, ("validation (block carve of train, " f"{record['val']['num_images']} images)", record["val"]))
         how = (f"Selected epoch {record['best_epoch']} on the validation carve ({carve.get('mode')}, fraction "
-               f"{carve.get('val_fraction')}); test was not looked at to choose anything.")
+               f"{carve.get('val_fraction')}); test chose no epoch, but the carve itself was chosen after a test score "
+               "(docs/results.md#protocol).")
     else:
         how = (f"The last epoch ({record['best_epoch']}) of a fixed schedule on the whole train split: nothing "
                "was selected (docs/results.md#protocol).")
@@ -97,3 +100,21 @@ def card_section(record: dict[str, Any]) -> str:
              "| split | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in METRIC_KEYS) + " |" for name, r in rows]
     return "\n".join(lines) + "\n"
+
+
+def transfer_markdown(results_dir: Path, root: Path) -> str:
+    """The table of the shipped checkpoints on RSICD val (``results_dir/rsicd/transfer/*.json``, written by
+    ``training.evaluate --json``), the backbone first; where each was adapted from its adapter_config.json
+    under ``root``. The README and every model card show it between ``<!-- rsicd-transfer-table -->`` markers."""
+    records = [read_json(p, HarmaError) for p in sorted((results_dir / "rsicd" / "transfer").glob("*.json"))]
+    records.sort(key=lambda r: (r["method"] != "full", r["checkpoint"]))
+    head = "| checkpoint | adapted on | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSICD val mR |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in records:
+        if r["method"] == "full":
+            where = "- (the backbone alone: trained on RSICD train, selected on this split)"
+        else:
+            key = trained_on(read_adapter_config(root / r["checkpoint"]))
+            where = dataset_name(key) if key else "?"
+        lines.append(f"| `{r['checkpoint']}` | {where} | " + " | ".join(f"{r[k]:.2f}" for k in METRIC_KEYS) + " |")
+    return "\n".join(lines)
