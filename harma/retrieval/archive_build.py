@@ -78,19 +78,62 @@ def _pick(chunks: Callable[[], Iterable[Any]], n: int, dim: int, rows: np.ndarra
     return out
 
 
-def _centroids(x: np.ndarray, nlist: int, seed: int) -> np.ndarray:
-    """Spherical k-means centroids of the sample (two-level from :data:`TWO_LEVEL_FROM` lists)."""
-    faiss = _faiss()
-    args = dict(seed=seed, spherical=True, min_points_per_centroid=1)
-    if nlist >= TWO_LEVEL_FROM:
-        from faiss.contrib.clustering import two_level_clustering
+def split_lists(sizes: np.ndarray, nlist: int) -> np.ndarray:
+    """Second-level centroids per first-level cluster for a two-level k-means: proportional to the
+    cluster's size (largest remainder), at least 1 and at most its size, ``nlist`` in all.
 
-        centroids, _ = two_level_clustering(x, int(round(math.sqrt(nlist))), nlist, clustering_niter=KMEANS_ITER,
-                                            **args)
-        return np.ascontiguousarray(centroids, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], nlist, niter=KMEANS_ITER, max_points_per_centroid=1 << 30, **args)
-    km.train(x)
-    return km.centroids
+    faiss.contrib.clustering's ``rebalance`` rounds a small cluster down to 0 centroids, which its
+    k-means then refuses; skewed collections (a few large scenes, many rare ones) have such clusters.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if nlist > sizes.sum() or nlist < int((sizes > 0).sum()):
+        raise ConfigError(f"index plan: {nlist:,} lists for {int(sizes.sum()):,} training vectors in "
+                          f"{int((sizes > 0).sum())} clusters")
+    share = sizes * nlist / sizes.sum()
+    alloc = np.clip(np.floor(share).astype(np.int64), (sizes > 0).astype(np.int64), sizes)
+    rest = share - alloc
+    while alloc.sum() != nlist:  # at most a few passes: each moves every eligible cluster by one
+        if alloc.sum() < nlist:
+            room = np.flatnonzero(alloc < sizes)
+            pick = room[np.argsort(-rest[room], kind="stable")][: nlist - int(alloc.sum())]
+            alloc[pick] += 1
+            rest[pick] -= 1
+        else:
+            room = np.flatnonzero(alloc > 1)
+            pick = room[np.argsort(rest[room], kind="stable")][: int(alloc.sum()) - nlist]
+            alloc[pick] -= 1
+            rest[pick] += 1
+    return alloc
+
+
+def _centroids(x: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids of the sample; from :data:`TWO_LEVEL_FROM` lists two-level
+    (about sqrt(nlist) clusters, then each split into :func:`split_lists` sub-clusters)."""
+    faiss = _faiss()
+    args = dict(seed=seed, spherical=True, min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+    if nlist < TWO_LEVEL_FROM:
+        km = faiss.Kmeans(x.shape[1], nlist, niter=KMEANS_ITER, **args)
+        km.train(x)
+        return km.centroids
+    top = faiss.Kmeans(x.shape[1], int(round(math.sqrt(nlist))), niter=KMEANS_ITER, **args)
+    top.train(x)
+    _, assign = top.index.search(x, 1)
+    assign = assign.ravel()
+    order = np.argsort(assign, kind="stable")
+    sizes = np.bincount(assign, minlength=top.k)
+    out, start = [], 0
+    for c, k in enumerate(split_lists(sizes, nlist)):
+        part = x[order[start:start + sizes[c]]]
+        start += sizes[c]
+        if k == 0:
+            continue
+        if k == len(part):
+            out.append(part)
+            continue
+        km = faiss.Kmeans(x.shape[1], int(k), niter=KMEANS_ITER, **args)
+        km.train(part)
+        out.append(km.centroids)
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
 def train_index(plan: IndexPlan, sample: np.ndarray, seed: int = 0) -> tuple[Any, Any]:
