@@ -200,7 +200,9 @@ class ArchiveIndex:
             c = np.unique(c[c >= 0])  # sorted: the reads go forward through the file
             if not len(c):
                 continue
-            s = self._decode(self._refine.read(c)) @ x[i]
+            # einsum, not BLAS: a (1024, 512) matrix-vector product through numpy's BLAS took 8 ms in a
+            # process that also runs faiss's and torch's threads, against 0.09 ms here (measured)
+            s = np.einsum("ij,j->i", self._decode(self._refine.read(c)), x[i])
             top = np.argsort(-s, kind="stable")[:k]
             scores[i, : len(top)], rows[i, : len(top)] = s[top], c[top]
         return scores, rows
