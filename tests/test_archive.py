@@ -189,3 +189,15 @@ def test_sq8_decoding_equals_faiss(built):
     codes = sq.sa_encode(DATA[:100])
     assert decode.vmin is not None  # the numpy path, not the fallback
     np.testing.assert_allclose(decode(codes), sq.sa_decode(codes), atol=1e-6)
+
+
+def test_a_build_is_reproducible_and_reports_progress(tmp_path):
+    x, plan, seen = clustered(1500, 5), IndexPlan("ivf_flat", nlist=8, nprobe=2), []
+    a, b = (build_archive(tmp_path / name, chunks(x, 400), 1500, DIM, plan, IDS[:1500], seed=3,
+                          progress=lambda done, n: seen.append((done, n)), partition_rows=700) for name in "ab")
+    for f in ("lists.ivfdata", "ids.bin", "ids.offsets"):  # ivf.faiss names its (temporary) folder
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    q = torch.from_numpy(QUERIES)
+    assert all(torch.equal(u, v) for u, v in zip(a.search(q, 10), b.search(q, 10)))
+    assert seen[:4] == [(400, 1500), (800, 1500), (1200, 1500), (1500, 1500)]
+    assert not list((tmp_path / "a").glob(".archive-*"))  # the staging folder is gone
