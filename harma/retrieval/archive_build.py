@@ -9,9 +9,9 @@ then joins the partitions' lists into one ``lists.ivfdata`` (:func:`merge_lists`
 ``n``. Last, the search parameters are raised step by step until the recall@10 of the query rows
 reaches a target (autofaiss's tuning), and ``index.json`` is written.
 
-Coarse quantiser: spherical k-means on the sample; from 1,024 lists faiss's two-level k-means
-(sqrt(nlist) clusters, then sub-clusters in each: a flat k-means of 16,384 centroids on 300k x 512
-vectors is about 10^14 flops, hours on 2 cores), and from
+Coarse quantiser: spherical k-means on the sample; from 1,024 lists a two-level k-means
+(sqrt(nlist) clusters, then sub-clusters in each, :func:`split_lists`: a flat k-means of 16,384
+centroids on 300k x 512 vectors is about 10^14 flops, hours on 2 cores), and from
 :data:`~harma.retrieval.plan.HNSW_QUANTIZER_FROM` lists an HNSW graph over the centroids, so that
 assigning 10^7 vectors does not scan every centroid.
 """
