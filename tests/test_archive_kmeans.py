@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -20,7 +21,15 @@ def test_split_lists_is_proportional_within_bounds_and_exact():
         split_lists(np.array([2, 2]), 5)  # more lists than points
 
 
-def test_two_level_centroids_of_a_skewed_sample():
+@pytest.fixture
+def one_thread():
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # 32 small k-means: threads only wait for each other on a shared CPU
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def test_two_level_centroids_of_a_skewed_sample(one_thread):
     """Twenty large scenes and fifty rare, isolated images: faiss.contrib's rebalancing gives a small
     first-level cluster 0 centroids and its k-means then fails (checked with faiss 1.x); here every
     cluster gets at least one and there are exactly nlist of them."""
