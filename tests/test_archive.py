@@ -201,3 +201,26 @@ def test_a_build_is_reproducible_and_reports_progress(tmp_path):
     assert all(torch.equal(u, v) for u, v in zip(a.search(q, 10), b.search(q, 10)))
     assert seen[:4] == [(400, 1500), (800, 1500), (1200, 1500), (1500, 1500)]
     assert not list((tmp_path / "a").glob(".archive-*"))  # the staging folder is gone
+
+
+def test_tuning_stops_at_the_time_budget(built):
+    """Recall cannot reach an unreachable target: without a time budget the tuning raises the
+    parameters to their caps; with a budget no setting meets, it keeps the plan's first one."""
+    from harma.retrieval.archive_tune import ExactTopK, tune
+
+    index, rows = built["pq"], np.arange(0, N, 60)
+    exact = ExactTopK(DATA[rows], 11)
+    exact.add(0, DATA)
+    start = (index.nprobe, index.rerank)
+    try:
+        index.nprobe, index.rerank = PQ.nprobe, PQ.rerank
+        free = tune(index, DATA[rows], exact.best_first(), rows, 1.01, 1e9, lambda _m: None)
+        said = []
+        index.nprobe, index.rerank = PQ.nprobe, PQ.rerank
+        tight = tune(index, DATA[rows], exact.best_first(), rows, 1.01, 0.0, said.append)
+    finally:
+        index.nprobe, index.rerank = start
+    assert free["measured_with"]["stopped_by"] == "nprobe cap 16" and free["nprobe"] == 16
+    assert free["recall_at_10"] >= tight["recall_at_10"]
+    assert (tight["nprobe"], tight["rerank"]) == (PQ.nprobe, PQ.rerank)
+    assert "ms > 0 ms" in tight["measured_with"]["stopped_by"] and "kept nprobe 4" in said[-1]

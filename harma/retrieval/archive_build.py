@@ -33,14 +33,9 @@ from ..io import INDEX_FILE, atomic_write_json
 from .ann import _faiss
 from .archive import ARCHIVE_VERSION, IVF_FILE, LISTS_FILE, SQ_FILE, ArchiveIndex
 from .archive_store import IDS_FILE, OFFSETS_FILE, REFINE_FILE, write_ids
+from .archive_tune import MAX_QUERY_MS, QUERIES, TARGET_RECALL, TOPK, ExactTopK, tune
 from .plan import HNSW_M, IndexPlan, train_size
 
-QUERIES = 256  # sampled rows whose exact top-10 measures the recall at build time
-TOPK = 10
-TARGET_RECALL = 0.95  # the tuning stops at the first parameters reaching it ...
-NPROBE_CAP_FRACTION = 64  # ... or at nprobe = nlist / 64 (at least 16) ...
-RERANK_CAP = 4096  # ... and rerank = 4,096 candidates
-MIN_GAIN = 0.005  # a deeper re-ranking that gains less recall than this: probe more lists instead
 PARTITION_BYTES = 512 << 20  # codes held in memory per partition before it is written
 PARTITION_ROWS = 1_000_000
 TWO_LEVEL_FROM = 1024  # nlist from which k-means is two-level
@@ -177,76 +172,6 @@ def train_index(plan: IndexPlan, sample: np.ndarray, seed: int = 0) -> tuple[Any
     return index, sq
 
 
-class _TopK:
-    """Exact top-``k`` rows of fixed queries over rows seen chunk by chunk."""
-
-    def __init__(self, queries: np.ndarray, k: int) -> None:
-        self.q, self.k = queries, k
-        self.scores = np.full((len(queries), 0), -np.inf, np.float32)
-        self.rows = np.zeros((len(queries), 0), np.int64)
-
-    def add(self, start: int, x: np.ndarray) -> None:
-        s = self.q @ x.T  # (Q, m)
-        r = np.broadcast_to(np.arange(start, start + len(x)), s.shape)
-        if s.shape[1] > self.k:  # the chunk's own top-k first: never (Q, m) row numbers in memory
-            top = np.argpartition(-s, self.k - 1, axis=1)[:, : self.k]
-            s, r = np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
-        s, r = np.concatenate([self.scores, s], 1), np.concatenate([self.rows, r], 1)
-        if s.shape[1] > self.k:
-            top = np.argpartition(-s, self.k - 1, axis=1)[:, : self.k]
-            s, r = np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
-        self.scores, self.rows = s, r
-
-    def best_first(self) -> np.ndarray:
-        """The rows found, best first (ties: lower row first)."""
-        order = np.lexsort((self.rows, -self.scores), axis=1) if self.rows.size else self.rows
-        return np.take_along_axis(self.rows, order, 1) if self.rows.size else self.rows
-
-
-def recall_excluding_self(found: np.ndarray, exact: np.ndarray, query_rows: np.ndarray, k: int = TOPK) -> float:
-    """Recall@k of ``found`` against ``exact`` (both rows, best first) when the queries are rows of
-    the index themselves: each query's own row is left out of both lists (finding itself is trivial)."""
-    hits = 0
-    for f, e, own in zip(found, exact, query_rows):
-        e = [r for r in e.tolist() if r != own][:k]
-        f = [r for r in f.tolist() if r != own and r >= 0][:k]
-        hits += len(set(f) & set(e))
-    return hits / max(1, k * len(exact))
-
-
-def _tune(index: ArchiveIndex, queries: np.ndarray, exact: np.ndarray, query_rows: np.ndarray,
-          target: float, say: Callable[[str], None]) -> dict:
-    """Raise the search parameters from the plan's until recall@10 >= ``target`` or the caps: double
-    ``rerank`` while that still gains (ivf_pq), else double ``nprobe``."""
-    nlist = index.plan.nlist
-    cap = min(nlist, max(16, nlist // NPROBE_CAP_FRACTION))
-    pq = index.plan.refine == "sq8"
-
-    def recall(nprobe: int, rerank: int) -> float:
-        index.nprobe, index.rerank = nprobe, rerank
-        _, rows = index.search(queries, TOPK + 1)
-        r = recall_excluding_self(rows.numpy(), exact, query_rows)
-        say(f"recall@{TOPK} {r:.3f} at nprobe {nprobe}" + (f", rerank {rerank}" if pq else ""))
-        return r
-
-    nprobe = max(1, min(index.plan.nprobe or 16, cap))
-    rerank = min(RERANK_CAP, max(4 * TOPK, index.plan.rerank or 256)) if pq else 0
-    r = recall(nprobe, rerank)
-    while r < target:
-        if pq and rerank < RERANK_CAP:
-            deeper = recall(nprobe, 2 * rerank)
-            if deeper >= target or deeper - r >= MIN_GAIN:
-                rerank, r = 2 * rerank, deeper
-                continue
-        if nprobe >= cap:
-            break
-        nprobe = min(cap, 2 * nprobe)
-        r = recall(nprobe, rerank)
-    return {"nprobe": nprobe, "rerank": rerank, "recall_at_10": round(r, 4),
-            "measured_with": {"nprobe": nprobe, "rerank": rerank, "queries": len(queries), "target": target,
-                              "queries_are": "sampled rows, own row left out"}}
-
-
 def merge_lists(trained: Any, parts: list[str], path: Path) -> None:
     """Join the inverted lists of the partition files ``parts`` into ``path`` (faiss's
     ``OnDiskInvertedLists``) and give them to the empty ``trained`` index. As
@@ -279,7 +204,7 @@ def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: in
                   ids: Iterable[object], *, extra: Optional[dict] = None,
                   progress: Optional[Callable[[int, int], None]] = None, log: Optional[Callable[[str], None]] = None,
                   seed: int = 0, partition_rows: Optional[int] = None,
-                  target_recall: float = TARGET_RECALL) -> ArchiveIndex:
+                  target_recall: float = TARGET_RECALL, max_query_ms: float = MAX_QUERY_MS) -> ArchiveIndex:
     """Build an archive index (format 2) in folder ``out`` and return it, loaded (memory-mapped).
 
     Args:
@@ -293,7 +218,8 @@ def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: in
         log: one-line messages (stages, measured recall).
         seed: sampling, k-means and PQ training seed (a build is reproducible).
         partition_rows: rows per partition (default: about 512 MB of codes, at most 10^6).
-        target_recall: the recall@10 the search parameters are tuned to reach.
+        target_recall: the recall@10 the search parameters are tuned to reach ...
+        max_query_ms: ... without a single-query p50 above this (measured here, on the query rows).
 
     Raises:
         InputError: ``chunks`` yield another total than ``n``, a chunk of the wrong width, or the ids
@@ -322,7 +248,7 @@ def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: in
         trained, sq = train_index(plan, sample, seed)
         del sample
         part_rows = int(partition_rows or _partition_rows(trained))
-        exact, parts, part = _TopK(queries, TOPK + 1), [], None
+        exact, parts, part = ExactTopK(queries, TOPK + 1), [], None
         with open(stage / REFINE_FILE, "wb") as refine:
             for start, x in _rows(chunks, n, dim):
                 exact.add(start, x)
@@ -363,7 +289,7 @@ def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: in
                 "files": {name: (stage / name).stat().st_size for name in names}, "extra": extra or {}}
         atomic_write_json(stage / INDEX_FILE, meta)
         staged = ArchiveIndex.load(stage)
-        meta["search"] = _tune(staged, queries, exact.best_first(), query_rows, target_recall, say)
+        meta["search"] = tune(staged, queries, exact.best_first(), query_rows, target_recall, max_query_ms, say)
         staged.close()
         del staged
         meta["build"] = {"seconds": round(time.perf_counter() - t0, 1), "seed": seed, "partitions": len(parts),
