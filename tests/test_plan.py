@@ -24,11 +24,11 @@ def test_one_million_in_8_gb_is_ivf_flat():
 
 def test_ten_million_in_8_gb_is_ivf_pq_with_sq8_refine():
     p = plan_index(10_000_000, 512, 8.0)
-    assert (p.kind, p.nlist, p.pq_m, p.refine) == ("ivf_pq", 16384, 128, "sq8")
+    assert (p.kind, p.nlist, p.pq_m, p.refine) == ("ivf_pq", 16384, 64, "sq8")
     assert p.memory_bytes <= 8e9 < 10_000_000 * (4 * 512 + 8)
     assert p.rerank > 0 and p.nprobe > 0
     assert p.train_size == TRAIN_MAX
-    assert p.factory_string() == "IVF16384_HNSW32,PQ128 + SQ8 re-rank"
+    assert p.factory_string() == "IVF16384_HNSW32,PQ64 + SQ8 re-rank"
     assert "8 GB" in p.reason
 
 
@@ -43,7 +43,7 @@ def test_code_size_divides_the_dimension_and_opq_is_named():
     assert plan_index(10_000_000, 96, 0.5).pq_m == 32
     assert plan_index(10_000_000, 100, 1.0).pq_m == 50  # no power of two divides 100: its largest divisor <= 64
     p = plan_index(10_000_000, 512, 8.0, opq=True)
-    assert p.opq and p.factory_string().startswith("OPQ128,IVF16384")
+    assert p.opq and p.factory_string().startswith("OPQ64,IVF16384")
 
 
 def test_training_sample_is_bounded():
