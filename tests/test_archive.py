@@ -224,3 +224,17 @@ def test_tuning_stops_at_the_time_budget(built):
     assert free["recall_at_10"] >= tight["recall_at_10"]
     assert (tight["nprobe"], tight["rerank"]) == (PQ.nprobe, PQ.rerank)
     assert "ms > 0 ms" in tight["measured_with"]["stopped_by"] and "kept nprobe 4" in said[-1]
+
+
+def test_refine_codes_read_in_parallel_keep_the_order_asked(tmp_path):
+    from harma.retrieval.archive_store import PARALLEL_FROM, RefineCodes
+
+    codes = np.random.default_rng(0).integers(0, 256, (3000, 8), dtype=np.uint8)
+    (tmp_path / "refine.sq8").write_bytes(codes.tobytes())
+    store = RefineCodes(tmp_path / "refine.sq8", 3000, 8)
+    try:
+        for m in (PARALLEL_FROM - 1, 4 * PARALLEL_FROM):  # one reader, then several
+            rows = np.random.default_rng(m).permutation(3000)[:m]
+            assert np.array_equal(store.read(rows), codes[rows])
+    finally:
+        store.close()

@@ -118,6 +118,20 @@ class SQ8Decoder:
         return self.index.sa_decode(codes) if self.vmin is None else self._numpy(codes)
 
 
+READ_THREADS = 8  # re-ranking codes read at once per query ...
+PARALLEL_FROM = 256  # ... from this many candidates
+_POOL: list = []
+
+
+def _readers():
+    """The process's pool of reader threads (made on first use)."""
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(READ_THREADS, thread_name_prefix="harma-sq8"))
+    return _POOL[0]
+
+
 class RefineCodes:
     """Per-row SQ8 codes on disk, read with ``os.pread`` for the rows asked only."""
 
@@ -132,9 +146,23 @@ class RefineCodes:
         self.fd = os.open(path, os.O_RDONLY)
 
     def read(self, rows: Sequence[int]) -> np.ndarray:
-        """(len(rows), code_size) uint8 codes of ``rows`` (in the order given)."""
+        """(len(rows), code_size) uint8 codes of ``rows`` (in the order given).
+
+        From :data:`PARALLEL_FROM` rows the reads are spread over :data:`READ_THREADS` threads (``os.pread``
+        releases the GIL): rows not in the page cache are random reads from disk, and several in flight
+        at once cut a query's wait (10^7 x 512, rerank 1,024, first pass over the queries: p50 36 ms
+        with one reader)."""
         cs, fd = self.code_size, self.fd
-        blob = b"".join([os.pread(fd, cs, r * cs) for r in map(int, rows)])
+        rows = [int(r) for r in rows]
+
+        def part(some: list[int]) -> bytes:
+            return b"".join([os.pread(fd, cs, r * cs) for r in some])
+
+        if len(rows) < PARALLEL_FROM:
+            blob = part(rows)
+        else:
+            step = -(-len(rows) // READ_THREADS)
+            blob = b"".join(_readers().map(part, [rows[i: i + step] for i in range(0, len(rows), step)]))
         if len(blob) != len(rows) * cs:
             raise IndexFormatError(f"{self.path}: shorter than its {self.n:,} rows (truncated since it was opened?)")
         return np.frombuffer(blob, np.uint8).reshape(len(rows), cs)
