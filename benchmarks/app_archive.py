@@ -42,7 +42,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from benchmarks.archive import Recipe
+from benchmarks.archive import Recipe, status_memory
 from benchmarks.archive import chunks as synthetic
 from harma.io import INDEX_FILE
 from harma_app.common import DEMO, ROOT
@@ -145,12 +145,7 @@ def place_files(index: Path, pair: Any, queries: list[str], root: Path) -> int:
 
 def memory(pid: int) -> dict[str, float]:
     """The app process's resident memory (GB): peak (VmHWM), now (VmRSS), anonymous and file-backed."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key = line.split(":")[0]
-        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            out[f"app_{key}_gb"] = round(int(line.split()[1]) * 1024 / 1e9, 3)
-    return out
+    return {f"app_{key}_gb": round(value / 1e9, 3) for key, value in status_memory(pid).items()}
 
 
 def pct(values: Any, q: float) -> float:

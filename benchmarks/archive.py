@@ -104,24 +104,21 @@ def queries(recipe: Recipe, q: int) -> np.ndarray:
     return recipe.draw(0, q)
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM: anonymous and file-backed pages together)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # pragma: no cover - not Linux
-
-
-def rss_parts() -> dict[str, int]:
-    """Resident memory now, split into anonymous (the process's own) and file-backed (mapped index files)."""
+def status_memory(pid: Any = "self") -> dict[str, int]:
+    """Resident memory of a process from ``/proc/PID/status``, in bytes: ``VmHWM`` (peak) and ``VmRSS``
+    (now, anonymous and file-backed pages together), ``RssAnon`` (the process's own) and ``RssFile``
+    (mapped files: index pages and libraries)."""
     out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key = line.split(":")[0]
-        if key in ("VmRSS", "RssAnon", "RssFile"):
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
             out[key] = int(line.split()[1]) * 1024
     return out
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM)."""
+    return status_memory()["VmHWM"]
 
 
 def stage_truth(work: Path, n: int, q: int, dim: int) -> dict[str, Any]:
@@ -213,7 +210,7 @@ def stage_serve(work: Path, q: int, dim: int) -> dict[str, Any]:
             "p90_ms": round(float(np.percentile(ms, 90)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
             "recall_at_10": round(recall_at_k(torch.stack(found), truth), 4), "queries": q,
             "serve_peak_rss_gb": round(peak_rss_bytes() / 1e9, 2),
-            **{f"serve_{k}_gb": round(v / 1e9, 2) for k, v in rss_parts().items()}}
+            **{f"serve_{k}_gb": round(v / 1e9, 2) for k, v in status_memory().items() if k != "VmHWM"}}
 
 
 def neighbourhood(x: Any, k: int = 10) -> dict[str, float]:
