@@ -9,7 +9,9 @@ process, so a served index does not grow towards the 5 GB of codes of 10^7 x 512
 
 from __future__ import annotations
 
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -120,16 +122,10 @@ class SQ8Decoder:
 
 READ_THREADS = 8  # re-ranking codes read at once per query ...
 PARALLEL_FROM = 256  # ... from this many candidates
-_POOL: list = []
-
-
-def _readers():
+@functools.lru_cache(maxsize=None)
+def _readers() -> ThreadPoolExecutor:
     """The process's pool of reader threads (made on first use)."""
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.append(ThreadPoolExecutor(READ_THREADS, thread_name_prefix="harma-sq8"))
-    return _POOL[0]
+    return ThreadPoolExecutor(READ_THREADS, thread_name_prefix="harma-sq8")
 
 
 class RefineCodes:

@@ -98,7 +98,7 @@ def tune(index: ArchiveIndex, queries: np.ndarray, exact: np.ndarray, query_rows
     rerank = min(RERANK_CAP, max(4 * TOPK, index.plan.rerank or 256)) if pq else 0
     r, ms = measure(nprobe, rerank)
     stop = ""
-    while r < target and not stop:
+    while r < target:
         if pq and rerank < RERANK_CAP:
             deeper, t = measure(nprobe, 2 * rerank)
             if t > max_ms:
