@@ -50,8 +50,8 @@ def build_demo(config: Optional[AppConfig] = None,
             scene = tab_scene.layout()
 
         common = [top["k"], top["model"], top["gallery_key"]]
-        # queries are served concurrently (one pool for all query events); the model calls inside
-        # are serialised by harma.retrieval.Retriever, everything else (search, files, streaming) overlaps
+        # queries are served concurrently (one pool for all query events); each model's calls are
+        # serialised by harma.retrieval.Retriever, everything else (other models, search, files) overlaps
         fast = dict(concurrency_limit=app.config.query_concurrency, concurrency_id="queries")
         tab_text_to_image.wire(app, t2i, common, top["status"], fast)
         tab_image_to_text.wire(app, i2t, common, top["status"], fast)
@@ -138,8 +138,12 @@ def served_folders(app: AppState) -> list[str]:
 
 def launch_options(demo: gr.Blocks) -> dict[str, Any]:
     """``launch()`` arguments: theme and css (Gradio 6 takes them here), the folders files are served
-    from (:func:`served_folders`), and the embedding cache and install key, which are never served."""
+    from (:func:`served_folders`), and the embedding cache and install key, which are never served.
+    Also registers the display copies' folder with ``gr.set_static_paths``: Gradio then serves a tile
+    where the app made it instead of checking and copying every tile into its own cache on every answer
+    (about 1 ms a tile)."""
     app: AppState = demo.harma_state
+    gr.set_static_paths([str(app.cache_dir / "thumbs")])
     return dict(allowed_paths=served_folders(app),
                 blocked_paths=[str(app.cache_dir / "index"), str(app.cache_dir / SECRET_FILE)],
                 theme=gr.themes.Soft(), css=CSS, max_file_size="25mb",

@@ -24,6 +24,7 @@ from harma.retrieval import (
     model_identity,
     paths_fingerprint,
 )
+from harma.retrieval.retriever import model_lock
 from tests.conftest import perturb_, tiny_config
 
 
@@ -247,6 +248,28 @@ def test_model_identity(tiny):
     assert paths_fingerprint(t["split"].images) != paths_fingerprint(t["split"].images[::-1])
 
 
+def test_another_model_encodes_while_one_model_is_busy(tiny):
+    """Each model has its own lock (the app's baseline and adapted models encode a query at once); retrievers
+    over the same model share it."""
+    import threading
+
+    t = tiny
+    other, _, _, _ = create_model(tiny_config())
+    busy = Retriever(t["model"], t["preprocess"], t["tokenizer"], images=None)
+    free = Retriever(other, t["preprocess"], t["tokenizer"], images=None)
+    assert model_lock(t["model"]) is model_lock(busy.model) and model_lock(other) is not model_lock(t["model"])
+    done = {}
+    with model_lock(t["model"]):  # the first model is busy
+        waiting = threading.Thread(target=lambda: done.__setitem__("busy", busy.encode_text("a red square")))
+        waiting.start()
+        free_thread = threading.Thread(target=lambda: done.__setitem__("free", free.encode_text("a red square")))
+        free_thread.start()
+        free_thread.join(30)
+        assert "free" in done and "busy" not in done  # the other model answered; the busy one still waits
+    waiting.join(30)
+    assert done["busy"].shape == done["free"].shape
+
+
 def test_concurrent_text_queries_are_batched_and_equal_to_single_ones(tiny, tmp_path):
     """Queries that arrive while the model is busy are encoded in one forward pass, with the same
     embeddings as one at a time."""
@@ -265,7 +288,7 @@ def test_concurrent_text_queries_are_batched_and_equal_to_single_ones(tiny, tmp_
     r.model.encode_text = counting
     out = [None] * len(queries)
     try:
-        with Retriever._model_lock:  # the model is busy: every query waits
+        with model_lock(r.model):  # the model is busy: every query waits
             threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, r.encode_text(queries[i])))
                        for i in range(len(queries))]
             for t in threads:

@@ -8,6 +8,7 @@ only the queries, and the gallery's files are an :class:`~.identity.IndexImages`
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -37,6 +38,26 @@ from .index import EmbeddingIndex
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total); stage is "images" or "captions"
 PathLike = Union[str, Path]
+
+
+
+_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+_SHARED_LOCK = threading.Lock()
+
+
+def model_lock(obj: Any) -> threading.Lock:
+    """The lock serialising calls into ``obj`` (a model or a tokenizer), one per object for its lifetime:
+    every :class:`Retriever` over the same model takes the same lock, retrievers over different models
+    run at once."""
+    with _LOCKS_LOCK:
+        try:
+            lock = _LOCKS.get(obj)
+            if lock is None:
+                lock = _LOCKS[obj] = threading.Lock()
+        except TypeError:  # not weakly referable or not hashable: the one shared lock
+            lock = _SHARED_LOCK
+        return lock
 
 
 @dataclass
@@ -197,12 +218,11 @@ class Retriever:
 
     # -- encoding one query ----------------------------------------------------------------------
     # Queries may come from many threads at once (a web app). Hugging Face fast tokenizers refuse
-    # concurrent use ("Already borrowed"), two retrievers often share one tokenizer and model, and on
-    # a CPU parallel forward passes only compete for the same cores: one process-wide lock makes the
-    # model calls thread-safe, and text queries that arrive while the model is busy are encoded
-    # together in one forward pass (the first waiting thread encodes for all of them).
-    _model_lock = threading.Lock()
-
+    # concurrent use ("Already borrowed") and a module's forward is not meant to run twice at once:
+    # each model and each tokenizer has its own lock (``model_lock``; retrievers sharing a model share
+    # it), and text queries that arrive while the model is busy are encoded together in one forward
+    # pass (the first waiting thread encodes for all of them). Two different models (the app's
+    # baseline and adapted) encode at the same time.
     def encode_text(self, query: str) -> torch.Tensor:
         """(D,) normalised embedding of one text query (thread-safe; concurrent queries are batched)."""
         text = clean_caption(query, 30) if self.clean_queries else query.strip()
@@ -211,7 +231,7 @@ class Retriever:
         request = {"text": text}
         with self._pending_lock:
             self._pending.append(request)
-        with Retriever._model_lock:
+        with model_lock(self.model), model_lock(self.tokenizer):
             if "embedding" not in request:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
@@ -223,7 +243,7 @@ class Retriever:
     def encode_image(self, image: Any) -> torch.Tensor:
         """(D,) normalised embedding of one RGB PIL image (thread-safe)."""
         pixels = self.preprocess(image.convert("RGB"))[None].to(model_device(self.model, None))
-        with Retriever._model_lock, eval_mode(self.model), torch.inference_mode():
+        with model_lock(self.model), eval_mode(self.model), torch.inference_mode():
             emb = self.model.encode_image(pixels, normalize=True)
         return F.normalize(emb.float(), dim=-1)[0].cpu()
 
