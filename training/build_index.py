@@ -207,7 +207,8 @@ def build(args: argparse.Namespace, shards: Any, ranks: Ranks, device: Any) -> O
     if world > 1 or len(mine) < len(shards):
         say(f"encoding {len(mine)} of {len(shards)} shards" + (f": {', '.join(map(str, mine[:20]))}"
                                                             + (", ..." if len(mine) > 20 else "") if mine else ""))
-    with tqdm(desc="embedding images", unit="img", file=sys.stderr, dynamic_ncols=True, disable=rank != 0) as bar:
+    desc = "embedding images" + (f" (rank 0's share; {world} processes)" if world > 1 else "")
+    with tqdm(desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, disable=rank != 0) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
