@@ -220,7 +220,7 @@ def ask_browser(url: str, queries: list[str]) -> Optional[tuple[np.ndarray, np.n
     """Each query typed into the page in headless Chromium (on the same cores as the app): ms from Enter to
     the status naming the query, and to both galleries showing their K images, loaded (None without
     Chromium and Playwright)."""
-    from benchmarks.browser import CHROMIUM, launch
+    from benchmarks.browser import CHROMIUM, launch, open_query_page
     try:
         from playwright import sync_api
     except ImportError:
@@ -231,13 +231,7 @@ def ask_browser(url: str, queries: list[str]) -> Optional[tuple[np.ndarray, np.n
     with sync_api.sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded")
-            box = page.locator("#query textarea")
-            box.wait_for(timeout=60_000)
-            number = page.locator("input[type=number]").first
-            number.fill(str(K))
-            number.press("Enter")
+            page, box = open_query_page(browser, url, K)
             for q in queries:
                 box.fill(q)
                 t = time.perf_counter()

@@ -14,7 +14,7 @@ import os
 import pytest
 
 import harma_app as app
-from benchmarks.browser import CHROMIUM, launch
+from benchmarks.browser import CHROMIUM, launch, open_query_page
 from harma_app.common import ASSETS
 from harma_app.tab_text_to_image import load_examples
 from tests.test_app import tiny_setup
@@ -62,12 +62,7 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded")
-            box = page.locator("#query textarea")
-            box.wait_for(timeout=60_000)  # the SPA has hydrated
-            page.locator("input[type=number]").first.fill(str(K))
-            page.locator("input[type=number]").first.press("Enter")
+            page, box = open_query_page(browser, url, K)  # the SPA has hydrated, Top k set
             # clicking an example runs it: the query box fills and both galleries answer
             example = load_examples()[0]
             page.get_by_text(example, exact=True).first.click()
