@@ -25,7 +25,7 @@ from .common import (
 )
 from .galleries import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, Gallery
 from .state import AppState
-from .tab_image_to_text import picker_items
+from .tab_image_to_text import picker_view
 
 
 def gallery_dataset(gallery: Gallery) -> Optional[str]:
@@ -79,7 +79,7 @@ def status_text(app: AppState, model_key: Optional[str], gallery_key: Optional[s
 
 
 def use_uploads(app: AppState, files: Optional[list], model_key: Optional[str], current: Optional[str],
-                progress: Any = gr.Progress()) -> tuple[str, str, list]:
+                progress: Any = gr.Progress()) -> tuple[str, str, Any]:
     """Make the uploaded images the gallery (embeddings computed now, with a progress bar)."""
     try:
         key, gallery, skipped = app.add_uploads(files)
@@ -89,14 +89,14 @@ def use_uploads(app: AppState, files: Optional[list], model_key: Optional[str], 
             gr.Warning(plain_text(msg))
         if app.model_problem(model_key) is None:
             app.retrievers(model_key, key, progress_cb(progress))
-        return key, status_text(app, model_key, key) + "\n\n" + msg, picker_items(app, key)
+        return key, status_text(app, model_key, key) + "\n\n" + msg, picker_view(app, key)
     except (AppError, *USER_ERRORS) as e:
-        return current or "", fail(e), picker_items(app, current)
+        return current or "", fail(e), picker_view(app, current)
 
 
-def use_dataset(app: AppState, model_key: Optional[str]) -> tuple[str, str, list]:
+def use_dataset(app: AppState, model_key: Optional[str]) -> tuple[str, str, Any]:
     key = app.default_gallery
-    return key, status_text(app, model_key, key), picker_items(app, key)
+    return key, status_text(app, model_key, key), picker_view(app, key)
 
 
 def layout(app: AppState) -> dict[str, Any]:
@@ -130,4 +130,4 @@ def wire(app: AppState, demo: gr.Blocks, ui: dict[str, Any], picker: gr.Gallery)
                           api_visibility="private")
     ui["use_data"].click(partial(use_dataset, app), [model], [gallery_key, status, picker], api_visibility="private")
     demo.load(partial(status_text, app), [model, gallery_key], status, api_visibility="private")
-    demo.load(partial(picker_items, app), [gallery_key], picker, api_visibility="private")
+    demo.load(partial(picker_view, app), [gallery_key], picker, api_visibility="private")

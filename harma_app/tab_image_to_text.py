@@ -106,6 +106,20 @@ def picker_items(app: AppState, gallery_key: Optional[str]) -> list[tuple[Any, s
     return [(displayable(gallery.images[i], app.cache_dir), tile_caption(gallery, i)) for i in picker_indices(gallery)]
 
 
+PICKER_LABEL = "…or pick one from the gallery"
+NO_PICKER = "No picker: an archive index has no captions to rank (search it from Text → image)"
+
+
+def picker_view(app: AppState, gallery_key: Optional[str]) -> Any:
+    """The picker for the gallery: its tiles (:func:`picker_items`) under its label, or, for an archive index,
+    none and a label that says why."""
+    try:
+        archive = app.gallery(gallery_key).archive
+    except (AppError, *USER_ERRORS):
+        archive = False
+    return gr.update(value=picker_items(app, gallery_key), label=NO_PICKER if archive else PICKER_LABEL)
+
+
 def layout() -> dict[str, Any]:
     """The tab's components (call inside ``gr.Tabs``)."""
     with gr.Tab("Image → text", id="i2t") as tab:
@@ -113,7 +127,7 @@ def layout() -> dict[str, Any]:
             with gr.Column(scale=1):
                 upload = gr.File(file_types=["image"], label="Query image (upload)", type="filepath")
                 preview = gr.Image(label="Query image", interactive=False, height=200)
-            picker = gr.Gallery(label="…or pick one from the gallery", columns=6, height=340, scale=2,
+            picker = gr.Gallery(label=PICKER_LABEL, columns=6, height=340, scale=2,
                                 allow_preview=False, elem_id="picker", elem_classes="harma-tiles")
         headers = ["rank", "score", "caption", "✓"]
         with gr.Row():

@@ -258,7 +258,8 @@ def test_uploaded_gallery(setup, state, tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"\x00" * 10)
     key, status, picker = controls.use_uploads(state, [str(p) for p in images] + [str(junk)], None, "data")
-    assert key.startswith("upload:") and "3 images" in status and "junk.jpg" in status and len(picker) == 3
+    assert key.startswith("upload:") and "3 images" in status and "junk.jpg" in status
+    assert len(picker["value"]) == 3 and picker["label"] == i2t.PICKER_LABEL
     base, adapted, msg = t2i.search_text(state, "a green triangle", 5, None, key)
     assert len(base) == len(adapted) == 3 and "⚠️" not in msg
     assert "no captions" in i2t.search_image(state, str(images[0]), 3, None, key)[3]

@@ -102,6 +102,8 @@ def test_archive_gallery_is_lazy_and_other_tabs_say_why_not(archive, monkeypatch
         list(gallery.images)
     assert "3,000 images, an archive index" in gallery.describe() and gallery.classes is None
     assert tab_image_to_text.picker_items(state, "index") == []
+    picker = tab_image_to_text.picker_view(state, "index")  # the Image -> text tab says why it has no picker
+    assert picker["value"] == [] and picker["label"] == tab_image_to_text.NO_PICKER
     notes = [tab_embedding_space.embedding_view(state, None, "index", False, None)[-1],
              tab_embedding_space.map_search(state, None, "index", "red")[-1],
              tab_metrics.metrics_table(state, None, "index", None)[-1],
