@@ -122,7 +122,7 @@ def layout() -> dict[str, Any]:
 def wire(app: AppState, ui: dict[str, Any], common: list, status: gr.Markdown, fast: dict) -> None:
     """Search button (API ``/search_text``) and Enter in the query box. Progress (a gallery's first encoding)
     shows on the status line, not as an overlay over both galleries: the page answers sooner (in headless
-    Chromium on the app's 2 cores, status p50 168 -> 145 ms over a 10M archive)."""
+    Chromium on the app's 2 cores, status p50 168 -> 155 ms over a 10M archive)."""
     t2i = dict(fn=partial(search_text, app), inputs=[ui["query"]] + common,
                outputs=[ui["base_gallery"], ui["adapted_gallery"], status], show_progress_on=[status], **fast)
     ui["search"].click(**t2i, api_name="search_text")
