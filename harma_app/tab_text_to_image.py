@@ -14,8 +14,8 @@ import gradio as gr
 from harma.errors import DatasetError, IndexFormatError, one_line
 from harma.retrieval import Hit
 
-from .common import (ASSETS, MAX_QUERY_CHARS, QUERY_CONCURRENCY, USER_ERRORS, AppError, clamp_k, fail, file_names_only, progress_cb,
-                     short_list)
+from .common import (ASSETS, MAX_QUERY_CHARS, QUERY_CONCURRENCY, USER_ERRORS, AppError, clamp_k, fail,
+                     file_names_only, progress_cb, short_list)
 from .galleries import Gallery, displayable
 from .indexes import MissingSide
 from .state import AppState

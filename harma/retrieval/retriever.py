@@ -39,8 +39,6 @@ from .index import EmbeddingIndex
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total); stage is "images" or "captions"
 PathLike = Union[str, Path]
 
-
-
 _LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
 _LOCKS_LOCK = threading.Lock()
 _SHARED_LOCK = threading.Lock()
