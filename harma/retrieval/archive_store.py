@@ -122,6 +122,8 @@ class SQ8Decoder:
 
 READ_THREADS = 8  # re-ranking codes read at once per query ...
 PARALLEL_FROM = 256  # ... from this many candidates
+
+
 @functools.lru_cache(maxsize=None)
 def _readers() -> ThreadPoolExecutor:
     """The process's pool of reader threads (made on first use)."""
