@@ -11,6 +11,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -81,7 +83,31 @@ def bar_progress(bar: Any) -> Progress:
         bar.update(done - bar.n)
 
     return update
+
+
 Device = Union[str, torch.device, None]
+
+# one lock per model and per tokenizer, for as long as the object lives (model_lock)
+_LOCKS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+_SHARED_LOCK = threading.RLock()
+
+
+def model_lock(obj: Any) -> "contextlib.AbstractContextManager[bool]":
+    """The lock serialising calls into ``obj`` (a model or a tokenizer), one per object for its lifetime.
+
+    Every retriever, scene index and :func:`encode_images` / :func:`encode_texts` batch over the same model
+    takes the same lock, so a gallery being encoded and a visitor's query take turns batch by batch, and a
+    fast tokenizer (which refuses concurrent use: "Already borrowed") is never called twice at once. Calls
+    into different models run at once. The lock is reentrant: a holder may call the encoders."""
+    with _LOCKS_LOCK:
+        try:
+            lock = _LOCKS.get(obj)
+            if lock is None:
+                lock = _LOCKS[obj] = threading.RLock()
+        except TypeError:  # not weakly referable or not hashable: the one shared lock
+            lock = _SHARED_LOCK
+        return lock
 
 
 @contextlib.contextmanager
@@ -141,7 +167,8 @@ def encode_images(
     done, total = 0, len(images)
     with eval_mode(model), torch.inference_mode():
         for pixels, _ in loader:
-            emb = model.encode_image(pixels.to(dev, non_blocking=True), normalize=True)
+            with model_lock(model):
+                emb = model.encode_image(pixels.to(dev, non_blocking=True), normalize=True)
             out.append(unit_rows(emb))
             done += pixels.shape[0]
             if progress is not None:
@@ -177,8 +204,9 @@ def encode_texts(
     out: list[torch.Tensor] = []
     with eval_mode(model), torch.inference_mode():
         for b0 in range(0, len(captions), batch_size):
-            tokens = tokenizer(captions[b0 : b0 + batch_size]).to(dev)
-            out.append(unit_rows(model.encode_text(tokens, normalize=True)))
+            with model_lock(model), model_lock(tokenizer):
+                emb = model.encode_text(tokenizer(captions[b0 : b0 + batch_size]).to(dev), normalize=True)
+            out.append(unit_rows(emb))
             if progress is not None:
                 progress(min(b0 + batch_size, len(captions)), len(captions))
     return torch.cat(out) if out else torch.empty(0, 0)

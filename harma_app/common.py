@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import gradio as gr
 
@@ -31,6 +32,27 @@ USER_ERRORS = (HarmaError, OSError)  # the library's user-facing errors and unre
 HOW_TO_DATA = ("Start the app with `--data DIR` (or set `HARMA_DATA=DIR`): a dataset folder in any supported format "
                "(HarMA JSON, PE-RSITR txt, csv/tsv, jsonl, or a plain folder of images). Or upload images under "
                "**Gallery source**.")
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# where a query's adapted side runs while the request's own thread runs the baseline's (both_sides)
+SIDES = ThreadPoolExecutor(max_workers=QUERY_CONCURRENCY, thread_name_prefix="harma-side")
+
+
+def both_sides(fn: Callable[[str, T], R], baseline: T, adapted: T) -> tuple[R, R]:
+    """``(fn("baseline", baseline), fn("adapted", adapted))``, the two run at once: the adapted side in a
+    small pool, the baseline in the calling thread. Each model has its own lock
+    (:func:`harma.encode.model_lock`), so the two models encode a query at the same time and a tab answers
+    in the time of its slower side, not of both. An error on either side is raised here."""
+    adapted_side = SIDES.submit(fn, "adapted", adapted)
+    try:
+        first = fn("baseline", baseline)
+    except BaseException:
+        wait([adapted_side])  # the baseline's error is the one raised, once no work is left running
+        raise
+    return first, adapted_side.result()
 
 
 class AppError(Exception):

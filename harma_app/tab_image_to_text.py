@@ -13,7 +13,7 @@ from PIL import Image
 from harma.data import open_image
 from harma.retrieval import Hit
 
-from .common import USER_ERRORS, AppError, clamp_k, fail, progress_cb
+from .common import USER_ERRORS, AppError, both_sides, clamp_k, fail, progress_cb
 from .galleries import Gallery, displayable
 from .indexes import needs_every_embedding
 from .state import AppState
@@ -51,7 +51,8 @@ def _rank_captions(app: AppState, model_key, gallery_key, k, progress, query_fn)
         raise AppError(f"{gallery.name} has no captions to rank; start with a dataset that has captions "
                        "(`--data DIR`)")
     base, adapted = app.retrievers(model_key, gallery_key, progress_cb(progress))
-    return query_fn(base, clamp_k(k)), query_fn(adapted, clamp_k(k))
+    k = clamp_k(k)
+    return both_sides(lambda _side, r: query_fn(r, k), base, adapted)  # the two models answer at once
 
 
 def search_image(app: AppState, image: Optional[str], k: Any, model_key: Optional[str], gallery_key: Optional[str],

@@ -24,7 +24,7 @@ from harma.io import atomic_write_bytes, file_sha256
 from harma.retrieval.identity import cache_key
 from harma.scene import Scene, SceneIndex, chip_grid, heatmap_image, score_map, to_geojson, top_k
 
-from .common import DEMO, MAX_QUERY_CHARS, PRECOMPUTED, USER_ERRORS, AppError, clamp_k, fail, progress_cb
+from .common import DEMO, MAX_QUERY_CHARS, PRECOMPUTED, USER_ERRORS, AppError, both_sides, clamp_k, fail, progress_cb
 from .galleries import keyed, safe_name, sweep_uploads
 from .state import AppState
 
@@ -188,16 +188,19 @@ def _answer(app: AppState, scene: Scene, grid, model_key: Optional[str], k: int,
     base, adapted = scene_indexes(app, scene, grid, model_key, progress)
     label = app.adapted_label(model_key)
     source = app.sources[app.model_key(model_key)].label
-    images, galleries, features, times = [], [], [], []
-    for side, index, name in (("baseline", base, f"baseline (zero-shot) of {source}"),
-                              ("adapted", adapted, f"{label}: {source}")):
+    names = {"baseline": f"baseline (zero-shot) of {source}", "adapted": f"{label}: {source}"}
+
+    def side(name: str, index: Any) -> tuple:
         t0 = time.perf_counter()
-        scores = score_fn(side, index)
+        scores = score_fn(name, index)
         ids = top_k(scores, k)
-        times.append(1000 * (time.perf_counter() - t0))
-        images.append(_heatmap(app, scene, grid, scores, side))
-        galleries.append(_tiles(app, scene, grid, ids, scores))
-        features += to_geojson(scene, grid, ids, scores, name, query)["features"]
+        took = 1000 * (time.perf_counter() - t0)
+        return (_heatmap(app, scene, grid, scores, name), _tiles(app, scene, grid, ids, scores),
+                to_geojson(scene, grid, ids, scores, names[name], query)["features"], took)
+
+    sides = both_sides(side, base, adapted)  # the two models score the scene at once
+    images, galleries, times = [s[0] for s in sides], [s[1] for s in sides], [s[3] for s in sides]
+    features = [f for s in sides for f in s[2]]
     collection = {"type": "FeatureCollection", "features": features}
     name = keyed(app.cache_dir, scene.sha256, scene.bands, grid.chip_m, k, query, model_key)
     out = app.cache_dir / "exports" / f"scene-hits-{name}.geojson"

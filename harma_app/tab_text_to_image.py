@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
@@ -14,17 +13,14 @@ import gradio as gr
 from harma.errors import DatasetError, IndexFormatError, one_line
 from harma.retrieval import Hit
 
-from .common import (ASSETS, MAX_QUERY_CHARS, QUERY_CONCURRENCY, USER_ERRORS, AppError, clamp_k, fail,
-                     file_names_only, progress_cb, short_list)
+from .common import (ASSETS, MAX_QUERY_CHARS, USER_ERRORS, AppError, both_sides, clamp_k, fail, file_names_only,
+                     progress_cb, short_list)
 from .galleries import Gallery, displayable
 from .indexes import MissingSide
 from .state import AppState
 
 MATCH_NOTE = ("✓ marks an image whose ground-truth captions contain the query as a whole-word phrase, after both are "
               "normalised with `harma.data.clean_caption` (lower case, no punctuation); exact matches count.")
-
-# where the adapted side of a query runs while the request's own thread runs the baseline's
-SIDES = ThreadPoolExecutor(max_workers=QUERY_CONCURRENCY, thread_name_prefix="harma-side")
 
 EXAMPLES_NOTE = ("Each example query matches ground-truth captions of the bundled demo gallery "
                  "(picked by `python -m harma_app.precompute --examples`).")
@@ -84,9 +80,7 @@ def search_text(app: AppState, query: Optional[str], k: Any, model_key: Optional
             took, skipped = f"{name} {1000 * (time.perf_counter() - t0):.0f} ms", []
             return _tiles(app, gallery, hits, matches, skipped), took, skipped
 
-        # the two models encode the query and search at once (each model has its own lock)
-        adapted_side = SIDES.submit(side, "adapted", adapted)
-        sides = [side("baseline", base), adapted_side.result()]
+        sides = both_sides(side, base, adapted)  # the two models encode the query and search at once
         out, times = [tiles for tiles, _, _ in sides], [took for _, took, _ in sides]
         skipped = [s for _, _, missed in sides for s in missed]
         status = f"Top {k} of {len(gallery.images):,} images for “{query}” — {', '.join(times)}.{note}"

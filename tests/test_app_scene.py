@@ -5,6 +5,7 @@ the app keeps serving; ``python -m training.build_demo --scene`` bundles a scene
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,15 @@ def test_a_query_gives_two_heatmaps_two_galleries_and_a_geojson(app, scene_key):
         assert f["properties"]["query"] == "a checkerboard" and f["geometry"]["type"] == "Polygon"
         lon, lat = f["geometry"]["coordinates"][0][0]
         assert 14.9 < lon < 15.1 and 40.5 < lat < 40.7  # UTM 33N (500000, 4500000): lon/lat order, degrees
+
+
+def test_the_two_models_score_the_scene_at_once(app, scene_key, monkeypatch):
+    """Each side's ranking waits (10 s at most) for the other's: one after the other would break the barrier."""
+    meet, real = threading.Barrier(2), tab_scene.top_k
+    monkeypatch.setattr(tab_scene, "top_k", lambda *a, **kw: (meet.wait(10), real(*a, **kw))[1])
+    *_, base, adapted, _geojson, status = tab_scene.search_scene(app, scene_key, "a red roof", 2, None, 64,
+                                                                 progress=None)
+    assert len(base) == len(adapted) == 2 and status.startswith("Top 2 of 25 chips"), status
 
 
 def test_a_click_searches_by_that_chip_and_ranks_it_first(app, scene_key):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,49 @@ def test_encode_texts_shape_and_norm(model, split, tokenizer):
     assert emb.shape == (split.num_captions, 32)
     assert emb.dtype == torch.float32 and emb.device.type == "cpu"
     assert torch.allclose(emb.norm(dim=-1), torch.ones(split.num_captions), atol=1e-5)
+
+
+class OneCallerAtATime:
+    """A tokenizer that refuses concurrent use, as a Hugging Face fast tokenizer does ("Already borrowed")."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.inside, self.guard = tokenizer, 0, threading.Lock()
+
+    def __call__(self, texts):
+        with self.guard:
+            self.inside += 1
+            clash = self.inside > 1
+        try:
+            if clash:
+                raise RuntimeError("Already borrowed")
+            time.sleep(0.002)  # long enough for a second caller to arrive
+            return self.tokenizer(texts)
+        finally:
+            with self.guard:
+                self.inside -= 1
+
+
+def test_two_threads_encoding_with_one_model_take_turns(model, split, tokenizer):
+    """The app encodes a gallery while visitors' queries arrive on the same model: the encoders take the
+    model's and the tokenizer's lock batch by batch, so the two never call the tokenizer at once, and each
+    gets the embeddings it gets alone."""
+    shy = OneCallerAtATime(tokenizer)
+    alone = encode_texts(model, split.captions, shy, batch_size=2)
+    out, errors = {}, []
+
+    def encode(name):
+        try:
+            out[name] = encode_texts(model, split.captions, shy, batch_size=2)
+        except RuntimeError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=encode, args=(name,)) for name in ("gallery", "queries")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert all(torch.allclose(out[name], alone, atol=1e-6) for name in ("gallery", "queries"))
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 
 import numpy as np
@@ -13,6 +14,7 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as warp
 
 from harma import create_model
+from harma.encode import model_lock
 from harma.errors import DatasetError, QueryError
 from harma.scene import Scene, SceneIndex, chip_grid, heatmap_image, score_map, to_geojson, top_k
 from harma.scene import index as scene_index
@@ -120,6 +122,24 @@ def test_a_planted_pattern_is_found_by_its_own_chip_and_by_an_image_of_it(tmp_pa
     assert top_k(idx.scores_for_image(Image.fromarray(pattern.transpose(1, 2, 0).astype(np.uint8))), 1) == [planted]
     # Rocchio: the planted chip as the only positive example ranks it first
     assert top_k(idx.rocchio(positive=[planted], negative=[0]), 1) == [planted]
+
+
+def test_a_scene_query_waits_while_its_model_or_tokenizer_is_busy(tmp_path, tiny, one_thread):
+    """The app answers many queries at once, over retrievers and scene indexes sharing one model: a scene
+    query takes the model's and the tokenizer's lock (``harma.encode.model_lock``) like every other caller."""
+    model, preprocess, tokenizer = tiny
+    scene = Scene.open(write_scene(tmp_path / "s.tif", noise(64, 64)))
+    side = 32.0 * scene.pixel_size_m[0]
+    idx = SceneIndex.build(model, preprocess, scene, chip_grid(scene, chip_m=side, stride_m=side))
+    for busy in (model, tokenizer):
+        done = {}
+        with model_lock(busy):
+            query = threading.Thread(target=lambda: done.__setitem__("scores", idx.scores_for_text(tokenizer, "a roof")))
+            query.start()
+            query.join(1.0)
+            assert "scores" not in done  # still waiting its turn
+        query.join(30)
+        assert done["scores"].shape == (len(idx),)
 
 
 def test_no_data_chips_are_skipped(tmp_path):

@@ -8,7 +8,6 @@ only the queries, and the gallery's files are an :class:`~.identity.IndexImages`
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from ..data import clean_caption
 from ..data.images import decode_signature
-from ..encode import encode_images, encode_texts, eval_mode, model_device
+from ..encode import encode_images, encode_texts, eval_mode, model_device, model_lock
 from ..errors import DatasetError, IndexFormatError, QueryError
 from .captions import CaptionPool
 from .identity import (
@@ -38,24 +37,6 @@ from .index import EmbeddingIndex
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total); stage is "images" or "captions"
 PathLike = Union[str, Path]
-
-_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
-_LOCKS_LOCK = threading.Lock()
-_SHARED_LOCK = threading.Lock()
-
-
-def model_lock(obj: Any) -> threading.Lock:
-    """The lock serialising calls into ``obj`` (a model or a tokenizer), one per object for its lifetime:
-    every :class:`Retriever` over the same model takes the same lock, retrievers over different models
-    run at once."""
-    with _LOCKS_LOCK:
-        try:
-            lock = _LOCKS.get(obj)
-            if lock is None:
-                lock = _LOCKS[obj] = threading.Lock()
-        except TypeError:  # not weakly referable or not hashable: the one shared lock
-            lock = _SHARED_LOCK
-        return lock
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch.nn as nn
 from PIL import Image
 
 from harma.data.images import DECODER_VERSION
-from harma.encode import Progress, check_finite_embeddings, eval_mode, model_device, unit_rows
+from harma.encode import Progress, check_finite_embeddings, eval_mode, model_device, model_lock, unit_rows
 from harma.errors import IndexFormatError, QueryError
 from harma.io import atomic_write_bytes, atomic_write_json, read_safetensors
 from harma.retrieval.identity import cache_key, model_identity
@@ -175,7 +175,8 @@ class SceneIndex:
                 batch = chips[b:b + batch_size]
                 pixels = torch.stack([preprocess(scene.read_rgb(
                     ch.window, (min(ch.width, side), min(ch.height, side)))) for ch in batch])
-                out.append(unit_rows(model.encode_image(pixels.to(dev), normalize=True)))
+                with model_lock(model):  # a visitor's query on the same model takes its turn between batches
+                    out.append(unit_rows(model.encode_image(pixels.to(dev), normalize=True)))
                 if progress is not None:
                     progress(done + b + len(batch), total)
         emb = torch.cat(out)
@@ -192,7 +193,8 @@ class SceneIndex:
         if not text:
             raise QueryError("empty query: type what to look for, e.g. 'a bridge over a river'")
         dev = model_device(self.model, None)
-        with eval_mode(self.model), torch.inference_mode():
+        # thread-safe: the app answers many queries at once, and a fast tokenizer refuses concurrent use
+        with model_lock(self.model), model_lock(tokenizer), eval_mode(self.model), torch.inference_mode():
             return unit_rows(self.model.encode_text(tokenizer([text]).to(dev), normalize=True))[0]
 
     def scores_for_text(self, tokenizer: Callable, text: str) -> torch.Tensor:
@@ -214,9 +216,10 @@ class SceneIndex:
     def scores_for_image(self, image: Image.Image) -> torch.Tensor:
         """(N,) cosine similarity of every chip to an example image (any PIL image)."""
         dev = model_device(self.model, None)
-        with eval_mode(self.model), torch.inference_mode():
-            pixels = self.preprocess(image.convert("RGB")).unsqueeze(0).to(dev)
-            return self._scores(unit_rows(self.model.encode_image(pixels, normalize=True))[0])
+        pixels = self.preprocess(image.convert("RGB")).unsqueeze(0).to(dev)
+        with model_lock(self.model), eval_mode(self.model), torch.inference_mode():
+            emb = unit_rows(self.model.encode_image(pixels, normalize=True))[0]
+        return self._scores(emb)
 
     def rocchio(self, text: Optional[str] = None, positive: Sequence[int] = (), negative: Sequence[int] = (),
                 alpha: float = 1.0, beta: float = 0.75, gamma: float = 0.25,
