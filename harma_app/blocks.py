@@ -35,6 +35,10 @@ def build_demo(config: Optional[AppConfig] = None,
         loader: ``loader(source, device) -> ModelPair``; tests and other front ends can inject models.
     """
     app = AppState(config or AppConfig.from_env(), loader)
+    # Display copies are static files: Gradio serves a tile where the app made it instead of checking and
+    # copying every tile into its own cache on every answer (about 1 ms a tile). Set here, with the UI, so a
+    # host that launches the returned Blocks itself gets it too (Gradio keeps it for the interpreter).
+    gr.set_static_paths([str(app.cache_dir / "thumbs")])
     with gr.Blocks(title="HarMA: remote-sensing image-text retrieval") as demo:
         demo.harma_state = app  # for tests and launch_options
         gr.Markdown("# HarMA: remote-sensing image–text retrieval\nThe frozen backbone (**baseline**) next to "
@@ -138,12 +142,8 @@ def served_folders(app: AppState) -> list[str]:
 
 def launch_options(demo: gr.Blocks) -> dict[str, Any]:
     """``launch()`` arguments: theme and css (Gradio 6 takes them here), the folders files are served
-    from (:func:`served_folders`), and the embedding cache and install key, which are never served.
-    Also registers the display copies' folder with ``gr.set_static_paths``: Gradio then serves a tile
-    where the app made it instead of checking and copying every tile into its own cache on every answer
-    (about 1 ms a tile)."""
+    from (:func:`served_folders`), and the embedding cache and install key, which are never served."""
     app: AppState = demo.harma_state
-    gr.set_static_paths([str(app.cache_dir / "thumbs")])
     return dict(allowed_paths=served_folders(app),
                 blocked_paths=[str(app.cache_dir / "index"), str(app.cache_dir / SECRET_FILE)],
                 theme=gr.themes.Soft(), css=CSS, max_file_size="25mb",

@@ -96,29 +96,27 @@ def gallery_image_captions(app: AppState, i: int, k: Any, model_key: Optional[st
         return None, [], [], fail(e)
 
 
-def picker_items(app: AppState, gallery_key: Optional[str]) -> list[tuple[Any, str]]:
-    """The picker's tiles (image, file name · scene class): :func:`picker_indices` of the gallery; none without one."""
-    try:
-        gallery = app.gallery(gallery_key)
-    except (AppError, *USER_ERRORS):
-        return []
-    if gallery.archive:  # nothing to rank: an archive index has no captions (needs_every_embedding)
-        return []
-    return [(displayable(gallery.images[i], app.cache_dir), tile_caption(gallery, i)) for i in picker_indices(gallery)]
-
-
 PICKER_LABEL = "…or pick one from the gallery"
 NO_PICKER = "No picker: an archive index has no captions to rank (search it from Text → image)"
 
 
-def picker_view(app: AppState, gallery_key: Optional[str]) -> Any:
-    """The picker for the gallery: its tiles (:func:`picker_items`) under its label, or, for an archive index,
-    none and a label that says why."""
+def picker_contents(app: AppState, gallery_key: Optional[str]) -> tuple[str, list[tuple[Any, str]]]:
+    """The picker's label and tiles (image, file name · scene class): :func:`picker_indices` of the gallery;
+    no tiles without a gallery, and none, with a label that says why, for an archive index (no captions)."""
     try:
-        archive = app.gallery(gallery_key).archive
+        gallery = app.gallery(gallery_key)
     except (AppError, *USER_ERRORS):
-        archive = False
-    return gr.update(value=picker_items(app, gallery_key), label=NO_PICKER if archive else PICKER_LABEL)
+        return PICKER_LABEL, []
+    if gallery.archive:  # nothing to rank: an archive index has no captions (needs_every_embedding)
+        return NO_PICKER, []
+    return PICKER_LABEL, [(displayable(gallery.images[i], app.cache_dir), tile_caption(gallery, i))
+                          for i in picker_indices(gallery)]
+
+
+def picker_view(app: AppState, gallery_key: Optional[str]) -> Any:
+    """The picker component's update: :func:`picker_contents`' tiles under its label."""
+    label, tiles = picker_contents(app, gallery_key)
+    return gr.update(value=tiles, label=label)
 
 
 def layout() -> dict[str, Any]:

@@ -101,7 +101,7 @@ def test_archive_gallery_is_lazy_and_other_tabs_say_why_not(archive, monkeypatch
     with pytest.raises(TypeError, match="one row at a time"):
         list(gallery.images)
     assert "3,000 images, an archive index" in gallery.describe() and gallery.classes is None
-    assert tab_image_to_text.picker_items(state, "index") == []
+    assert tab_image_to_text.picker_contents(state, "index") == (tab_image_to_text.NO_PICKER, [])
     picker = tab_image_to_text.picker_view(state, "index")  # the Image -> text tab says why it has no picker
     assert picker["value"] == [] and picker["label"] == tab_image_to_text.NO_PICKER
     notes = [tab_embedding_space.embedding_view(state, None, "index", False, None)[-1],
