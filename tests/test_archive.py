@@ -105,6 +105,10 @@ def test_ids_round_trip_and_rows_shape(built):
 
 
 def test_moved_folder_loads_and_search_params_are_saved(built, tmp_path):
+    # the lists file is recorded where the build put it (faiss names that path at every load), not in the
+    # build's temporary folder
+    recorded = (built["pq"].path / "ivf.faiss").read_bytes()
+    assert str(built["pq"].path / "lists.ivfdata").encode() in recorded and b".archive-" not in recorded
     moved = tmp_path / "elsewhere"
     shutil.copytree(built["pq"].path, moved)
     index = load_index(moved, nprobe=8)

@@ -172,11 +172,15 @@ def train_index(plan: IndexPlan, sample: np.ndarray, seed: int = 0) -> tuple[Any
     return index, sq
 
 
-def merge_lists(trained: Any, parts: list[str], path: Path) -> None:
+def merge_lists(trained: Any, parts: list[str], path: Path, final: Optional[Path] = None) -> None:
     """Join the inverted lists of the partition files ``parts`` into ``path`` (faiss's
     ``OnDiskInvertedLists``) and give them to the empty ``trained`` index. As
     ``faiss.contrib.ondisk.merge_ondisk``, except that the partitions stay owned by their indexes and
-    are unmapped when this returns (merge_ondisk leaves them mapped: 1.4 GB at 10^7 rows, PQ128)."""
+    are unmapped when this returns (merge_ondisk leaves them mapped: 1.4 GB at 10^7 rows, PQ128).
+
+    ``final``: where the lists file will lie once the build is done. The index records that path, so
+    the line faiss prints on every load ("IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename from A to
+    B") names the archive's own folder, not a build folder deleted long ago."""
     faiss = _faiss()
     ivf = faiss.extract_index_ivf(trained)
     if ivf.ntotal:
@@ -187,6 +191,7 @@ def merge_lists(trained: Any, parts: list[str], path: Path) -> None:
         pointers.push_back(faiss.extract_index_ivf(r).invlists)
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
     total = lists.merge_from_multiple(pointers.data(), pointers.size(), False)
+    lists.filename = str(final or path)  # only recorded: the lists stay mapped from ``path``
     ivf.replace_invlists(lists, True)
     lists.this.disown()  # the index owns (and closes) them now
     ivf.ntotal = trained.ntotal = total
@@ -275,7 +280,7 @@ def build_archive(out: Any, chunks: Callable[[], Iterable[Any]], n: int, dim: in
         if sq is None:
             (stage / REFINE_FILE).unlink()
         say(f"merging {len(parts)} partition(s) into {LISTS_FILE}")
-        merge_lists(trained, parts, stage / LISTS_FILE)
+        merge_lists(trained, parts, stage / LISTS_FILE, final=out / LISTS_FILE)
         faiss.write_index(trained, str(stage / IVF_FILE))
         del trained
         for p in parts:
