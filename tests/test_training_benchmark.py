@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from typing import Optional
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,13 @@ def test_dry_run_lists_runs_and_skips_finished_ones(tmp_path, capsys):
     assert f"{n_runs - 1} of {n_runs} runs to go" in out
 
 
-def _fake_run(results: Path, method: str, seed: int, test_mr: float, val_mr: float) -> None:
+def _fake_run(results: Path, method: str, seed: int, test_mr: float, val_mr: float,
+              minutes: Optional[float] = None) -> None:
     part = lambda mr: {**{k: mr for k in METRIC_KEYS}, "gap": {"centroid_distance": 0.3, "knn_modality_purity": 0.8},
                        "split": "x", "num_images": 10, "num_captions": 50}
     path = results / "toy" / "runs" / f"{method}-s{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"method": method, "seed": seed, "trained_params": 1234, "train_minutes": 10.0 + seed,
+    path.write_text(json.dumps({"method": method, "seed": seed, "trained_params": 1234, "train_minutes": minutes or 10.0 + seed,
                                 "best_epoch": 2, "val": part(val_mr), "test": part(test_mr)}))
 
 
@@ -66,6 +68,9 @@ def test_aggregate_means_and_sample_sd_and_the_table(tmp_path):
     assert a["seeds"] == [0, 1] and a["test_mR"] == 42.0 and a["val_mR"] == 51.0
     assert a["test_mR_sd"] == pytest.approx(statistics.stdev([40.0, 44.0])) and a["train_minutes"] == 10.5
     assert res["rows"][0]["test_mR_sd"] is None
+    for seed, minutes in ((0, 50.0), (1, 20.0), (2, 20.0)):  # seed 0 slowed by another run on the same cores
+        _fake_run(tmp_path / "slow", "b", seed, 30.0, 40.0, minutes=minutes)
+    assert aggregate(suite, tmp_path / "slow")["rows"][0]["train_minutes"] == 20.0  # the median run, not 30
     table = markdown(res)
     assert "| method A | 0, 1 | **42.00 ± 2.83** |" in table and "| 51.00 ± 1.41 |" in table
     assert "| theirs | - | 55.71 |" in table and "`b`" in table

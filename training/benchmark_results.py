@@ -63,7 +63,8 @@ def _runs(suite: Suite, results_dir: Path, key: str) -> list[dict[str, Any]]:
 
 
 def aggregate(suite: Suite, results_dir: Path) -> dict[str, Any]:
-    """Mean and sample sd over seeds per method, in the suite's method order, from the run JSONs; with
+    """Mean and sample sd over seeds per method (train time: the median run, which a run slowed by another
+    on the same cores does not move), in the suite's method order, from the run JSONs; with
     the suite's paired differences of test mR when it names pairs. A run with no validation (``"val":
     null``) leaves the val columns None."""
     rows, by_method = [], {}
@@ -74,7 +75,7 @@ def aggregate(suite: Suite, results_dir: Path) -> dict[str, Any]:
         by_method[m.key] = runs
         row: dict[str, Any] = {"method": m.key, "label": m.label, "seeds": [r["seed"] for r in runs],
                                "trained_params": runs[0]["trained_params"],
-                               "train_minutes": round(statistics.fmean(r["train_minutes"] for r in runs), 1)}
+                               "train_minutes": round(statistics.median(r["train_minutes"] for r in runs), 1)}
         for part in ("test", "val"):
             parts = [r[part] for r in runs if r.get(part) is not None]
             for k in METRIC_KEYS:
