@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from benchmarks import fidelity, scene, sections
+from benchmarks import fidelity, scene, sections, sides
 from training.cli import CliError, pick_device
 
 SECTIONS: dict[str, Callable[..., list[dict]]] = {
@@ -36,6 +36,7 @@ SECTIONS: dict[str, Callable[..., list[dict]]] = {
     "fidelity": fidelity.fidelity,
     "gapfig": fidelity.gap_figures_time,
     "scene": scene.scene,
+    "sides": sides.sides,
 }
 
 
