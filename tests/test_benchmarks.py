@@ -30,7 +30,7 @@ def test_format_rows_aligns_union_of_keys():
     assert lines[0].split(" | ") == ["a        ", "b    ", "c"] and "1,234,567" in lines[3]
 
 
-def test_only_some_sections_keeps_the_others_of_the_same_machine(tmp_path):
+def test_only_some_sections_keeps_the_others_of_the_same_machine(tmp_path, capsys):
     from benchmarks.run import _merge
 
     out = tmp_path / "results.json"
@@ -43,5 +43,6 @@ def test_only_some_sections_keeps_the_others_of_the_same_machine(tmp_path):
     merged = _merge(out, new)
     assert merged["sections"]["embed"] == old["sections"]["embed"]
     assert merged["sections"]["app"]["rows"] == [{"a": 3}] and merged["total_seconds"] == 15.0
-    # another machine's file is replaced, not merged
+    # another machine's file is replaced, not merged, and the sections it loses are named
     assert _merge(out, {**new, "machine": {"cores": 16}})["sections"].keys() == {"app"}
+    assert "sections embed are not kept" in capsys.readouterr().err
