@@ -124,8 +124,8 @@ def _merge(out: Path, results: dict[str, Any]) -> dict[str, Any]:
     if old.get("machine") != results["machine"] or old.get("device") != results["device"] or old.get("quick"):
         dropped = sorted(set(old.get("sections", {})) - set(results["sections"]))
         if dropped:
-            was = {k: v for k, v in {**old.get("machine", {}), "device": old.get("device")}.items()
-                   if {**results["machine"], "device": results["device"]}.get(k) != v}
+            now = {**results["machine"], "device": results["device"]}
+            was = {k: v for k, v in {**old.get("machine", {}), "device": old.get("device")}.items() if now.get(k) != v}
             print(f"note: {out} was measured on another machine or setup ({was}); its sections "
                   f"{', '.join(dropped)} are not kept. Give --json another file to keep it whole.", file=sys.stderr)
         return results

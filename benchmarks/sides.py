@@ -15,7 +15,8 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
+from unittest import mock
 
 import torch
 
@@ -24,27 +25,18 @@ from .sections import ROOT, Skip
 ROUNDS = 3
 QUERIES = ["a bridge over a river", "many cars in a parking lot", "dense buildings", "trees beside a road",
            "many planes parked at an airport", "a baseball field", "a harbour with boats", "a freeway"]
-TABS = ("tab_text_to_image", "tab_image_to_text", "tab_scene")
 
 
 def _one_after_the_other(fn: Callable, baseline: Any, adapted: Any) -> tuple:
     return fn("baseline", baseline), fn("adapted", adapted)
 
 
-@contextlib.contextmanager
-def _sides(impl: Callable) -> Iterator[None]:
-    """Every tab's ``both_sides`` replaced by ``impl`` inside the block."""
-    import importlib
-
-    mods = [importlib.import_module(f"harma_app.{name}") for name in TABS]
-    real = [m.both_sides for m in mods]
-    for m in mods:
-        m.both_sides = impl
-    try:
-        yield
-    finally:
-        for m, fn in zip(mods, real):
-            m.both_sides = fn
+def _sides(impl: Callable, tabs: list) -> contextlib.ExitStack:
+    """Every tab's ``both_sides`` replaced by ``impl`` now; leaving the returned stack puts them back."""
+    stack = contextlib.ExitStack()
+    for tab in tabs:
+        stack.enter_context(mock.patch.object(tab, "both_sides", impl))
+    return stack
 
 
 def sides(device: torch.device, quick: bool, **_: Any) -> list[dict]:
@@ -73,7 +65,7 @@ def sides(device: torch.device, quick: bool, **_: Any) -> list[dict]:
     times: dict[tuple[str, str], list[float]] = {(a, w): [] for a in answers for w in ways}
     for r in range(rounds + 1):  # round 0 warms up: models, galleries, chip embeddings, first allocations
         for way, impl in ways.items():
-            with _sides(impl):
+            with _sides(impl, [tab_text_to_image, tab_image_to_text, tab_scene]):
                 for name, answer in answers.items():
                     for i, q in enumerate(queries):
                         t0 = time.perf_counter()

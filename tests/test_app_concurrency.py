@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     return tiny_setup(tmp_path_factory.getbasetemp() / "harma-app")
 
 
-def _meeting(monkeypatch, owner, name: str) -> None:
+def meeting(monkeypatch, owner, name: str) -> None:
     """``owner.name`` waits (10 s at most) for a second call: two models run one after the other break it."""
     meet, real = threading.Barrier(2), getattr(owner, name)
 
@@ -57,7 +57,7 @@ def test_both_models_answer_a_query_at_once(setup, monkeypatch):
     state = app_state.AppState(setup["config"])
     split = load_split(setup["data"], "train")
     for name in ("search_text", "search_image", "search_gallery_image"):
-        _meeting(monkeypatch, Retriever, name)
+        meeting(monkeypatch, Retriever, name)
     base, adapted, status = t2i.search_text(state, "a red square on a grey field", 3, None, "data")
     assert len(base) == len(adapted) == 3 and "⚠️" not in status, status
     for answer in (i2t.search_image(state, str(split.images[0]), 3, None, "data"),

@@ -5,7 +5,6 @@ the app keeps serving; ``python -m training.build_demo --scene`` bundles a scene
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from harma.scene import Scene, SceneIndex, chip_grid
 from harma_app import state as app_state
 from harma_app import tab_scene
 from tests.test_app import tiny_setup
+from tests.test_app_concurrency import meeting
 from training.build_demo import SCENE_HEADING, main as build_demo_main
 
 rasterio = pytest.importorskip("rasterio")
@@ -88,8 +88,7 @@ def test_a_query_gives_two_heatmaps_two_galleries_and_a_geojson(app, scene_key):
 
 def test_the_two_models_score_the_scene_at_once(app, scene_key, monkeypatch):
     """Each side's ranking waits (10 s at most) for the other's: one after the other would break the barrier."""
-    meet, real = threading.Barrier(2), tab_scene.top_k
-    monkeypatch.setattr(tab_scene, "top_k", lambda *a, **kw: (meet.wait(10), real(*a, **kw))[1])
+    meeting(monkeypatch, tab_scene, "top_k")
     *_, base, adapted, _geojson, status = tab_scene.search_scene(app, scene_key, "a red roof", 2, None, 64,
                                                                  progress=None)
     assert len(base) == len(adapted) == 2 and status.startswith("Top 2 of 25 chips"), status

@@ -134,7 +134,8 @@ def test_a_scene_query_waits_while_its_model_or_tokenizer_is_busy(tmp_path, tiny
     for busy in (model, tokenizer):
         done = {}
         with model_lock(busy):
-            query = threading.Thread(target=lambda: done.__setitem__("scores", idx.scores_for_text(tokenizer, "a roof")))
+            query = threading.Thread(
+                target=lambda: done.__setitem__("scores", idx.scores_for_text(tokenizer, "a roof")))
             query.start()
             query.join(1.0)
             assert "scores" not in done  # still waiting its turn

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -53,7 +53,8 @@ def _fake_run(results: Path, method: str, seed: int, test_mr: float, val_mr: flo
                        "split": "x", "num_images": 10, "num_captions": 50}
     path = results / "toy" / "runs" / f"{method}-s{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"method": method, "seed": seed, "trained_params": 1234, "train_minutes": minutes or 10.0 + seed,
+    minutes = 10.0 + seed if minutes is None else minutes
+    path.write_text(json.dumps({"method": method, "seed": seed, "trained_params": 1234, "train_minutes": minutes,
                                 "best_epoch": 2, "val": part(val_mr), "test": part(test_mr)}))
 
 
