@@ -16,6 +16,7 @@ from harma.sources import ModelSource
 
 from . import (controls, tab_compare, tab_embedding_space, tab_image_to_text, tab_metrics, tab_modality_gap,
                tab_scene, tab_text_to_image)
+from .common import size_sides
 from .galleries import SECRET_FILE, SERVED
 from .state import AppConfig, AppState, ModelPair, load_models, parse_args
 
@@ -57,6 +58,7 @@ def build_demo(config: Optional[AppConfig] = None,
         # queries are served concurrently (one pool for all query events); each model's calls are
         # serialised by harma.retrieval.Retriever, everything else (other models, search, files) overlaps
         fast = dict(concurrency_limit=app.config.query_concurrency, concurrency_id="queries")
+        size_sides(app.config.query_concurrency)  # each of those queries runs its adapted side in SIDES
         tab_text_to_image.wire(app, t2i, common, top["status"], fast)
         tab_image_to_text.wire(app, i2t, common, top["status"], fast)
         tab_embedding_space.wire(app, space, top["model"], top["gallery_key"])

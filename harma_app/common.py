@@ -37,8 +37,20 @@ HOW_TO_DATA = ("Start the app with `--data DIR` (or set `HARMA_DATA=DIR`): a dat
 T = TypeVar("T")
 R = TypeVar("R")
 
-# where a query's adapted side runs while the request's own thread runs the baseline's (both_sides)
+# where a query's adapted side runs while the request's own thread runs the baseline's (both_sides); one
+# worker per query served at once (size_sides: build_demo sizes it to the app's query_concurrency)
 SIDES = ThreadPoolExecutor(max_workers=QUERY_CONCURRENCY, thread_name_prefix="harma-side")
+_SIDES_WORKERS = QUERY_CONCURRENCY
+
+
+def size_sides(workers: int) -> None:
+    """Give :data:`SIDES` ``workers`` threads, so as many queries as Gradio serves at once
+    (``query_concurrency``) run their two sides at once; queries already in the old pool finish there."""
+    global SIDES, _SIDES_WORKERS
+    if workers == _SIDES_WORKERS:
+        return
+    old, SIDES, _SIDES_WORKERS = SIDES, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="harma-side"), workers
+    old.shutdown(wait=False)
 
 
 def both_sides(fn: Callable[[str, T], R], baseline: T, adapted: T) -> tuple[R, R]:

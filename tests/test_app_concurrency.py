@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 
 from harma.data import load_split
 from harma.retrieval import Retriever
-from harma_app import common
+from harma_app import blocks, common
 from harma_app import state as app_state
 from harma_app import tab_image_to_text as i2t
 from harma_app import tab_text_to_image as t2i
@@ -50,6 +51,24 @@ def test_both_sides_run_at_once_and_the_baseline_error_is_raised_after_both():
     with pytest.raises(ValueError, match="the baseline failed"):
         common.both_sides(baseline_fails, 1, 2)
     assert finished == ["adapted"]  # no work of the query is left running when the error reaches the tab
+
+
+def test_every_query_served_at_once_runs_its_two_sides_at_once(setup):
+    """The app serves ``query_concurrency`` queries at once; with more than the default, each still runs
+    its baseline and adapted sides together (the adapted sides' pool follows the setting)."""
+    n = common.QUERY_CONCURRENCY + 4
+    blocks.build_demo(dataclasses.replace(setup["config"], query_concurrency=n))
+    try:
+        meet, answered = threading.Barrier(2 * n), []  # every side of every query waits for all the others
+        queries = [threading.Thread(target=lambda: answered.append(common.both_sides(
+            lambda side, x: meet.wait(10) is not None, 1, 2))) for _ in range(n)]
+        for q in queries:
+            q.start()
+        for q in queries:
+            q.join(15)
+        assert answered == [(True, True)] * n and not meet.broken
+    finally:
+        common.size_sides(common.QUERY_CONCURRENCY)
 
 
 def test_both_models_answer_a_query_at_once(setup, monkeypatch):
