@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from harma import create_model, save_adapters
 from harma.data import carve_block_split, carve_split, load_split
 from harma.encode import evaluate_split
+from harma.io import file_sha256
 from harma.metrics import METRIC_KEYS
 from tests.conftest import TINY_NAME, perturb_, tiny_config
 from tests.test_encode import write_split
@@ -72,6 +73,7 @@ def test_adapter_dir_with_baseline(setup, tmp_path, capsys):
     assert res["method"] == "harma" and res["baseline"]["method"] == "zeroshot"
     assert res["split"] == "train" and res["num_images"] == 10 and res["num_captions"] == 50
     assert Path(res["checkpoint"]).resolve() == s["adapters"].resolve()
+    assert res["weights_sha256"] == file_sha256(s["adapters"] / "adapter_model.safetensors")  # which weights scored
     for k in ("centroid_distance", "uniformity_joint", "knn_modality_purity", "linear_probe_accuracy"):
         assert isinstance(res["gap"][k], float)
 

@@ -107,3 +107,22 @@ def test_model_card_says_when_the_weights_are_a_moving_average():
         in model_card("a", meta, {}, [], "fp16")
     meta["extra"].pop("ema_decay")
     assert "moving average" not in model_card("a", meta, {}, [], "fp16")
+
+
+def test_model_card_of_a_run_with_no_validation_says_nothing_was_selected():
+    """A run trained with data.carve=none (the fixed protocol) has no validation metrics to show: its card
+    says the weights are the last epoch's and lists the training loss per epoch instead."""
+    from training.export import model_card
+
+    meta = {"model": {}, "base": {"model_name": "X"}, "method": "harma", "trainable_params": 1, "extra": {"epoch": 2}}
+    rows = [{"epoch": 1, "train": {"loss": 3.12011}, "samples_per_s": 20.0, "epoch_s": 300.0},
+            {"epoch": 2, "train": {"loss": 2.51179}, "samples_per_s": 21.0, "epoch_s": 306.0}]
+    config = {"data": {"root": "../shared/datasets/ucm", "train_split": "train", "carve": "none"}}
+    card = model_card("a", meta, config, rows, "fp16")
+    assert "weights after epoch 2, the last of a fixed schedule: nothing was selected" in card
+    assert "split `train`, all of it (data.carve=none" in card
+    assert "selected" not in card.replace("nothing was selected", "")
+    assert "| 1 | 3.1201 | 20.0 | 5.0 |" in card and "| 2 | 2.5118 | 21.0 | 5.1 |" in card
+    assert "Validation metrics" not in card and "nan" not in card
+    config["data"]["carve"] = "block"
+    assert "selected on a block carve" in model_card("a", meta, config, rows, "fp16")

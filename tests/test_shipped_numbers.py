@@ -1,5 +1,5 @@
 """Every shipped UCM checkpoint still scores what its record says (issue 38): each
-``results/ucm/shipped/*.json`` is re-run with the command it records (``training.evaluate`` on UCM's
+``results/<suite>/shipped/*.json`` (one per checkpoint, from the suite that shipped it) is re-run with the command it records (``training.evaluate`` on UCM's
 test split, the stored fp16 weights computed in fp32 on the CPU, ties at their expected rank, as
 recorded) and compared with its numbers, and the zero-shot backbone with the records' baseline. A
 re-shipped checkpoint that drifts from its README row fails here.
@@ -28,7 +28,7 @@ from training import evaluate as evaluate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 UCM = ROOT.parent / "shared" / "datasets" / "ucm"
-RECORDS = sorted((ROOT / "results" / "ucm" / "shipped").glob("*.json"))
+RECORDS = sorted((ROOT / "results").glob("*/shipped/*.json"))
 R_AT_K_TOL, MR_TOL = 0.5, 0.1
 
 pytestmark = [pytest.mark.slow, pytest.mark.shipped,

@@ -145,21 +145,48 @@ def test_one_tiny_run_end_to_end_and_resume(tmp_path, monkeypatch):
 
 
 def test_shipped_checkpoints_match_their_records_and_the_readme():
-    """Each shipped checkpoint names the epoch that was best on the block carve (its metrics.jsonl
-    shows it), and the README's shipped table is the one its records render."""
-    from training.benchmark_tables import shipped_markdown
+    """Each shipped checkpoint has one record, naming the weights it scored (their sha256) and the epoch
+    it ships: the best on the block carve under the old protocol (its metrics.jsonl shows it), the last
+    of the fixed schedule under the fixed one; the README's shipped table is the one the records render."""
+    from harma.io import file_sha256
+    from training.benchmark_tables import shipped_markdown, shipped_records
 
-    shipped = ROOT / "results" / "ucm" / "shipped"
-    if not shipped.is_dir():
+    records = shipped_records(ROOT / "results", SUITES.values())
+    if not records:
         pytest.skip("no shipped checkpoints recorded in this checkout")
-    for path in shipped.glob("*.json"):
-        record = json.loads(path.read_text())
+    for record in records:
         ckpt = ROOT / record["checkpoint"]
         meta = json.loads((ckpt / "adapter_config.json").read_text())
         assert meta["extra"]["epoch"] == record["best_epoch"]
-        assert meta["extra"]["data"]["carve"] == "block" and meta["extra"]["data"]["val_split"] is None
         epochs = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        best = max(epochs, key=lambda e: e["val"]["mR"])
-        assert best["epoch"] == record["best_epoch"]
+        if record["suite"] == "ucm-fixed":
+            assert meta["extra"]["data"]["carve"] == "none" and not any("val" in e for e in epochs)
+            assert record["best_epoch"] == epochs[-1]["epoch"] == len(epochs) == 8 and record["val"] is None
+            assert record["weights_sha256"] == file_sha256(ckpt / "adapter_model.safetensors"), ckpt
+        else:
+            assert meta["extra"]["data"]["carve"] == "block" and meta["extra"]["data"]["val_split"] is None
+            assert max(epochs, key=lambda e: e["val"]["mR"])["epoch"] == record["best_epoch"]
     block = (ROOT / "README.md").read_text().split("<!-- ucm-shipped-table -->\n", 1)[1]
-    assert block.split("\n<!-- /ucm-shipped-table -->")[0] == shipped_markdown(ROOT / "results", SUITES["ucm"])
+    assert block.split("\n<!-- /ucm-shipped-table -->")[0] == shipped_markdown(ROOT / "results", SUITES.values())
+
+
+def test_a_checkpoint_shipped_again_under_another_protocol_has_one_record(tmp_path):
+    """The shipped table lists each checkpoint once, with the protocol of the suite that shipped it last;
+    two suites' records for one checkpoint are refused with a message naming both files."""
+    from harma import HarmaError
+    from training.benchmark_tables import shipped_markdown
+
+    old, new = (Suite(name=n, config="", data="", test_split="test", base_checkpoint="", protocol=f"{n} protocol",
+                      methods=(Method("a", "A", ship="ship-a"), Method("b", "B", ship="ship-b"))) for n in ("old", "new"))
+    row = {k: 1.0 for k in METRIC_KEYS}
+    for suite, name, mr in ((old, "ship-a", 30.0), (old, "ship-b", 31.0), (new, "ship-a", 33.0)):
+        (tmp_path / suite.name / "shipped").mkdir(parents=True, exist_ok=True)
+        record = {"suite": suite.name, "checkpoint": f"checkpoints/{name}", "seed": 0, "best_epoch": 8,
+                  "val": {"mR": 40.0} if suite is old else None, "test": {**row, "mR": mr}, "baseline_test": row}
+        (tmp_path / suite.name / "shipped" / f"{name}.json").write_text(json.dumps(record))
+    with pytest.raises(HarmaError, match="ship-a has two records, .*old.*ship-a.json and .*new.*ship-a.json"):
+        shipped_markdown(tmp_path, [old, new])
+    (tmp_path / "old" / "shipped" / "ship-a.json").unlink()
+    lines = shipped_markdown(tmp_path, [old, new]).splitlines()
+    assert lines[3] == "| `checkpoints/ship-a` | new protocol | 0 | 8 | - | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 33.00 |"
+    assert lines[4].startswith("| `checkpoints/ship-b` | old protocol | 0 | 8 | 40.00 |") and len(lines) == 5

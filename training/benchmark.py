@@ -35,15 +35,17 @@ import torch
 from harma.errors import HarmaError
 from harma.io import CONFIG_NAME, atomic_write_bytes, atomic_write_json, read_json
 from harma.metrics import METRIC_KEYS
+from harma.sources import dataset_name, trained_on
 from training import evaluate as evaluate_cli
 from training.benchmark_results import aggregate, loss_curve, val_curve
-from training.benchmark_tables import card_section, markdown, shipped_markdown, transfer_markdown
+from training.benchmark_tables import card_section, card_transfer_section, markdown, shipped_markdown, transfer_markdown
 from training.cli import USER_ERRORS, run_command, write_json
 from training.config import NO_CARVE, load_config
 from training.export import export
 from training.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_TABLE = "ucm-shipped"  # the README's <!-- ucm-shipped-table --> markers: every shipped UCM checkpoint
 
 
 
@@ -80,6 +82,7 @@ class Suite:
     published: tuple[Published, ...] = field(default=())
     overrides: tuple[str, ...] = ()  # config overrides of every run of the suite (its protocol)
     paired: tuple[tuple[str, str], ...] = ()  # (a, b): report a - b paired by seed, with a 95% t-interval
+    protocol: str = ""  # in a few words, for the shipped-checkpoint table
 
 
 TUNED = ("model.backbone_dropout=false", "model.learn_temperature=false", "model.temperature_init=0.05",
@@ -105,6 +108,7 @@ SUITES = {
             Method("harma_paper", "HarMA, paper sharing (MMS shared by both towers)",
                    ("model.harma.share_mode=shared",), max_seeds=1, cpu_minutes=30, ship="ucm-harma-paper"),
         ),
+        protocol="old: epoch picked on the block carve",
         published=(
             Published("zero-shot, CLIP ViT-B/32 (theirs)", 33.08, PE_RSITR),
             Published("full fine-tuning, CLIP ViT-B/32 (theirs)", 52.43, PE_RSITR),
@@ -120,6 +124,7 @@ SUITES = {
 _FIXED_MINUTES = {"zeroshot": 0.5, "harma": 55, "full": 55, "harma_tuned": 67, "mrs": 95, "harma_paper": 71}
 SUITES["ucm-fixed"] = dataclasses.replace(
     SUITES["ucm"], name="ucm-fixed", overrides=("data.carve=none",), paired=(("harma", "full"),),
+    protocol="fixed in advance: the last of 8 epochs, nothing selected",
     methods=tuple(dataclasses.replace(m, cpu_minutes=_FIXED_MINUTES[m.key],
                                       max_seeds=m.max_seeds if m.key in ("harma", "full") else 1)
                   for m in SUITES["ucm"].methods))
@@ -243,8 +248,8 @@ def write_results(suite: Suite, results_dir: Path, readme: Optional[Path]) -> di
     atomic_write_json(results_dir / f"{suite.name}.json", results, 1)
     if readme is not None:
         update_readme(readme, suite.name, markdown(results))
-        if (results_dir / suite.name / "shipped").is_dir():
-            update_readme(readme, f"{suite.name}-shipped", shipped_markdown(results_dir, suite))
+        if any((results_dir / s.name / "shipped").is_dir() for s in SUITES.values()):
+            update_readme(readme, SHIPPED_TABLE, shipped_markdown(results_dir, SUITES.values()))
     return results
 
 
@@ -293,10 +298,22 @@ def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str,
                   "best_epoch": read_json(out / CONFIG_NAME, BenchmarkError)["extra"]["epoch"],
                   "command": f"python -m training.evaluate --checkpoint {name} --data {data} --split "
                              f"{suite.test_split} --baseline",
+                  "weights_sha256": test.get("weights_sha256"),
                   "val": _summary(val) if val else None, "test": _summary(test), "baseline_test": _summary(test["baseline"])}
         write_json(results_dir / suite.name / "shipped" / f"{m.ship}.json", record, indent=1)
-        card = (out / "MODEL_CARD.md").read_text()
-        atomic_write_bytes(out / "MODEL_CARD.md", (card + card_section(record)).encode())
+        for other in SUITES.values():  # the weights another suite shipped under this name are gone
+            old = results_dir / other.name / "shipped" / f"{m.ship}.json"
+            if other.name != suite.name and old.is_file():
+                old.unlink()
+                print(f"ship {m.ship}: replaces the weights {old} recorded", flush=True)
+        card = (out / "MODEL_CARD.md").read_text() + card_section(record)
+        adapted_on = trained_on(read_json(out / CONFIG_NAME, BenchmarkError))
+        card += card_transfer_section(m.ship, dataset_name(adapted_on) if adapted_on else "its training data",
+                                      transfer_markdown(results_dir, ROOT))
+        atomic_write_bytes(out / "MODEL_CARD.md", card.encode())
+        print(f"ship {m.ship}: now its RSICD row: python -m training.evaluate --checkpoint {name} --data "
+              f"../shared/datasets/rsicd --split val --json results/rsicd/transfer/{m.ship}.json, then "
+              "python -m training.benchmark --transfer", flush=True)
         shipped.append(m.ship)
     return shipped
 

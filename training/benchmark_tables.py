@@ -6,7 +6,7 @@ appended to a shipped checkpoint's model card.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from harma.checkpoint import read_adapter_config
 from harma.errors import HarmaError
@@ -61,22 +61,41 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def shipped_markdown(results_dir: Path, suite: Suite) -> str:
-    """The README table of the shipped checkpoints: exactly what ``training.evaluate`` prints for them."""
-    records = []
-    for m in suite.methods:
-        path = results_dir / suite.name / "shipped" / f"{m.ship}.json"
-        if m.ship and path.is_file():
-            records.append(read_json(path, HarmaError))
-    head = "| checkpoint | seed | best epoch | val mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 | test mR |"
+def shipped_records(results_dir: Path, suites: Iterable["Suite"]) -> list[dict[str, Any]]:
+    """The record of every shipped checkpoint (``results/<suite>/shipped/<name>.json``), whichever suite
+    shipped it, in the suites' method order. A checkpoint holds one set of weights, so it has one record:
+    shipping it again under another suite replaces the other's (``training.benchmark --ship``)."""
+    order: list[str] = []
+    found: dict[str, Path] = {}
+    for suite in suites:
+        for m in suite.methods:
+            if not m.ship:
+                continue
+            order += [m.ship] if m.ship not in order else []
+            path = results_dir / suite.name / "shipped" / f"{m.ship}.json"
+            if path.is_file():
+                if m.ship in found:
+                    raise HarmaError(f"checkpoints/{m.ship} has two records, {found[m.ship]} and {path}: "
+                                     "delete the one whose weights are no longer shipped")
+                found[m.ship] = path
+    return [read_json(found[name], HarmaError) for name in order if name in found]
+
+
+def shipped_markdown(results_dir: Path, suites: Iterable["Suite"]) -> str:
+    """The README table of the shipped checkpoints: exactly what ``training.evaluate`` prints for them,
+    with the protocol each was trained under."""
+    protocols = {suite.name: suite.protocol for suite in suites}
+    records = shipped_records(results_dir, [s for s in suites if s.name in protocols])
+    head = ("| checkpoint | protocol | seed | epoch | val mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 "
+            "| test mR |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     if records:
         base = records[0]["baseline_test"]
-        lines.append("| zero-shot backbone (`--baseline`) | - | - | - | "
+        lines.append("| zero-shot backbone (`--baseline`) | - | - | - | - | "
                      + " | ".join(f"{base[k]:.2f}" for k in METRIC_KEYS) + " |")
     for r in records:
         val = f"{r['val']['mR']:.2f}" if r.get("val") else "-"
-        lines.append(f"| `{r['checkpoint']}` | {r['seed']} | {r['best_epoch']} | {val} | "
+        lines.append(f"| `{r['checkpoint']}` | {protocols[r['suite']]} | {r['seed']} | {r['best_epoch']} | {val} | "
                      + " | ".join(f"{r['test'][k]:.2f}" for k in METRIC_KEYS) + " |")
     return "\n".join(lines)
 
@@ -100,6 +119,18 @@ def card_section(record: dict[str, Any]) -> str:
              "| split | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in METRIC_KEYS) + " |" for name, r in rows]
     return "\n".join(lines) + "\n"
+
+
+def card_transfer_section(name: str, adapted_on: str, table: str) -> str:
+    """The model card's section on how a shipped adapter checkpoint does on RSICD val, with the
+    ``<!-- rsicd-transfer-table -->`` markers that ``training.benchmark --transfer`` rewrites."""
+    return (f"\n## Transfer: RSICD val\n\nThese adapters were trained on {adapted_on} only. On other data they can "
+            "rank far below the backbone they adapt: on RSICD val (1,800 images, 9,000 captions), which no adapter "
+            "saw, every UCM checkpoint scores well below the backbone alone (whose own stage and epoch were selected "
+            "on this split, so its row reads optimistically). Compare with the baseline before using them elsewhere."
+            f"\n\n`python -m training.evaluate --checkpoint checkpoints/{name} --data ../shared/datasets/rsicd "
+            f"--split val --json results/rsicd/transfer/{name}.json` (ties at their expected rank)\n\n"
+            f"<!-- rsicd-transfer-table -->\n{table}\n<!-- /rsicd-transfer-table -->\n")
 
 
 def transfer_markdown(results_dir: Path, root: Path) -> str:

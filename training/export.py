@@ -20,6 +20,7 @@ from harma import CheckpointError, HarmaError, HarmaModel, load_adapters, read_a
 from harma.io import atomic_write_bytes
 from harma.weights import base_weight_keys, open_clip_names
 from training.cli import DISK_FULL, CliError, os_error_message, run_command
+from training.config import NO_CARVE
 from training.rundir import RunError, read_metrics, read_saved_config
 from training.state import write_folder
 
@@ -50,6 +51,7 @@ def _selection(data: dict) -> str:
 def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str, origin: Optional[str] = None) -> str:
     """Markdown card from an adapter config, the run's resolved config and its metrics rows."""
     model, data, extra = meta["model"], config.get("data", {}), meta.get("extra", {})
+    validated = data.get("carve") != NO_CARVE
     base = meta["base"]
     init = ("open_clip tag " + str(base.get("pretrained"))) if base.get("pretrained") else "random initialisation"
     hf_text = ((base.get("model_cfg") or {}).get("text_cfg") or {}).get("hf_model_name")
@@ -66,13 +68,24 @@ def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str
              f"- open_clip architecture: `{base.get('model_name')}`; backbone initialised from: {init}",
              "- **not CLIP-pretrained**: no CLIP weights were available; see the README for what the backbone is"
              if not base.get("pretrained") else "- CLIP-pretrained backbone",
-             f"- training data: `{data.get('root')}` split `{data.get('train_split')}`, selected on {_selection(data)}",
+             f"- training data: `{data.get('root')}` split `{data.get('train_split')}`, "
+             + (f"selected on {_selection(data)}" if validated else "all of it (data.carve=none: no validation carve)"),
              f"- data licence: {_licence(str(data.get('root', '')))}",
              *([origin] if origin else []),
-             f"- selected epoch: {extra.get('epoch')} (validation mR, never test)"
+             (f"- selected epoch: {extra.get('epoch')} (validation mR, never test)" if validated else
+              f"- weights after epoch {extra.get('epoch')}, the last of a fixed schedule: nothing was selected")
              + (f"; weights: their moving average (optim.ema_decay={extra['ema_decay']})" if extra.get("ema_decay") else ""),
-             "",
-             "## Validation metrics per epoch", "",
+             ""]
+    lines += _per_epoch(rows) if validated else _per_epoch_training(rows)
+    lines += ["", "## Recipe (resolved config of the run)", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(),
+              "```", "", "## Load", "", "```python", "import harma",
+              f'model, _, preprocess, tokenizer = harma.load_adapters("checkpoints/{name}")', "```", ""]
+    return "\n".join(lines)
+
+
+def _per_epoch(rows: list[dict]) -> list[str]:
+    """The card's table of validation metrics per epoch."""
+    lines = ["## Validation metrics per epoch", "",
              "| epoch | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR | centroid gap | samples/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -81,10 +94,18 @@ def model_card(name: str, meta: dict, config: dict, rows: list[dict], dtype: str
                  ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR")]
         lines.append(f"| {r.get('epoch')} | " + " | ".join(cells) +
                      f" | {g.get('centroid_distance', float('nan')):.3f} | {r.get('samples_per_s', 0):.1f} |")
-    lines += ["", "## Recipe (resolved config of the run)", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(),
-              "```", "", "## Load", "", "```python", "import harma",
-              f'model, _, preprocess, tokenizer = harma.load_adapters("checkpoints/{name}")', "```", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _per_epoch_training(rows: list[dict]) -> list[str]:
+    """The card's table per epoch for a run with no validation: its training loss and speed."""
+    lines = ["## Training per epoch (no validation)", "",
+             "| epoch | training loss | samples/s | minutes |", "|---|---|---|---|"]
+    for r in rows:
+        loss = (r.get("train") or {}).get("loss", float("nan"))
+        lines.append(f"| {r.get('epoch')} | {loss:.4f} | {r.get('samples_per_s', 0):.1f} | "
+                     f"{r.get('epoch_s', 0) / 60:.1f} |")
+    return lines
 
 
 def supersede_base(model: HarmaModel) -> Optional[str]:
