@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harma.data import RetrievalSplit
+from harma.io import file_sha256
 from harma.metrics import METRIC_KEYS
 from harma.sources import ModelSource, dataset_key, discover_sources, trained_on
 from harma_app.controls import adaptation_note, gallery_dataset
@@ -63,12 +64,14 @@ def test_a_note_when_the_gallery_is_not_from_the_adaptation_data(tmp_path):
 
 
 def test_the_transfer_table_is_in_the_readme_and_every_model_card():
-    """results/rsicd/transfer/*.json covers every shipped checkpoint, and the README and each model card
-    show the table they render (python -m training.benchmark --transfer)."""
+    """results/rsicd/transfer/*.json covers every shipped checkpoint (the weights shipped now), and the
+    README and each model card show the table they render (python -m training.benchmark --transfer)."""
     table = transfer_markdown(ROOT / "results", ROOT)
-    recorded = {json.loads(p.read_text())["checkpoint"] for p in (ROOT / "results" / "rsicd" / "transfer").glob("*.json")}
+    records = [json.loads(p.read_text()) for p in (ROOT / "results" / "rsicd" / "transfer").glob("*.json")]
     shipped = {f"checkpoints/{p.parent.name}" for p in (ROOT / "checkpoints").glob("*/adapter_config.json")}
-    assert recorded == shipped
+    assert {r["checkpoint"] for r in records} == shipped
+    for r in records:  # each row scored the weights shipped now, not an earlier checkpoint of the same name
+        assert r["weights_sha256"] == file_sha256(ROOT / r["checkpoint"] / "adapter_model.safetensors"), r["checkpoint"]
     for path in [ROOT / "README.md", *sorted((ROOT / "checkpoints").glob("*/MODEL_CARD.md"))]:
         block = path.read_text().split("<!-- rsicd-transfer-table -->\n", 1)[1].split("\n<!-- /rsicd-transfer-table -->")[0]
         assert block == table, path
