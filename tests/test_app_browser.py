@@ -104,6 +104,11 @@ def test_query_galleries_embedding_tab_screenshot(url, tmp_path):
             assert update or "train_0004" in page.locator("#harma-hover").get_attribute("src")
             page.evaluate("document.querySelector('#baseline-plot .js-plotly-plot').emit('plotly_unhover', {})")
             assert not page.locator("#harma-hover").is_visible()
+            # the selected images load once scrolled to, as a visitor would (lazy), and the screenshot shows them
+            page.locator("#pick-gallery").scroll_into_view_if_needed()
+            page.wait_for_function("(() => { const im = [...document.querySelectorAll('#pick-gallery img')]; "
+                                   "return im.length >= 3 && im.every(i => i.complete && i.naturalWidth > 0); })()",
+                                   timeout=30_000)
             page.screenshot(path=str(out / "screenshot-embedding.png"), full_page=True)
 
             # Compare: the per-caption table fills in; selecting a row shows both models' galleries for it
