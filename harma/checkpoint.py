@@ -227,7 +227,8 @@ def load_adapters(directory: Union[str, Path], device: Union[str, torch.device] 
     return out
 
 
-def _weights_sha256(path: Path) -> Optional[str]:
+def weights_sha256(path: Path) -> Optional[str]:
+    """sha256 of an adapter folder's weights file (or of a weights file); None when there is none."""
     target = path / WEIGHTS_NAME if path.is_dir() else path
     return file_sha256(target) if target.is_file() else None
 
@@ -244,6 +245,6 @@ def find_base_weights(directory: Path, base: dict) -> Optional[Path]:
         candidates += sorted(p for p in directory.parent.iterdir() if p.resolve() != directory.resolve() and (
             (p / CONFIG_NAME).is_file() or p.suffix in (".safetensors", ".pt", ".pth", ".bin")))
     for path in candidates:
-        if path.exists() and (sha is None or _weights_sha256(path) == sha):
+        if path.exists() and (sha is None or weights_sha256(path) == sha):
             return path
     return None

@@ -294,8 +294,9 @@ def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str,
         name = f"checkpoints/{m.ship}"
         val = _evaluate(out, data, "train:val", _carve_args(cfg)) if cfg.data.carve != NO_CARVE else None
         test = _evaluate(out, data, suite.test_split, ["--baseline"])
+        meta = read_json(out / CONFIG_NAME, BenchmarkError)
         record = {"suite": suite.name, "method": m.key, "label": m.label, "seed": seed, "checkpoint": name,
-                  "best_epoch": read_json(out / CONFIG_NAME, BenchmarkError)["extra"]["epoch"],
+                  "best_epoch": meta["extra"]["epoch"],
                   "command": f"python -m training.evaluate --checkpoint {name} --data {data} --split "
                              f"{suite.test_split} --baseline",
                   "weights_sha256": test.get("weights_sha256"),
@@ -307,7 +308,7 @@ def ship(suite: Suite, seed: int, runs_dir: Path, results_dir: Path, data: str,
                 old.unlink()
                 print(f"ship {m.ship}: replaces the weights {old} recorded", flush=True)
         card = (out / "MODEL_CARD.md").read_text() + card_section(record)
-        adapted_on = trained_on(read_json(out / CONFIG_NAME, BenchmarkError))
+        adapted_on = trained_on(meta)
         card += card_transfer_section(m.ship, dataset_name(adapted_on) if adapted_on else "its training data",
                                       transfer_markdown(results_dir, ROOT))
         atomic_write_bytes(out / "MODEL_CARD.md", card.encode())

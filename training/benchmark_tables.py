@@ -84,8 +84,9 @@ def shipped_records(results_dir: Path, suites: Iterable["Suite"]) -> list[dict[s
 def shipped_markdown(results_dir: Path, suites: Iterable["Suite"]) -> str:
     """The README table of the shipped checkpoints: exactly what ``training.evaluate`` prints for them,
     with the protocol each was trained under."""
+    suites = list(suites)
     protocols = {suite.name: suite.protocol for suite in suites}
-    records = shipped_records(results_dir, [s for s in suites if s.name in protocols])
+    records = shipped_records(results_dir, suites)
     head = ("| checkpoint | protocol | seed | epoch | val mR | test i2t R@1 | R@5 | R@10 | test t2i R@1 | R@5 | R@10 "
             "| test mR |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

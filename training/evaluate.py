@@ -21,10 +21,10 @@ from typing import Any, Optional
 
 import torch
 
-from harma.checkpoint import read_adapter_config
+from harma.checkpoint import read_adapter_config, weights_sha256
 from harma.config import from_dict
 from harma.errors import CheckpointError, ConfigError
-from harma.io import CONFIG_NAME, WEIGHTS_NAME, file_sha256
+from harma.io import CONFIG_NAME
 from harma.data import CARVES, RetrievalSplit
 from harma.encode import EvalResult, bar_progress, evaluate_split
 from harma.metrics import TIE_RULES, format_table
@@ -185,8 +185,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, EvalResult] = {}
     out = _row(adapted, checkpoint=directory.as_posix(), method=meta["method"], **info)
     out["checkpoint_kind"] = kind
-    if (directory / WEIGHTS_NAME).is_file():  # which weights these numbers belong to (a re-shipped folder is new)
-        out["weights_sha256"] = file_sha256(directory / WEIGHTS_NAME)
+    sha = weights_sha256(directory)  # which weights these numbers belong to (a re-shipped folder is new)
+    if sha:
+        out["weights_sha256"] = sha
     if off:
         out["disabled_adapters"] = off
     out["clean_captions"] = bool(args.clean_captions)
