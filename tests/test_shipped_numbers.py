@@ -1,8 +1,9 @@
 """Every shipped UCM checkpoint still scores what its record says (issue 38): each
-``results/<suite>/shipped/*.json`` (one per checkpoint, from the suite that shipped it) is re-run with the command it records (``training.evaluate`` on UCM's
-test split, the stored fp16 weights computed in fp32 on the CPU, ties at their expected rank, as
-recorded) and compared with its numbers, and the zero-shot backbone with the records' baseline. A
-re-shipped checkpoint that drifts from its README row fails here.
+``results/<suite>/shipped/*.json`` (one per checkpoint, from the suite that shipped it) is re-run
+with the command it records (``training.evaluate`` on UCM's test split, the stored fp16 weights
+computed in fp32 on the CPU, ties at their expected rank, as recorded) and compared with its
+numbers, and the zero-shot backbone with the records' baseline. A re-shipped checkpoint that drifts
+from its README row fails here.
 
 Opt-in (marker ``shipped``, deselected by pyproject's addopts): five evaluations of UCM test take about
 two minutes on 2 CPU cores. ``python -m pytest -q -m shipped`` runs it; it skips without the dataset.
